@@ -1,0 +1,245 @@
+"""
+The Llama-3 decoder the paper trains (Appendix A, Table 5), written out by hand.
+
+    RMSNorm -> grouped-query attention with rotary position embeddings -> residual
+    RMSNorm -> SwiGLU feed-forward                                     -> residual
+
+Parameter names follow Meta's reference (meta-llama/llama3 `llama/model.py`), and
+RoPE rotates halves (`rotate_half`) like Hugging Face's `LlamaForCausalLM`, so a
+checkpoint maps to Hugging Face by renaming keys alone (see ECOSYSTEM.md).
+
+Notation used in shape comments:
+    B  batch size            T  sequence length        C  dim (hidden size)
+    nh n_heads               nkv n_kv_heads            hd head_dim = C // nh
+    V  vocab_size
+
+Count the paper's models without allocating them:
+    python model.py
+"""
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class LlamaConfig:
+    dim: int = 128  # hidden size C
+    ffn_dim: int = 384  # inner size of the SwiGLU feed-forward
+    n_layers: int = 4
+    n_heads: int = 4  # query heads
+    n_kv_heads: int = 2  # key/value heads; n_heads // n_kv_heads queries share each (GQA)
+    vocab_size: int = 100277  # cl100k_base; the paper's Llama-3 tokenizer has 128256
+    rope_theta: float = 10000.0  # the paper's value (Table 5); Llama-3 itself uses 500000
+    norm_eps: float = 1e-5
+    max_seq_len: int = 2048  # longest sequence RoPE tables are built for
+    tie_embeddings: bool = False  # share tok_embeddings and output (Llama-3.2-1B does)
+
+    def __post_init__(self):
+        for f in ("dim", "ffn_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "max_seq_len"):
+            if getattr(self, f) < 1:
+                raise ValueError(f"{f}={getattr(self, f)} must be a positive integer")
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim={self.dim} must be divisible by n_heads={self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}")
+        if (self.dim // self.n_heads) % 2:
+            raise ValueError(f"head_dim={self.dim // self.n_heads} must be even for RoPE")
+
+    @property
+    def head_dim(self):
+        return self.dim // self.n_heads
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# Named model sizes. "1b" and "8b" are the paper's Table 5 (Llama-3.2-1B and
+# Llama-3.1-8B shapes). The small ones have vocab_size=None: it is taken from the
+# data set (the offline testbed stores a compact vocabulary of ~1k ids).
+PRESETS = {
+    # ~0.9M parameters on the testbed: trains in minutes on a 2-core CPU.
+    "tiny": dict(dim=128, ffn_dim=384, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=None, tie_embeddings=True),
+    # One GPU, cl100k vocabulary (100277 ids), tied embeddings.
+    "125m": dict(dim=768, ffn_dim=2048, n_layers=8, n_heads=12, n_kv_heads=4, vocab_size=None, tie_embeddings=True),
+    "350m": dict(dim=1024, ffn_dim=2816, n_layers=22, n_heads=16, n_kv_heads=4, vocab_size=None, tie_embeddings=True),
+    "1b": dict(dim=2048, ffn_dim=8192, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256, tie_embeddings=True),
+    "8b": dict(dim=4096, ffn_dim=14336, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, tie_embeddings=False),
+}
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight, computed in float32 (as Hugging Face's Llama)."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.type_as(x)
+
+
+def precompute_rope(head_dim, max_seq_len, theta):
+    """cos and sin tables, each (max_seq_len, head_dim): position p, frequency theta^(-2i/hd)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (hd/2,)
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # (T_max, hd/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (T_max, hd): rotate_half pairs dim i with i + hd/2
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each (x_i, x_{i+hd/2}) pair of x (B, n, T, hd) by the angle of its position."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated_half = torch.cat([-x2, x1], dim=-1)
+    return (x * cos + rotated_half * sin).type_as(x)
+
+
+def repeat_kv(x, n_rep):
+    """(B, nkv, T, hd) -> (B, nkv * n_rep, T, hd): each key/value head serves n_rep query heads."""
+    if n_rep == 1:
+        return x
+    B, n_kv, T, hd = x.shape
+    return x[:, :, None].expand(B, n_kv, n_rep, T, hd).reshape(B, n_kv * n_rep, T, hd)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin):
+        B, T, C = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        n_rep = self.n_heads // self.n_kv_heads
+        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)  # (B, nh, T, hd)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.wo(y)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)  # gate
+        self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)  # up
+        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)  # down
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x, cos, sin):
+        h = x + self.attention(self.attention_norm(x), cos, sin)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.config = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        cos, sin = precompute_rope(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        # Not saved in checkpoints: they are a function of the config.
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """Initialization (GPT-2 / OLMo style, what small Llama reproductions use):
+        every matrix ~ N(0, 0.02^2); the two projections that write into the residual
+        stream (wo, w2) get std 0.02 / sqrt(2 * n_layers), so the residual's variance
+        does not grow with depth (GPT-2, Radford et al. 2019); RMSNorm gains are 1.
+        With tied embeddings the shared matrix is initialized once, as an embedding."""
+        if self.tok_embeddings.weight.is_meta:
+            return
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layers)
+        for name, p in self.named_parameters():
+            if p.ndim == 1:
+                nn.init.ones_(p)
+            elif name.endswith(("wo.weight", "w2.weight")):
+                nn.init.normal_(p, mean=0.0, std=residual_std)
+            else:
+                nn.init.normal_(p, mean=0.0, std=0.02)
+
+    def forward(self, idx, targets=None):
+        """idx (B, T) token ids -> logits (B, T, V) for every position, and the mean
+        next-token cross-entropy over targets != -100 when targets (B, T) are given."""
+        B, T = idx.shape
+        if T > self.config.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len={self.config.max_seq_len}")
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, hd)
+        x = self.tok_embeddings(idx)  # (B, T, C)
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        logits = self.output(self.norm(x))  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        return logits, loss
+
+    def num_params(self):
+        """Parameters, a tied matrix counted once."""
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len):
+        """Training FLOPs per token (forward + backward), as in PaLM's MFU (Appendix B):
+        6 per weight that takes part in a matrix multiply (all but the norms and the
+        input embedding lookup; a tied matrix counts once, as the output layer), plus
+        12 * n_layers * C * T for attention's QK^T and AV over the full T x T scores."""
+        cfg = self.config
+        n_matmul = self.num_params() - sum(p.numel() for p in self.parameters() if p.ndim == 1)
+        if not cfg.tie_embeddings:
+            n_matmul -= self.tok_embeddings.weight.numel()
+        return 6 * n_matmul + 12 * cfg.n_layers * cfg.dim * seq_len
+
+
+def build_config(preset, **overrides):
+    """A LlamaConfig from a named preset plus field overrides (None values are ignored)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+    if values.get("vocab_size") is None:
+        raise ValueError(f"preset {preset!r} takes vocab_size from the data set; pass vocab_size=")
+    return LlamaConfig(**values)
+
+
+if __name__ == "__main__":
+    for name in PRESETS:
+        cfg = build_config(name, vocab_size=PRESETS[name]["vocab_size"] or 100277)
+        with torch.device("meta"):
+            model = Llama(cfg)
+        print(f"{name:>5}: {model.num_params():>14,} parameters  {cfg}")
