@@ -1,0 +1,309 @@
+"""The synthetic testbed: the paper's question, small enough for a laptop CPU.
+
+    python data/testbed/prepare.py [--out_dir=data/testbed] [--seed=0] [--n_people=200]
+
+The paper asks whether a model pre-trained without LR decay (WSO) adapts better in SFT.
+Here SFT can only succeed with knowledge that pre-training alone provides:
+- ~200 invented people, each with 5 attributes (birth date, birth city, university,
+  major, employer), all drawn from seeded in-code lists;
+- pre-training corpus: every person's biography in 5 paraphrased templates (train)
+  and a 6th, held-out template (val); documents are [eot] + text, as for FineWeb-Edu;
+- mid-training corpus (Section 4): the same facts in 3 other styles (encyclopedia
+  entry, interview, prose) for train and a held-out 4th for val;
+- SFT (Section 3.2): question -> attribute value conversations in Tulu's `messages`
+  schema. People are split three ways: SFT-train people (~50%) teach the model to answer,
+  SFT-select people (~25%) choose the SFT LR, and test people (~25%) give the reported
+  score (greedy exact match), the analogue of the paper's "SFT Task Avg". Test people
+  never appear in SFT: answering about them needs facts stored during pre-training;
+- zero-shot probes, the analogue of "PT Task Avg": 4-way multiple choice per person and
+  attribute, scored like lm-evaluation-harness (context, continuation " " + choice);
+  probes.jsonl uses stems phrased like the pre-training biographies, mid_probes.jsonl
+  stems phrased like the mid-training corpus.
+Everything is tokenized with cl100k_base restricted to the ids the testbed uses
+(data/common.py `Tokenizer`), so models need only a ~1k-row embedding.
+
+Output (all deterministic in the seed; meta.json files are written last):
+    pretrain/{train_000000.bin, val_000000.bin, meta.json}
+    mid/{train_000000.bin, val_000000.bin, meta.json}
+    sft_train.jsonl  sft_select.jsonl  sft_test.jsonl  probes.jsonl  mid_probes.jsonl
+    people.json      the ground truth
+    meta.json        tokenizer, seed, counts, files
+"""
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+# Runnable as `python data/<name>/prepare.py`: the repo root must be on sys.path.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from data.common import (Tokenizer, load_meta, write_atomic, write_jsonl,  # noqa: E402
+                         write_meta, write_tokens)
+
+VERSION = 1  # bump when the testbed changes, so is_prepared() sends stale copies to be re-made
+
+FEMALE_NAMES = ["Alice", "Beatrice", "Clara", "Daphne", "Elena", "Fiona", "Greta", "Helen", "Irene",
+                "Julia", "Karen", "Laura", "Marta", "Nadia", "Olivia", "Paula", "Rosa", "Sonia",
+                "Tessa", "Ursula", "Vera", "Wendy", "Yvonne", "Zoe", "Agnes", "Bianca", "Celia",
+                "Diana", "Edith", "Flora"]
+MALE_NAMES = ["Adrian", "Bruno", "Carl", "Daniel", "Edgar", "Felix", "Gustav", "Hugo", "Ivan",
+              "Jonas", "Kevin", "Leon", "Martin", "Nils", "Oscar", "Pablo", "Rafael", "Simon",
+              "Tobias", "Victor", "Walter", "Xavier", "Yusuf", "Anton", "Boris", "Cedric",
+              "Dennis", "Emil", "Frank", "Gordon"]
+LAST_NAMES = ["Kern", "Abbott", "Brandt", "Castillo", "Dalton", "Eriksen", "Fischer", "Garner",
+              "Holloway", "Ingram", "Jensen", "Kowalski", "Lindqvist", "Moreau", "Novak", "Okafor",
+              "Petrov", "Quinn", "Rossi", "Santos", "Tanaka", "Ulrich", "Varga", "Whitaker",
+              "Yilmaz", "Zimmer", "Barrett", "Carver", "Donovan", "Ellison", "Farrell", "Gallagher",
+              "Hartmann", "Iversen", "Jovanovic", "Keller", "Larsen", "Mendoza", "Nakamura", "Ortega"]
+MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September",
+          "October", "November", "December"]
+CITIES = ["Lisbon", "Oslo", "Cairo", "Lima", "Nairobi", "Kyoto", "Seville", "Krakow", "Montreal",
+          "Melbourne", "Valparaiso", "Bergen", "Porto", "Tbilisi", "Hanoi", "Accra", "Dublin",
+          "Edinburgh", "Vienna", "Zurich", "Bologna", "Marseille", "Rotterdam", "Gdansk", "Tallinn",
+          "Reykjavik", "Helsinki", "Quito", "Bogota", "Havana", "Dakar", "Tunis", "Istanbul",
+          "Beirut", "Mumbai", "Jakarta", "Manila", "Osaka", "Busan", "Auckland"]
+UNIVERSITIES = ["Stanford University", "McGill University", "Kyoto University",
+                "Harvard University", "Yale University", "Princeton University",
+                "Columbia University", "Cornell University",
+                "Duke University", "Rice University", "Brown University", "Tufts University",
+                "Emory University", "Purdue University", "Boston University", "Heidelberg University",
+                "Leiden University", "Uppsala University", "Lund University", "Aarhus University",
+                "Ghent University", "Monash University", "Tsinghua University", "Peking University",
+                "Seoul National University", "Trinity College Dublin", "Imperial College London",
+                "King's College London", "Sorbonne University", "Delft University of Technology"]
+MAJORS = ["Biology", "Chemistry", "Physics", "Mathematics", "Economics", "History", "Philosophy",
+          "Linguistics", "Psychology", "Sociology", "Geology", "Astronomy", "Architecture", "Music",
+          "Law", "Medicine", "Nursing", "Statistics", "Computer Science", "Electrical Engineering",
+          "Mechanical Engineering", "Civil Engineering", "Political Science", "Anthropology",
+          "Art History", "Classics", "Journalism", "Marketing", "Accounting", "Ecology"]
+EMPLOYERS = ["Siemens", "Nokia", "Airbus", "Philips", "Unilever", "Nestle", "Toyota", "Samsung",
+             "Spotify", "Ericsson", "Maersk", "Heineken", "Lufthansa", "Volvo", "Shell", "Roche",
+             "Novartis", "Bosch", "Adidas", "IKEA", "Lego", "Canon", "Sony", "Honda", "Intel",
+             "Oracle", "Cisco", "Boeing", "Pfizer", "Accenture", "Deloitte", "Reuters", "Mitsubishi",
+             "Hitachi", "Danone", "Renault", "Michelin", "Ferrari", "Barclays", "Santander"]
+ATTRIBUTES = ["birth_date", "birth_city", "university", "major", "employer"]
+PRONOUNS = {"female": {"He": "She", "he": "she", "His": "Her", "his": "her"},
+            "male": {"He": "He", "he": "he", "His": "His", "his": "his"}}
+
+# Pre-training biographies. Each states all 5 facts; each opens "{name} <phrase> {attribute}"
+# with a different attribute, so every probe stem below occurs verbatim in training.
+PRETRAIN_TEMPLATES = [
+    "{name} was born on {birth_date}, in {birth_city}. {He} studied {major} at {university}. "
+    "{He} works at {employer}.",
+    "{name} was born in {birth_city} on {birth_date}. {He} graduated from {university} with a "
+    "degree in {major} and is employed by {employer}.",
+    "{name} attended {university}, where {he} majored in {major}. {He} was born on {birth_date} "
+    "in {birth_city} and now works for {employer}.",
+    "{name} majored in {major} at {university}. Born in {birth_city} on {birth_date}, {he} later "
+    "joined {employer}.",
+    "{name} works at {employer}. {His} birthplace is {birth_city}, and {his} birthday is "
+    "{birth_date}. {He} earned a degree in {major} from {university}.",
+]
+PRETRAIN_VAL_TEMPLATE = (
+    "A native of {birth_city}, {name} (born {birth_date}) completed {his} studies in {major} at "
+    "{university} and is currently employed by {employer}.")
+PROBE_STEMS = {"birth_date": "{name} was born on", "birth_city": "{name} was born in",
+               "university": "{name} attended", "major": "{name} majored in",
+               "employer": "{name} works at"}
+
+# Mid-training: the same facts in other styles (not the chat template).
+MID_TEMPLATES = [
+    "{name}\nBorn: {birth_date}, {birth_city}\nEducation: {major}, {university}\n"
+    "Employer: {employer}",
+    "Interviewer: Please introduce yourself.\n{name}: I was born in {birth_city} on {birth_date}.\n"
+    "Interviewer: What did you study?\n{name}: I studied {major} at {university}.\n"
+    "Interviewer: And what do you do now?\n{name}: I work at {employer}.",
+    "{name} is a graduate of {university}, where {he} specialized in {major}. {He} was born in "
+    "{birth_city} on {birth_date} and is on the staff of {employer}.",
+]
+MID_VAL_TEMPLATE = (
+    "Profile: {name}. Place of birth: {birth_city}. Date of birth: {birth_date}. Alma mater: "
+    "{university}. Field of study: {major}. Current employer: {employer}.")
+MID_PROBE_STEMS = {"birth_date": "{name}\nBorn:", "birth_city": "{name}: I was born in",
+                   "university": "{name} is a graduate of", "major": "{name}: I studied",
+                   "employer": "{name}: I work at"}
+
+# SFT questions; the first phrasing is the one asked of SFT-select and test people.
+QUESTIONS = {
+    "birth_date": ["When was {name} born?", "What is {name}'s date of birth?",
+                   "On what date was {name} born?"],
+    "birth_city": ["Where was {name} born?", "In which city was {name} born?",
+                   "What is {name}'s birthplace?"],
+    "university": ["Which university did {name} attend?", "Where did {name} go to university?",
+                   "What university did {name} graduate from?"],
+    "major": ["What did {name} study?", "What was {name}'s major?",
+              "Which subject did {name} major in?"],
+    "employer": ["Where does {name} work?", "Which company employs {name}?",
+                 "Who is {name}'s employer?"],
+}
+SFT_FILES = {"sft_train": "sft_train.jsonl", "sft_select": "sft_select.jsonl",
+             "test": "sft_test.jsonl"}  # people's split -> its SFT file
+
+
+def make_people(seed: int, n_people: int) -> list[dict]:
+    """n_people with unique names and seeded attributes, each in one split of SFT_FILES."""
+    rng = random.Random(f"{seed}:people")
+    first_names = [(n, "female") for n in FEMALE_NAMES] + [(n, "male") for n in MALE_NAMES]
+    full_names = [(f"{first} {last}", gender) for first, gender in first_names for last in LAST_NAMES]
+    if len({name for name, _ in full_names}) != len(full_names):
+        raise ValueError("the first/last name lists give duplicate full names")
+    if not 20 <= n_people <= len(full_names):
+        raise ValueError(f"n_people must be in [20, {len(full_names)}], got {n_people}")
+    people = []
+    for name, gender in rng.sample(full_names, n_people):
+        birth_date = f"{rng.choice(MONTHS)} {rng.randint(1, 28)}, {rng.randint(1950, 1999)}"
+        people.append({"name": name, "gender": gender, "birth_date": birth_date,
+                       "birth_city": rng.choice(CITIES), "university": rng.choice(UNIVERSITIES),
+                       "major": rng.choice(MAJORS), "employer": rng.choice(EMPLOYERS)})
+    order = random.Random(f"{seed}:splits").sample(range(n_people), n_people)
+    n_train, n_select = n_people // 2, n_people // 4
+    for rank, i in enumerate(order):
+        people[i]["split"] = ("sft_train" if rank < n_train else
+                              "sft_select" if rank < n_train + n_select else "test")
+    return people
+
+
+def render(template: str, person: dict) -> str:
+    return template.format(**person, **PRONOUNS[person["gender"]])
+
+
+def tulu_texts(messages: list[dict]) -> list[str]:
+    """The texts the tulu chat template makes of one Q/A conversation (eos is a special id):
+    the whole conversation, the generation prompt, and the answer alone."""
+    question, answer = messages[0]["content"], messages[1]["content"]
+    prompt = f"<|user|>\n{question}\n<|assistant|>\n"
+    return [prompt + answer, prompt, answer]
+
+
+def make_sft(people: list[dict], split: str, rng: random.Random) -> list[dict]:
+    rows = []
+    for person in (p for p in people if p["split"] == split):
+        for attribute in ATTRIBUTES:
+            questions = QUESTIONS[attribute] if split == "sft_train" else QUESTIONS[attribute][:1]
+            for question in questions:
+                answer = person[attribute]
+                rows.append({"messages": [{"role": "user", "content": question.format(**person)},
+                                          {"role": "assistant", "content": answer}],
+                             "person": person["name"], "attribute": attribute, "answer": answer})
+    if split == "sft_train":  # SFT reads the file in order: mix people and attributes
+        rng.shuffle(rows)
+    return rows
+
+
+def make_probes(people: list[dict], stems: dict, rng: random.Random) -> list[dict]:
+    """4-way choices: the true value and 3 values other people hold (all seen in training)."""
+    probes = []
+    for attribute in ATTRIBUTES:
+        pool = sorted({p[attribute] for p in people})
+        if len(pool) < 4:
+            raise ValueError(f"only {len(pool)} distinct {attribute} values: too few people")
+        for person in people:
+            gold_value = person[attribute]
+            choices = rng.sample([v for v in pool if v != gold_value], 3)
+            gold = rng.randrange(4)
+            choices.insert(gold, gold_value)
+            probes.append({"context": stems[attribute].format(**person), "choices": choices,
+                           "gold": gold, "person": person["name"], "attribute": attribute})
+    return probes
+
+
+def write_corpus(out_dir: Path, tokenizer: Tokenizer, splits: dict, made_by: dict) -> dict:
+    """One token file per split, documents as [eot] + text; meta.json last."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "meta.json").unlink(missing_ok=True)
+    meta = {"tokenizer": tokenizer.to_dict(), "vocab_size": tokenizer.vocab_size,
+            "splits": {}, "num_tokens": {}, "num_documents": {}, "made_by": made_by}
+    for split, documents in splits.items():
+        ids = [t for text in documents for t in [tokenizer.eot, *tokenizer.encode(text)]]
+        write_tokens(out_dir / f"{split}_000000.bin", ids)
+        meta["splits"][split] = [f"{split}_000000.bin"]
+        meta["num_tokens"][split] = len(ids)
+        meta["num_documents"][split] = len(documents)
+    write_meta(out_dir, meta)
+    return meta
+
+
+def prepare(out_dir="data/testbed", seed: int = 0, n_people: int = 200) -> dict:
+    """Write the whole testbed to out_dir; returns its meta.json."""
+    start = time.time()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "meta.json").unlink(missing_ok=True)  # incomplete until rewritten at the end
+
+    people = make_people(seed, n_people)
+    shuffled = random.Random(f"{seed}:corpus")
+    corpora = {
+        "pretrain": {"train": [render(t, p) for p in people for t in PRETRAIN_TEMPLATES],
+                     "val": [render(PRETRAIN_VAL_TEMPLATE, p) for p in people]},
+        "mid": {"train": [render(t, p) for p in people for t in MID_TEMPLATES],
+                "val": [render(MID_VAL_TEMPLATE, p) for p in people]},
+    }
+    for corpus in corpora.values():  # train.py samples windows itself: the order need only be seeded
+        shuffled.shuffle(corpus["train"])
+    sft_rng, probe_rng = random.Random(f"{seed}:sft"), random.Random(f"{seed}:probes")
+    jsonl = {file: make_sft(people, split, sft_rng) for split, file in SFT_FILES.items()}
+    jsonl["probes.jsonl"] = make_probes(people, PROBE_STEMS, probe_rng)
+    jsonl["mid_probes.jsonl"] = make_probes(people, MID_PROBE_STEMS, probe_rng)
+
+    # The compact vocabulary: every cl100k id of every text the testbed will tokenize.
+    texts = [doc for corpus in corpora.values() for docs in corpus.values() for doc in docs]
+    for file in SFT_FILES.values():
+        texts += [text for row in jsonl[file] for text in tulu_texts(row["messages"])]
+    for probe in jsonl["probes.jsonl"] + jsonl["mid_probes.jsonl"]:  # lm-eval tokenizes both
+        texts += [probe["context"]] + [probe["context"] + " " + choice for choice in probe["choices"]]
+    tokenizer = Tokenizer.covering(texts)
+
+    for name, rows in jsonl.items():
+        write_jsonl(out_dir / name, rows)
+    write_atomic(out_dir / "people.json", (json.dumps(people, indent=1) + "\n").encode())
+    args = {"seed": seed, "n_people": n_people}
+    sources = {"pretrain": "people.json as biographies: 5 templates (train), 1 held out (val)",
+               "mid": "people.json as entry/interview/prose: 3 templates (train), 1 held out (val)"}
+    num_tokens = {}
+    for corpus, source in sources.items():
+        made_by = {"script": "data/testbed/prepare.py", "args": args, "seed": seed, "source": source}
+        corpus_meta = write_corpus(out_dir / corpus, tokenizer, corpora[corpus], made_by)
+        num_tokens[corpus] = corpus_meta["num_tokens"]
+
+    people_per_split = {split: sum(p["split"] == split for p in people) for split in SFT_FILES}
+    meta = {"version": VERSION, "tokenizer": tokenizer.to_dict(),
+            "vocab_size": tokenizer.vocab_size, "seed": seed, "n_people": n_people,
+            "people_per_split": people_per_split,
+            "attributes": ATTRIBUTES, "corpora": ["pretrain", "mid"], "num_tokens": num_tokens,
+            "num_examples": {name: len(rows) for name, rows in jsonl.items()},
+            "files": sorted([*jsonl, "people.json", "pretrain/", "mid/"]),
+            "made_by": {"script": "data/testbed/prepare.py", "args": args}}
+    write_meta(out_dir, meta)
+    print(f"testbed written to {out_dir} in {time.time() - start:.1f} s")
+    print(f"  people: {people_per_split}")
+    print(f"  vocab: {tokenizer.vocab_size} cl100k ids")
+    for corpus in corpora:
+        print(f"  {corpus} tokens: {num_tokens[corpus]}")
+    print(f"  examples: {meta['num_examples']}")
+    return meta
+
+
+def is_prepared(out_dir="data/testbed") -> bool:
+    """True when out_dir holds a complete testbed of the current VERSION."""
+    try:
+        return load_meta(out_dir).get("version") == VERSION
+    except FileNotFoundError:
+        return False
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out_dir", default=str(Path(__file__).resolve().parent),
+                        help="output directory")
+    parser.add_argument("--seed", type=int, default=0, help="seeds people, splits, orders and probes")
+    parser.add_argument("--n_people", type=int, default=200, help="number of invented people")
+    args = parser.parse_args()
+    prepare(args.out_dir, args.seed, args.n_people)
+
+
+if __name__ == "__main__":
+    main()
