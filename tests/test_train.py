@@ -1,0 +1,200 @@
+"""train.py: short real runs with asserted behaviour (loss falls, bit-exact resume,
+WSO extension, DDP equals one process, mid-training LR) and each bad input's error."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import model as model_module
+import train
+from common import load_checkpoint
+from data.common import write_meta, write_tokens
+from data.testbed.prepare import prepare as prepare_testbed
+from train import TrainConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def testbed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("testbed")
+    prepare_testbed(str(root), seed=0, n_people=40)
+    return root
+
+
+def config(testbed, out_dir, **overrides):
+    base = dict(dataset=str(testbed / "pretrain"), out_dir=str(out_dir), preset="tiny", batch_size=4, seq_len=64,
+                max_iters=12, warmup_iters=2, learning_rate=3e-3, log_interval=1, eval_interval=4,
+                eval_tokens=2048, compile=False, device="cpu")
+    return TrainConfig(**{**base, **overrides})
+
+
+def records(out_dir, kind="loss"):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [r for r in map(json.loads, f) if kind in r]
+
+
+def test_loss_falls_and_outputs_are_written(testbed, tmp_path):
+    train.main(config(testbed, tmp_path, max_iters=60, warmup_iters=5, batch_size=8, schedule="wso"))
+    steps = records(tmp_path)
+    assert [r["step"] for r in steps] == list(range(1, 61))
+    assert set(steps[0]) >= {"step", "lr", "loss", "grad_norm", "tokens", "tokens_per_sec"}
+    assert steps[0]["lr"] == pytest.approx(3e-3 / 5) and steps[-1]["lr"] == pytest.approx(3e-3)
+    assert steps[-1]["tokens"] == 60 * 8 * 64
+    first, last = sum(r["loss"] for r in steps[:5]) / 5, sum(r["loss"] for r in steps[-5:]) / 5
+    assert last < first - 1.5, (first, last)
+    evals = records(tmp_path, "val_loss")
+    assert [r["step"] for r in evals][-1] == 60 and evals[-1]["val_loss"] < evals[0]["val_loss"]
+    ckpt = load_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert {"model", "optimizer", "config", "model_config", "tokenizer", "step", "samples_seen", "rng"} <= set(ckpt)
+    assert ckpt["step"] == 60 and not os.path.exists(tmp_path / "ckpt.pt.tmp")
+
+
+def test_lr_logged_is_the_schedule(testbed, tmp_path):
+    import schedules
+    train.main(config(testbed, tmp_path, schedule="wsd", alpha=0.0, max_iters=10))
+    want = [schedules.pretrain_lr(t, "wsd", lr_max=3e-3, warmup_iters=2, max_iters=10, alpha=0.0) for t in range(1, 11)]
+    assert [r["lr"] for r in records(tmp_path)] == want
+
+
+def test_resume_after_a_crash_is_bit_exact(testbed, tmp_path, monkeypatch):
+    cfg = config(testbed, tmp_path / "full", schedule="cosine")
+    train.main(cfg)
+    full = records(tmp_path / "full")
+
+    real_step, calls = train.train_step, []
+
+    def crash_at_step_7(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 7:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", crash_at_step_7)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(config(testbed, tmp_path / "crash", schedule="cosine"))
+    monkeypatch.setattr(train, "train_step", real_step)
+    assert load_checkpoint(str(tmp_path / "crash" / "ckpt.pt"))["step"] == 4  # the last good one
+    train.main(config(testbed, tmp_path / "crash", schedule="cosine", init_from="resume"))
+    resumed = records(tmp_path / "crash")
+    assert [r["step"] for r in resumed] == list(range(1, 13))
+    assert [(r["loss"], r["grad_norm"], r["lr"]) for r in resumed] == [(r["loss"], r["grad_norm"], r["lr"]) for r in full]
+
+
+def test_wso_run_extends_exactly(testbed, tmp_path):
+    train.main(config(testbed, tmp_path / "long", max_iters=16))
+    train.main(config(testbed, tmp_path / "short", max_iters=8))
+    train.main(config(testbed, tmp_path / "short", max_iters=16, init_from="resume"))
+    assert [r["loss"] for r in records(tmp_path / "short")] == [r["loss"] for r in records(tmp_path / "long")]
+    a = load_checkpoint(str(tmp_path / "long" / "ckpt.pt"))["model"]
+    b = load_checkpoint(str(tmp_path / "short" / "ckpt.pt"))["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gradient_accumulation_matches_a_bigger_batch(testbed, tmp_path):
+    train.main(config(testbed, tmp_path / "big", batch_size=8, max_iters=3))
+    train.main(config(testbed, tmp_path / "accum", batch_size=4, tokens_per_step=8 * 64, max_iters=3))
+    big, accum = records(tmp_path / "big"), records(tmp_path / "accum")
+    for a, b in zip(big, accum):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["tokens"] == b["tokens"]
+
+
+def test_ddp_two_processes_match_one(testbed, tmp_path):
+    """2 ranks x 2 micro-batches (no_sync on the first) == 1 process x 4 micro-batches."""
+    common = ["--dataset=" + str(testbed / "pretrain"), "--batch_size=2", "--seq_len=64", "--max_iters=4",
+              "--warmup_iters=1", "--log_interval=1", "--eval_interval=4", "--eval_tokens=1024",
+              "--compile=false", "--device=cpu", f"--tokens_per_step={8 * 64}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+                    "train.py", f"--out_dir={tmp_path / 'ddp'}", *common], cwd=REPO, env=env, check=True,
+                   capture_output=True, timeout=300)
+    train.main(config(testbed, tmp_path / "one", batch_size=2, max_iters=4, warmup_iters=1, eval_tokens=1024,
+                      tokens_per_step=8 * 64))
+    ddp, one = records(tmp_path / "ddp"), records(tmp_path / "one")
+    assert len(ddp) == len(one) == 4
+    for a, b in zip(ddp, one):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    a = load_checkpoint(str(tmp_path / "ddp" / "ckpt.pt"))["model"]
+    b = load_checkpoint(str(tmp_path / "one" / "ckpt.pt"))["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+def test_mid_training_continues_from_the_final_pretraining_lr(testbed, tmp_path):
+    train.main(config(testbed, tmp_path / "pre", schedule="linear", alpha=0.1, max_iters=6))
+    for alpha_mid in (0.0, 1.0):
+        out = tmp_path / f"mid{alpha_mid}"
+        train.main(config(testbed, out, stage="mid", alpha_mid=alpha_mid, init_from=str(tmp_path / "pre" / "ckpt.pt"),
+                          dataset=str(testbed / "mid"), max_iters=4))
+        mid = records(out)
+        assert [r["step"] for r in mid] == [7, 8, 9, 10]
+        want = [3e-4 * ((1 - alpha_mid) * (10 - t) / 4 + alpha_mid) for t in (7, 8, 9, 10)]  # Eq. 11
+        assert [r["lr"] for r in mid] == pytest.approx(want)
+    with pytest.raises(SystemExit, match="mid-training starts from a pre-training"):
+        train.main(config(testbed, tmp_path / "x", stage="mid", init_from=str(tmp_path / "mid0.0" / "ckpt.pt"),
+                          dataset=str(testbed / "mid"), max_iters=2))
+
+
+def test_bad_config_values_are_rejected_with_the_parameter_named():
+    for kwargs, pattern in [(dict(schedule="exp"), "schedule"), (dict(alpha=1.5), "alpha"),
+                            (dict(warmup_iters=700), "warmup_iters"), (dict(stable_ratio=2.0), "stable_ratio"),
+                            (dict(stage="post"), "stage"), (dict(preset="13b"), "preset"), (dict(stage="mid"), "init_from")]:
+        with pytest.raises(ValueError, match=pattern):
+            TrainConfig(**kwargs)
+
+
+def test_command_line_errors_are_clear():
+    def run(*args):
+        return subprocess.run([sys.executable, "train.py", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+    out = run("--schedule=exp")
+    assert out.returncode != 0 and "schedule='exp' is not one of" in out.stderr
+    out = run("--shedule=wso")
+    assert out.returncode != 0 and "unknown option --shedule" in out.stderr
+    out = run("--max_iters=ten")
+    assert out.returncode != 0 and "not a valid int" in out.stderr
+    out = run("--help")
+    assert out.returncode == 0 and "--schedule=wso" in out.stdout and "--alpha_mid" in out.stdout
+
+
+def test_bad_data_and_checkpoints(testbed, tmp_path):
+    with pytest.raises(SystemExit, match="unknown data set"):
+        train.main(config(testbed, tmp_path, dataset=str(tmp_path / "nowhere")))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    write_tokens(str(empty / "train_000000.bin"), [])
+    write_tokens(str(empty / "val_000000.bin"), [])
+    meta = json.loads((testbed / "pretrain" / "meta.json").read_text())
+    write_meta(str(empty), {**meta, "splits": {"train": ["train_000000.bin"], "val": ["val_000000.bin"]},
+                            "num_tokens": {"train": 0, "val": 0}})
+    with pytest.raises(SystemExit, match="cannot use data set.*empty.*not a non-empty"):
+        train.main(config(testbed, tmp_path / "e", dataset=str(empty)))
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        train.main(config(testbed, tmp_path / "fresh", init_from="resume"))
+    train.main(config(testbed, tmp_path / "run", max_iters=4))
+    with pytest.raises(SystemExit, match="--learning_rate: checkpoint has 0.003"):
+        train.main(config(testbed, tmp_path / "run", max_iters=8, learning_rate=1e-3, init_from="resume"))
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="not a readable checkpoint"):
+        train.main(config(testbed, tmp_path / "j", init_from=str(tmp_path / "junk.pt")))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(testbed, tmp_path, monkeypatch):
+    real_ce, calls = torch.nn.functional.cross_entropy, []
+
+    def nan_from_call_7(*args, **kwargs):
+        calls.append(1)
+        loss = real_ce(*args, **kwargs)
+        return loss * float("nan") if len(calls) >= 7 else loss
+
+    monkeypatch.setattr(model_module.F, "cross_entropy", nan_from_call_7)
+    with pytest.raises(SystemExit, match="non-finite training values at step 7"):
+        train.main(config(testbed, tmp_path, max_iters=12, eval_interval=100, checkpoint_interval=3,
+                          eval_tokens=64))
+    ckpt = load_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert ckpt["step"] == 6
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
