@@ -1,0 +1,109 @@
+"""
+Training throughput: tokens/s and model FLOPs utilization (MFU) of one train step
+(forward, backward, AdamW update), eager and torch.compile'd, against this machine's
+own matmul peak measured in the same run. Speed lives here, never in tests.
+
+    python bench.py                                   # the CPU reference size
+    python bench.py --preset=125m --batch_size=16 --seq_len=1024 --device=cuda
+
+MFU = flops_per_token * tokens/s / peak, with flops_per_token = 6 * (matmul weights)
++ 12 * n_layers * dim * seq_len (model.Llama.flops_per_token).
+"""
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from common import autocast_context, parse_args, resolve_device
+from model import Llama, build_config
+
+
+@dataclass
+class BenchConfig:
+    preset: str = "tiny"  # model.PRESETS entry; the fields below override it
+    dim: int = 256
+    ffn_dim: int = 768
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    vocab_size: int = 50304
+    batch_size: int = 8
+    seq_len: int = 256
+    steps: int = 10  # timed steps (after warm-up)
+    device: str = "auto"
+    dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    modes: str = "eager,compiled"  # which variants to time
+
+
+def matmul_peak(device, dtype, n=2048, repeats=10):
+    """Measured FLOP/s of a large square matmul: the ceiling MFU is compared against."""
+    torch_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=torch_dtype)
+    b = torch.randn(n, n, device=device, dtype=torch_dtype)
+    times = []
+    for _ in range(repeats + 3):
+        sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / min(times[3:])
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_train_step(model, cfg, device, autocast, compiled):
+    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.startswith("cuda"))
+    step_model = torch.compile(model) if compiled else model
+    x = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.seq_len), device=device)
+    y = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.seq_len), device=device)
+
+    def step():
+        with autocast:
+            _, loss = step_model(x, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(3):  # compile and warm up
+        step()
+    times = []
+    for _ in range(cfg.steps):
+        sync(device)
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main(cfg):
+    device = resolve_device(cfg.device)
+    dtype, autocast = autocast_context(device, cfg.dtype)
+    model_cfg = build_config(cfg.preset, dim=cfg.dim, ffn_dim=cfg.ffn_dim, n_layers=cfg.n_layers,
+                             n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, vocab_size=cfg.vocab_size,
+                             max_seq_len=cfg.seq_len)
+    peak = matmul_peak(device, dtype)
+    tokens = cfg.batch_size * cfg.seq_len
+    print(f"device={device} dtype={dtype} threads={torch.get_num_threads()} "
+          f"matmul peak {peak / 1e9:,.1f} GFLOP/s (2048^3, measured now)")
+    results = {}
+    for mode in cfg.modes.split(","):
+        torch.manual_seed(0)
+        model = Llama(model_cfg).to(device)
+        flops = model.flops_per_token(cfg.seq_len) * tokens
+        seconds = time_train_step(model, cfg, device, autocast, compiled=(mode == "compiled"))
+        results[mode] = dict(step_ms=seconds * 1e3, tokens_per_sec=tokens / seconds, mfu=flops / seconds / peak)
+        print(f"{mode:>9}: {model.num_params():,} params | {seconds * 1e3:8.1f} ms/step | "
+              f"{tokens / seconds:10,.0f} tok/s | MFU {100 * flops / seconds / peak:5.1f}% of measured peak")
+    return results
+
+
+if __name__ == "__main__":
+    main(parse_args(BenchConfig, description=__doc__))
