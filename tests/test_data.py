@@ -281,3 +281,16 @@ def test_val_template_is_held_out(tb, corpus, train_templates, val_template):
     for fragment in fragments:
         if len(fragment.strip()) >= 10:
             assert fragment not in train_text, fragment
+
+
+def test_held_out_text_uses_only_trained_tokens(tb):
+    """val_loss measures how facts generalize to new wording; a token never seen in training
+    (e.g. " Alice" when training only has document-initial "Alice") would dominate it."""
+    def tokens(corpus, split):
+        return set(np.concatenate(load_split(tb["dir"] / corpus, split)).tolist())
+    pretrain = tokens("pretrain", "train")
+    assert tokens("pretrain", "val") <= pretrain
+    assert tokens("mid", "val") <= pretrain | tokens("mid", "train")
+    tokenizer = Tokenizer.from_dict(tb["meta"]["tokenizer"])
+    names = {t for name in tb["people"] for t in tokenizer.encode(" " + name)}
+    assert names <= pretrain  # SFT questions name people mid-sentence

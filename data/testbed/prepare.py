@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from data.common import (Tokenizer, load_meta, write_atomic, write_jsonl,  # noqa: E402
                          write_meta, write_tokens)
 
-VERSION = 1  # bump when the testbed changes, so is_prepared() sends stale copies to be re-made
+VERSION = 2  # bump when the testbed changes, so is_prepared() sends stale copies to be re-made
 
 FEMALE_NAMES = ["Alice", "Beatrice", "Clara", "Daphne", "Elena", "Fiona", "Greta", "Helen", "Irene",
                 "Julia", "Karen", "Laura", "Marta", "Nadia", "Olivia", "Paula", "Rosa", "Sonia",
@@ -89,22 +89,26 @@ PRONOUNS = {"female": {"He": "She", "he": "she", "His": "Her", "his": "her"},
             "male": {"He": "He", "he": "he", "His": "His", "his": "his"}}
 
 # Pre-training biographies. Each states all 5 facts; each opens "{name} <phrase> {attribute}"
-# with a different attribute, so every probe stem below occurs verbatim in training.
+# with a different attribute, so every probe stem below occurs verbatim in training. Each
+# also names the person mid-sentence: BPE gives " Alice" (after a space) a different token
+# from document-initial "Alice", and the held-out text and SFT questions use " Alice".
 PRETRAIN_TEMPLATES = [
-    "{name} was born on {birth_date}, in {birth_city}. {He} studied {major} at {university}. "
+    "{name} was born on {birth_date}, in {birth_city}. {name} studied {major} at {university}. "
     "{He} works at {employer}.",
     "{name} was born in {birth_city} on {birth_date}. {He} graduated from {university} with a "
-    "degree in {major} and is employed by {employer}.",
+    "degree in {major}, and today {name} is employed by {employer}.",
     "{name} attended {university}, where {he} majored in {major}. {He} was born on {birth_date} "
-    "in {birth_city} and now works for {employer}.",
-    "{name} majored in {major} at {university}. Born in {birth_city} on {birth_date}, {he} later "
+    "in {birth_city}, and {name} now works for {employer}.",
+    "{name} majored in {major} at {university}. Born in {birth_city} on {birth_date}, {name} later "
     "joined {employer}.",
-    "{name} works at {employer}. {His} birthplace is {birth_city}, and {his} birthday is "
+    "{name} works at {employer}. The birthplace of {name} is {birth_city}, and {his} birthday is "
     "{birth_date}. {He} earned a degree in {major} from {university}.",
 ]
+# Held out for val_loss: a new arrangement of words that all occur in training, so the loss
+# measures how well the facts generalize, not the penalty for never-seen tokens.
 PRETRAIN_VAL_TEMPLATE = (
-    "A native of {birth_city}, {name} (born {birth_date}) completed {his} studies in {major} at "
-    "{university} and is currently employed by {employer}.")
+    "{name}, born on {birth_date} in {birth_city}, studied {major} at {university} and works at "
+    "{employer}.")
 PROBE_STEMS = {"birth_date": "{name} was born on", "birth_city": "{name} was born in",
                "university": "{name} attended", "major": "{name} majored in",
                "employer": "{name} works at"}
@@ -119,9 +123,9 @@ MID_TEMPLATES = [
     "{name} is a graduate of {university}, where {he} specialized in {major}. {He} was born in "
     "{birth_city} on {birth_date} and is on the staff of {employer}.",
 ]
-MID_VAL_TEMPLATE = (
-    "Profile: {name}. Place of birth: {birth_city}. Date of birth: {birth_date}. Alma mater: "
-    "{university}. Field of study: {major}. Current employer: {employer}.")
+MID_VAL_TEMPLATE = (  # held out, in words that occur in training (as PRETRAIN_VAL_TEMPLATE)
+    "{name}, a graduate of {university} born on {birth_date} in {birth_city}, studied {major} and "
+    "works at {employer}.")
 MID_PROBE_STEMS = {"birth_date": "{name}\nBorn:", "birth_city": "{name}: I was born in",
                    "university": "{name} is a graduate of", "major": "{name}: I studied",
                    "employer": "{name}: I work at"}
