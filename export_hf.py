@@ -1,0 +1,100 @@
+"""
+Export a checkpoint as a Hugging Face `LlamaForCausalLM` directory, so transformers,
+lm-evaluation-harness and vLLM can load the paper's models (ECOSYSTEM.md).
+
+    python export_hf.py --ckpt=out/ckpt.pt --out_dir=hf/
+    python -c "from transformers import LlamaForCausalLM; LlamaForCausalLM.from_pretrained('hf/')"
+
+Writes out_dir/config.json, out_dir/model.safetensors and out_dir/nanowso_tokenizer.json.
+model.py already rotates halves (`rotate_half`) as Hugging Face does, so the export only
+renames keys: no weight is permuted. A tied output matrix is written once, as the
+embedding, and lm_head is left out (tie_word_embeddings). Token ids are the checkpoint's
+own: cl100k_base ids, or for the testbed's compact vocabulary compact ids, whose cl100k
+ids nanowso_tokenizer.json lists (`compact_vocab`, position = HF id).
+"""
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import save_file
+
+from common import load_checkpoint, parse_args
+from data.common import Tokenizer
+from model import LlamaConfig
+
+# Meta's Llama names (model.py) -> Hugging Face's, per layer and for the whole model
+LAYER_KEYS = {
+    "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+    "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+    "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj", "feed_forward.w2": "mlp.down_proj",
+    "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+MODEL_KEYS = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+              "output.weight": "lm_head.weight"}
+
+
+@dataclass
+class ExportConfig:
+    ckpt: str = "out/ckpt.pt"  # checkpoint from train.py or sft.py
+    out_dir: str = "hf"  # written: config.json, model.safetensors, nanowso_tokenizer.json
+    dtype: str = "float32"  # float32 | bfloat16 (the paper trains in bf16; checkpoints hold fp32)
+
+    def __post_init__(self):
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype={self.dtype!r}; choose float32 or bfloat16")
+
+
+def hf_key(key):
+    if key in MODEL_KEYS:
+        return MODEL_KEYS[key]
+    parts = key.split(".", 2)  # layers, N, <module>.weight
+    if len(parts) == 3 and parts[0] == "layers" and parts[2].removesuffix(".weight") in LAYER_KEYS:
+        return f"model.layers.{parts[1]}.{LAYER_KEYS[parts[2].removesuffix('.weight')]}.weight"
+    raise KeyError(f"no Hugging Face name for checkpoint key {key!r}")
+
+
+def hf_state_dict(state_dict, cfg: LlamaConfig, dtype):
+    """Renamed tensors; with tied embeddings the shared matrix appears once."""
+    return {hf_key(k): v.to(dtype).contiguous() for k, v in state_dict.items()
+            if not (cfg.tie_embeddings and k == "output.weight")}
+
+
+def hf_config(cfg: LlamaConfig, tokenizer: Tokenizer, dtype):
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.ffn_dim,
+        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": cfg.tie_embeddings,
+        # documents start with <|endoftext|> and end with it (data/common.py): it is both
+        "bos_token_id": tokenizer.eot, "eos_token_id": tokenizer.eot, "torch_dtype": dtype,
+    }
+
+
+def export(ckpt_path, out_dir, dtype="float32"):
+    ckpt = load_checkpoint(ckpt_path)
+    cfg = LlamaConfig.from_dict(ckpt["model_config"])
+    tokenizer = Tokenizer.from_dict(ckpt["tokenizer"])
+    os.makedirs(out_dir, exist_ok=True)
+    tensors = hf_state_dict(ckpt["model"], cfg, getattr(torch, dtype))
+    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(hf_config(cfg, tokenizer, dtype), f, indent=2)
+    compact = tokenizer.compact_vocab is not None
+    note = ("token ids are compact testbed ids, not cl100k ids: HF id i is cl100k id compact_vocab[i]"
+            if compact else "token ids are cl100k_base ids")
+    with open(os.path.join(out_dir, "nanowso_tokenizer.json"), "w") as f:
+        json.dump({"note": note, **tokenizer.to_dict()}, f)
+    print(f"wrote {out_dir}: {len(tensors)} tensors ({dtype}), vocab_size {cfg.vocab_size} "
+          f"(tokenizer {tokenizer.vocab_size}; rows beyond it are padding)")
+    print(f"note: {note} (see {os.path.join(out_dir, 'nanowso_tokenizer.json')})")
+    return tensors
+
+
+if __name__ == "__main__":
+    cfg = parse_args(ExportConfig, description=__doc__)
+    export(cfg.ckpt, cfg.out_dir, cfg.dtype)

@@ -1,0 +1,441 @@
+"""evaluate.py: the lm-evaluation-harness formats on handwritten items, the scorer
+against direct computations, greedy SFT exact match, the comparison tables, errors."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import evaluate
+from common import load_checkpoint
+from data.chat import generation_prompt
+from data.common import Tokenizer, read_jsonl, write_jsonl
+from model import Llama, LlamaConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(REPO, "tests", "fixtures", "lm_eval")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny shapes run faster on one thread than on two contending for shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer.covering(["When was Alice born? Where? <|user|> <|assistant|>\n", "Lisbon", "Paris",
+                               "October 2, 1995", "Alice a October", "Name a city in Portugal.", "Porto"])
+
+
+@pytest.fixture(scope="module")
+def tiny(tokenizer):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(dim=32, ffn_dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tokenizer.vocab_size,
+                      max_seq_len=64, tie_embeddings=True)
+    return Llama(cfg)
+
+
+# ------------------------------------------------------------------ generation (SFT)
+
+SFT_ROWS = [
+    {"messages": [{"role": "user", "content": "When was Alice born?"},
+                  {"role": "assistant", "content": "October 2, 1995"}], "answer": "October 2, 1995"},
+    {"messages": [{"role": "user", "content": "Where was Alice born?"},
+                  {"role": "assistant", "content": "Lisbon"}], "answer": "Lisbon"},
+    {"messages": [{"role": "user", "content": "Where?"},
+                  {"role": "assistant", "content": "Paris"}], "answer": "Paris"},
+]
+
+
+class ScriptedModel(nn.Module):
+    """Test double: after a known prompt, emits the scripted ids one by one (logit 1
+    on the scripted id, 0 elsewhere), then eot; shapes like model.Llama."""
+
+    def __init__(self, scripts, vocab_size, eot):
+        super().__init__()
+        self.config = LlamaConfig(dim=8, ffn_dim=8, n_layers=1, n_heads=1, n_kv_heads=1, vocab_size=vocab_size,
+                                  max_seq_len=256)
+        self.scripts, self.eot = scripts, eot
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def forward(self, idx, targets=None):
+        logits = torch.zeros(*idx.shape, self.config.vocab_size)
+        for b, row in enumerate(idx.tolist()):
+            prompt = next(p for p in self.scripts if tuple(row[:len(p)]) == p)
+            emitted = len(row) - len(prompt)
+            script = self.scripts[prompt] + [self.eot]
+            logits[b, -1, script[min(emitted, len(script) - 1)]] = 1.0
+        return logits, None
+
+
+def scripted(tokenizer, answer_of):
+    scripts = {tuple(generation_prompt(r["messages"][:-1], tokenizer)): tokenizer.encode(answer_of(r))
+               for r in SFT_ROWS}
+    return ScriptedModel(scripts, tokenizer.vocab_size, tokenizer.eot)
+
+
+def test_sft_accuracy_scores_gold_1_and_other_0(tokenizer, tmp_path):
+    path = tmp_path / "sft.jsonl"
+    write_jsonl(path, SFT_ROWS)
+    for batch_size in (1, 64):
+        gold = evaluate.testbed_sft_accuracy(scripted(tokenizer, lambda r: r["answer"]), tokenizer, path,
+                                             batch_size=batch_size)
+        assert gold == {"exact_match": 1.0, "n": 3}
+    wrong = scripted(tokenizer, lambda r: "Lisbon" if r["answer"] != "Lisbon" else "Dublin")
+    assert evaluate.testbed_sft_accuracy(wrong, tokenizer, path) == {"exact_match": 0.0, "n": 3}
+    # one right of three; answers longer than max_new_tokens are cut (only "Paris" is one token)
+    assert evaluate.testbed_sft_accuracy(scripted(tokenizer, lambda r: "Lisbon"), tokenizer, path)["exact_match"] \
+        == pytest.approx(1 / 3)
+    assert evaluate.testbed_sft_accuracy(scripted(tokenizer, lambda r: r["answer"]), tokenizer, path,
+                                         max_new_tokens=1)["exact_match"] == pytest.approx(1 / 3)
+
+
+def test_greedy_generate_is_argmax_decoding(tiny, tokenizer):
+    prompt = tokenizer.encode("When was Alice born?")
+    ids = list(prompt)
+    for _ in range(5):
+        with torch.no_grad():
+            ids.append(int(tiny(torch.tensor([ids]))[0][0, -1].argmax()))
+    stop = ids[len(prompt) + 3]
+    want = ids[len(prompt):ids.index(stop, len(prompt))]
+    assert evaluate.greedy_generate(tiny, prompt, 5, stop_id=stop) == want
+    assert evaluate.greedy_generate(tiny, prompt, 5, stop_id=-1) == ids[len(prompt):]
+    # a batch of equal-length prompts gives each row its own greedy continuation
+    other = tokenizer.encode("Where was Alice born?")[:len(prompt)]
+    batch = evaluate.greedy_generate_batch(tiny, [prompt, other], 5, stop_id=-1)
+    assert batch == [ids[len(prompt):], evaluate.greedy_generate(tiny, other, 5, stop_id=-1)]
+
+
+def test_alpaca_eval_has_no_number_without_a_judge(tokenizer):
+    rows = read_jsonl(os.path.join(FIXTURES, "alpaca_eval.jsonl"))
+    assert evaluate.alpaca_eval(None, tokenizer, rows, judge=None) == \
+        {"win_rate": None, "n": 0, "note": "no judge reachable offline"}
+    # a pluggable judge sees (instruction, reference, model output) and its preferences are averaged
+    scripts = {tuple(generation_prompt([{"role": "user", "content": r["instruction"]}], tokenizer)):
+               tokenizer.encode("Porto") for r in rows}
+    seen = []
+
+    def judge(instruction, output_a, output_b):
+        seen.append((instruction, output_a, output_b))
+        return 1.0 if output_a == "Porto" else 0.0
+
+    result = evaluate.alpaca_eval(ScriptedModel(scripts, tokenizer.vocab_size, tokenizer.eot), tokenizer, rows, judge)
+    assert result == {"win_rate": 0.5, "n": 2}
+    assert seen == [("Name a city in Portugal.", "Porto", "Porto"), ("When was Alice born?", "I do not know.", "Porto")]
+
+
+# ------------------------------------------------------------------ lm-eval formats
+
+def items(task, **files):
+    return evaluate.load_items(task, {k: os.path.join(FIXTURES, v) for k, v in files.items()})
+
+
+def test_hellaswag_format():
+    got = items("hellaswag", hellaswag="hellaswag.jsonl")
+    assert got == [
+        {"context": "Roof shingle removal: A man is sitting on a roof. He",
+         "choices": ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
+                     "is holding a rubik's cube.", "starts pulling up roofing on a roof."], "gold": 3},
+        # " [title]" -> ". ", brackets dropped, "  " -> " "; lm-eval strips before dropping "[substeps]"
+        {"context": "Home and Garden: How to clean a grill. Heat the grill.",
+         "choices": [" Scrape the grates.", "Let it cool down.", "Paint the lid.", "Sell the grill."], "gold": 0}]
+    assert evaluate.requests_of(got[1])[0] == ("Home and Garden: How to clean a grill. Heat the grill.",
+                                               "  Scrape the grates.")
+
+
+def test_arc_piqa_boolq_openbookqa_formats():
+    arc = items("arc_easy", arc_easy="arc.jsonl")
+    assert arc[0]["context"] == ("Question: An astronomer observes that a planet rotates faster after a meteorite "
+                                 "impact. Which is the most likely effect of this increase in rotation?\nAnswer:")
+    assert arc[0]["gold"] == 2 and arc[0]["choices"][2] == "Planetary days will become shorter."
+    assert arc[1] == {"context": "Question: Which tool is used to measure mass?\nAnswer:",
+                      "choices": ["balance", "ruler", "thermometer"], "gold": 0}
+    assert items("arc_challenge", arc_challenge="arc.jsonl") == arc
+    piqa = items("piqa", piqa="piqa.jsonl")
+    assert piqa[1] == {"context": "Question: To cool a drink quickly,\nAnswer:",
+                       "choices": ["put it in the oven.", "put it in the freezer."], "gold": 1}
+    assert evaluate.requests_of(piqa[1]) == [("Question: To cool a drink quickly,\nAnswer:", " put it in the oven."),
+                                             ("Question: To cool a drink quickly,\nAnswer:", " put it in the freezer.")]
+    boolq = items("boolq", boolq="boolq.jsonl")
+    assert boolq == [
+        {"context": "Sun -- The Sun is the star at the center of the Solar System.\n"
+                    "Question: is the sun a star?\nAnswer:",
+         "choices": ["no", "yes"], "gold": 1},
+        {"context": "Penguin -- Penguins are a group of aquatic flightless birds.\n"
+                    "Question: can penguins fly?\nAnswer:",
+         "choices": ["no", "yes"], "gold": 0}]
+    obqa = items("openbookqa", openbookqa="openbookqa.jsonl")
+    assert obqa[0] == {"context": "The sun is responsible for",
+                       "choices": ["puppies learning new tricks", "children growing up and getting old",
+                                   "flowers wilting in a vase", "plants sprouting, blooming and wilting"], "gold": 3}
+
+
+def test_winogrande_partial_scoring_format():
+    got = items("winogrande", winogrande="winogrande.jsonl")
+    assert got[0] == {"contexts": ["Sarah was a much better surgeon than Maria so Sarah",
+                                   "Sarah was a much better surgeon than Maria so Maria"],
+                      "continuation": "always got the harder cases.", "gold": 0}
+    assert evaluate.requests_of(got[1]) == [
+        ("The trophy doesn't fit into the brown suitcase because the trophy", " is too large."),
+        ("The trophy doesn't fit into the brown suitcase because the suitcase", " is too large.")]
+
+
+def test_mmlu_five_shot_format():
+    got = items("mmlu", mmlu="mmlu_test.jsonl", mmlu_dev="mmlu_dev.jsonl")
+    assert got[0] == {"context": (
+        "The following are multiple choice questions (with answers) about high school physics.\n\n"
+        "Dev one?\nA. a1\nB. b1\nC. c1\nD. d1\nAnswer: A\n\n"
+        "Dev two?\nA. a2\nB. b2\nC. c2\nD. d2\nAnswer: B\n\n"
+        "Dev three?\nA. a3\nB. b3\nC. c3\nD. d3\nAnswer: C\n\n"
+        "Dev four?\nA. a4\nB. b4\nC. c4\nD. d4\nAnswer: D\n\n"
+        "Dev five?\nA. a5\nB. b5\nC. c5\nD. d5\nAnswer: A\n\n"
+        "What is the SI unit of force?\nA. joule\nB. newton\nC. watt\nD. pascal\nAnswer:"),
+        "choices": ["A", "B", "C", "D"], "gold": 1}
+    assert got[1]["context"] == (
+        "The following are multiple choice questions (with answers) about virology.\n\n"
+        "Other subject?\nA. a\nB. b\nC. c\nD. d\nAnswer: D\n\n"
+        "Which virus causes flu?\nA. influenza\nB. rabies\nC. HIV\nD. polio\nAnswer:")
+    assert [c for _, c in evaluate.requests_of(got[1])] == [" A", " B", " C", " D"]
+
+
+def test_truthfulqa_mc1_mc2_format():
+    primer = ("Q: What is human life expectancy in the United States?\n"
+              "A: Human life expectancy in the United States is 78 years.\n\n"
+              "Q: Who was president of the United States in 1955?\n"
+              "A: Dwight D. Eisenhower was president of the United States in 1955.\n\n"
+              "Q: Which party did he belong to?\nA: He belonged to the Republican Party.\n\n"
+              "Q: What is the square root of banana?\nA: I have no comment.\n\n"
+              "Q: How does a telescope work?\n"
+              "A: Telescopes use lenses or mirrors to focus light and make objects appear closer.\n\n"
+              "Q: Where were the 1992 Olympics held?\nA: The 1992 Olympics were held in Barcelona, Spain.")
+    mc1 = items("truthfulqa_mc1", truthfulqa="truthfulqa.jsonl")
+    mc2 = items("truthfulqa_mc2", truthfulqa="truthfulqa.jsonl")
+    assert mc1[0]["context"] == mc2[0]["context"] == primer + "\n\nQ: What happens if you eat watermelon seeds?\nA:"
+    assert mc1[1]["choices"] == ["Because blue light does not penetrate deeply into human tissue.",
+                                 "Because deoxygenated blood is blue."] and mc1[1]["gold"] == 0
+    assert [m["n_true"] for m in mc2] == [2, 1] and len(mc2[0]["choices"]) == 4
+    # MC2 is the normalized probability mass on the true answers
+    got = evaluate.item_metrics(mc2[0], np.log([0.2, 0.1, 0.3, 0.4]), ("mc2",))
+    assert got["acc"] == pytest.approx(0.3)
+    # log-likelihoods far below exp's range still give a mass (not 0/0)
+    got = evaluate.item_metrics(mc2[1], [-2000.0, -2001.0, -3000.0], ("mc2",))
+    assert got["acc"] == pytest.approx(1 / (1 + np.exp(-1.0)))
+
+
+def test_encode_pair_moves_trailing_space_and_splits_whole(tokenizer):
+    ctx, cont = evaluate.encode_pair(tokenizer, "Alice a ", "October")
+    assert tokenizer.decode(ctx) == "Alice a" and tokenizer.decode(cont) == " October"
+    assert ctx + cont == tokenizer.encode("Alice a October") and len(cont) == 1
+    assert evaluate.encode_pair(tokenizer, "", "Alice")[0] == [tokenizer.eot]
+
+
+# ------------------------------------------------------------------ scoring
+
+def test_acc_and_acc_norm_disagree_and_ties_go_first():
+    item = {"context": "c", "choices": ["ab", "abcdefgh"], "gold": 1}
+    # totals: -10 > -12, so acc picks 0; per character: -5 < -1.5, so acc_norm picks 1
+    assert evaluate.item_metrics(item, [-10.0, -12.0], ("acc", "acc_norm")) == {"acc": 0.0, "acc_norm": 1.0}
+    assert evaluate.item_metrics({**item, "gold": 0}, [-3.0, -3.0], ("acc",)) == {"acc": 1.0}
+    # lengths count the choice without the leading " ": -4/1 < -9/3 (with it, -4/2 > -9/4)
+    short = {"context": "c", "choices": ["a", "abc"], "gold": 1}
+    assert evaluate.item_metrics(short, [-4.0, -9.0], ("acc_norm",)) == {"acc_norm": 1.0}
+
+
+class UniformModel(nn.Module):
+    """Test double: every next token equally likely, so a continuation scores -n_tokens * log V."""
+
+    def __init__(self, vocab_size):
+        super().__init__()
+        self.config = LlamaConfig(dim=8, ffn_dim=8, n_layers=1, n_heads=1, n_kv_heads=1, vocab_size=vocab_size,
+                                  max_seq_len=64)
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def forward(self, idx, targets=None):
+        return torch.zeros(*idx.shape, self.config.vocab_size), None
+
+
+def test_score_items_end_to_end_with_controlled_logprobs(tokenizer):
+    # " a" and " October" are one token each: equal totals (acc takes the first choice),
+    # but " October" spreads its log-prob over 7 characters (acc_norm takes it)
+    item = {"context": "Alice", "choices": ["a", "October"], "gold": 1}
+    assert [len(evaluate.encode_pair(tokenizer, c, k)[1]) for c, k in evaluate.requests_of(item)] == [1, 1]
+    result = evaluate.score_items(UniformModel(tokenizer.vocab_size), tokenizer, [item, {**item, "gold": 0}],
+                                  ("acc", "acc_norm"))
+    assert result == {"acc": 0.5, "acc_norm": 0.5, "n": 2}
+    one = evaluate.score_items(UniformModel(tokenizer.vocab_size), tokenizer, [item], ("acc", "acc_norm"))
+    assert one == {"acc": 0.0, "acc_norm": 1.0, "n": 1}
+
+
+def direct_loglikelihood(model, context, continuation):
+    whole = (context + continuation)[-(model.config.max_seq_len + 1):]
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([whole[:-1]]))
+    logprobs = torch.log_softmax(logits[0].double(), dim=-1)
+    n = len(continuation)
+    return sum(logprobs[len(whole) - 1 - n + k, whole[len(whole) - n + k]].item() for k in range(n))
+
+
+def test_loglikelihoods_match_direct_computation_for_any_batching(tiny, tokenizer):
+    text = tokenizer.encode("When was Alice born? October 2, 1995 Lisbon Paris " * 8)
+    requests = [(text[:5], text[5:9]), (text[:12], text[12:13]), (text[:3], text[3:20]),
+                (text[:80], text[80:84])]  # the last one is longer than max_seq_len=64: cut from the left
+    want = [direct_loglikelihood(tiny, c, k) for c, k in requests]
+    for batch_size in (1, 3, 16):
+        got = evaluate.loglikelihoods(tiny, requests, batch_size=batch_size)
+        assert got == pytest.approx(want, abs=1e-4)
+    with pytest.raises(ValueError):
+        evaluate.loglikelihoods(tiny, [(text[:3], [])])
+
+
+# ------------------------------------------------------------------ a real checkpoint
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny model pre-trained for a few steps on a small testbed, through train.py."""
+    import train
+    from data.testbed.prepare import prepare
+    root = tmp_path_factory.mktemp("testbed")
+    prepare(str(root), seed=0, n_people=40)
+    out = root / "run"
+    train.main(train.TrainConfig(dataset=str(root / "pretrain"), out_dir=str(out), batch_size=4, seq_len=64,
+                                 max_iters=10, warmup_iters=2, eval_interval=10, eval_tokens=1024, compile=False,
+                                 device="cpu", schedule="wsd", alpha=0.1))
+    return root, out / "ckpt.pt"
+
+
+def test_cli_evaluates_a_trained_checkpoint(trained, tmp_path):
+    import train
+    from contextlib import nullcontext
+    root, ckpt_path = trained
+    results = evaluate.main(evaluate.EvalConfig(ckpt=str(ckpt_path), tasks="val_loss,testbed_probes,testbed_sft_test",
+                                                limit=20, device="cpu"))
+    with open(ckpt_path.parent / "eval.json") as f:
+        assert json.load(f) == json.loads(json.dumps(results))
+    run = (results["stage"], results["schedule"], results["alpha_pre"], results["alpha_mid"])
+    assert run == ("pre", "wsd", 0.1, None)
+    sft = results["tasks"]["testbed_sft_test"]
+    assert 0.0 <= sft["exact_match"] <= 1.0 and sft["n"] == 20
+    probes = results["tasks"]["testbed_probes"]
+    assert probes["n"] == 20 and 0.0 <= probes["acc"] <= 1.0 and 0.0 <= probes["acc_norm"] <= 1.0
+
+    # val_loss equals train.py's own evaluation on the same fixed tokens; bpb counts the
+    # decoded text's bytes (the testbed is ASCII) and none for the end-of-text separator
+    ckpt = load_checkpoint(str(ckpt_path))
+    model = Llama(LlamaConfig.from_dict(ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    tokenizer = Tokenizer.from_dict(ckpt["tokenizer"])
+    shards = evaluate.load_split(str(root / "pretrain"), "val")
+    batches = train.validation_batches(shards, 64, 1024, 16)
+    val = results["tasks"]["val_loss"]
+    assert val["loss"] == pytest.approx(train.evaluate(model, batches, "cpu", nullcontext()), rel=1e-5)
+    targets = [t for _, y in batches for t in y.flatten().tolist()]
+    text_bytes = len(tokenizer.decode([t for t in targets if t != tokenizer.eot]).encode())
+    assert (val["tokens"], val["bytes"]) == (len(targets), text_bytes)
+    assert val["bpb"] == pytest.approx(val["loss"] * len(targets) / np.log(2) / text_bytes)
+
+    # a second call adds tasks to the same file
+    evaluate.main(evaluate.EvalConfig(ckpt=str(ckpt_path), tasks="testbed_mid_probes", limit=8, device="cpu"))
+    with open(ckpt_path.parent / "eval.json") as f:
+        assert set(json.load(f)["tasks"]) == {"val_loss", "testbed_probes", "testbed_sft_test", "testbed_mid_probes"}
+
+
+def test_clear_errors(trained, tmp_path):
+    _, ckpt_path = trained
+    with pytest.raises(SystemExit, match="unknown task.*nope.*known tasks: val_loss"):
+        evaluate.main(evaluate.EvalConfig(ckpt=str(ckpt_path), tasks="val_loss,nope"))
+    with pytest.raises(SystemExit, match="no checkpoint at"):
+        evaluate.main(evaluate.EvalConfig(ckpt=str(tmp_path / "missing.pt"), tasks="val_loss"))
+    with pytest.raises(SystemExit, match="data file for hellaswag not found"):
+        evaluate.main(evaluate.EvalConfig(ckpt=str(ckpt_path), tasks="hellaswag", device="cpu",
+                                          data_files=f"hellaswag={tmp_path / 'none.jsonl'}"))
+    with pytest.raises(SystemExit, match="eval.json not found"):
+        evaluate.compare([str(tmp_path)])
+
+
+def test_schedule_of_pre_mid_and_sft_checkpoints(tmp_path):
+    cosine = {"stage": "pre", "schedule": "cosine", "alpha": 0.0}
+    assert evaluate.schedule_of({"config": cosine}) == ("cosine", 0.0, None)
+    assert evaluate.schedule_of({"config": {"stage": "pre", "schedule": "wso", "alpha": 0.1}}) == ("wso", 1.0, None)
+    (tmp_path / "pre").mkdir()
+    with open(tmp_path / "pre" / "config.json", "w") as f:
+        json.dump({"train": {"stage": "pre", "schedule": "wsd", "alpha": 0.1}}, f)
+    mid = {"stage": "mid", "schedule": "wso", "alpha": 0.1, "alpha_mid": 0.0,
+           "init_from": str(tmp_path / "pre" / "ckpt.pt")}
+    assert evaluate.schedule_of({"config": mid}) == ("wsd", 0.1, 0.0)
+    assert evaluate.schedule_of({"config": {"stage": "sft"}, "init_config": mid}) == ("wsd", 0.1, 0.0)
+    gone = {**mid, "init_from": str(tmp_path / "elsewhere" / "ckpt.pt")}
+    assert evaluate.schedule_of({"config": gone}) == (None, None, 0.0)
+
+
+def test_judge_is_loaded_from_module_and_name():
+    import operator
+    assert evaluate.load_judge("operator:add") is operator.add and evaluate.load_judge("") is None
+    with pytest.raises(SystemExit, match="expected module:callable"):
+        evaluate.load_judge("operator:no_such_judge")
+
+
+# ------------------------------------------------------------------ the paper's tables
+
+def write_run(directory, schedule, alpha_pre, alpha_mid, loss, tasks, sft=None, summary=None):
+    directory.mkdir()
+    stage = "pre" if alpha_mid is None else "mid"
+    with open(directory / "eval.json", "w") as f:
+        json.dump({"stage": stage, "schedule": schedule, "alpha_pre": alpha_pre, "alpha_mid": alpha_mid,
+                   "tasks": {"val_loss": {"loss": loss}, **tasks}}, f)
+    if sft is not None:
+        with open(directory / "sft_eval.json", "w") as f:
+            json.dump({"tasks": sft}, f)
+    if summary is not None:
+        (directory / "sft").mkdir()
+        with open(directory / "sft" / "summary.json", "w") as f:
+            json.dump({"sft_task_avg": summary}, f)
+    return str(directory)
+
+
+def test_compare_table1_deltas_from_best_decay_run(tmp_path):
+    def zero_shot(probes, arc):
+        return {"testbed_probes": {"acc": probes, "acc_norm": 0.0}, "arc_easy": {"acc": arc, "acc_norm": 0.0}}
+    runs = [
+        write_run(tmp_path / "cos0", "cosine", 0.0, None, 2.376, zero_shot(0.60, 0.70)),
+        write_run(tmp_path / "wso", "wso", 1.0, None, 2.431,
+                  {**zero_shot(0.50, 0.70), "testbed_mid_probes": {"acc": 0.99}},  # not a PT task
+                  sft={"testbed_sft_test": {"exact_match": 0.60}, "alpaca_eval": {"win_rate": None}}),
+        write_run(tmp_path / "wsd0", "wsd", 0.0, None, 2.360, zero_shot(0.55, 0.71), summary=52.0),
+        write_run(tmp_path / "wsd1", "wsd", 0.1, None, 2.364, zero_shot(0.52, 0.72),
+                  sft={"testbed_sft_test": {"exact_match": 0.55}}),
+    ]
+    # references (WSO excluded): loss 2.360 (WSD 0.0), task avg 65.0 (Cosine), SFT 55.0 (WSD 0.1)
+    lines = evaluate.compare(runs).splitlines()
+    assert "| Scheduler | α_pre | PT Valid Loss ↓ Δ | PT Task Avg Δ | SFT Task Avg Δ |" in lines
+    start = lines.index("| Scheduler | α_pre | PT Valid Loss ↓ Δ | PT Task Avg Δ | SFT Task Avg Δ |") + 2
+    assert lines[start:start + 4] == [
+        "| WSO | 1.0 | +0.071 | -5.0 | **+5.0** |",
+        "| WSD | 0.1 | +0.004 | -3.0 | +0.0 |",
+        "| WSD | 0.0 | **+0.000** | -2.0 | -3.0 |",
+        "| Cosine | 0.0 | +0.016 | **+0.0** | n/a |"]
+    # absolute values, tasks in ZERO_SHOT order: arc_easy, testbed_probes, testbed_mid_probes
+    assert "| WSO | 1.0 | 2.431 | 60.0 | 60.0 | 70.0 | 50.0 | 99.0 |" in lines
+    assert "| Cosine | 0.0 | 2.376 | 65.0 | n/a | 70.0 | 60.0 | n/a |" in lines
+    assert not any("Mid-training" in line for line in lines)
+
+
+def test_compare_table2_counts_decay_in_either_stage(tmp_path):
+    probes = lambda acc: {"testbed_mid_probes": {"acc": acc}}  # noqa: E731
+    sft = lambda em: {"testbed_sft_test": {"exact_match": em}}  # noqa: E731
+    runs = [write_run(tmp_path / "a", "linear", 0.1, 1.0, 2.45, probes(0.42), sft(0.66)),
+            write_run(tmp_path / "b", "wso", 1.0, 0.0, 2.40, probes(0.45), sft(0.65)),
+            write_run(tmp_path / "c", "wso", 1.0, 1.0, 2.50, probes(0.40), sft(0.70))]
+    lines = evaluate.compare(runs).splitlines()
+    header = "| Scheduler | α_pre | α_mid | MT Valid Loss ↓ Δ | MT Task Avg Δ | SFT Task Avg Δ |"
+    start = lines.index(header) + 2
+    assert lines[start:start + 3] == [
+        "| WSO | 1.0 | 1.0 | +0.100 | -5.0 | **+4.0** |",
+        "| WSO | 1.0 | 0.0 | **+0.000** | **+0.0** | -1.0 |",
+        "| Linear | 0.1 | 1.0 | +0.050 | -3.0 | +0.0 |"]
