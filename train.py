@@ -272,11 +272,13 @@ def main(cfg: TrainConfig):
     tokens_per_update = micro_tokens * grad_accum
 
     # Where do we start from?
-    ckpt, mid = None, None
+    ckpt, mid, run_config = None, None, asdict(cfg)
     if cfg.init_from == "resume":
         ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
         check_resume_config(ckpt["config"], cfg)
         mid = ckpt.get("mid")
+        # Keep where the run started (a mid-training run's pre-training checkpoint), not "resume".
+        run_config["init_from"] = ckpt["config"]["init_from"]
     elif cfg.init_from != "scratch":
         ckpt = load_checkpoint(cfg.init_from)
         if cfg.stage == "mid" and ckpt["config"]["stage"] != "pre":
@@ -343,7 +345,7 @@ def main(cfg: TrainConfig):
         elif os.path.exists(log_path):
             os.remove(log_path)
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            json.dump({"train": asdict(cfg), "model": model_cfg.to_dict(), "data_dir": data_dir}, f, indent=2)
+            json.dump({"train": run_config, "model": model_cfg.to_dict(), "data_dir": data_dir}, f, indent=2)
     log(f"{cfg.stage}-training {cfg.preset} ({raw_model.num_params():,} parameters) on {cfg.dataset}: "
         f"steps {step + 1}..{last_step}, {tokens_per_update:,} tokens/update (grad_accum={grad_accum}, "
         f"world_size={world_size}), schedule={cfg.schedule if cfg.stage == 'pre' else f'mid alpha_mid={cfg.alpha_mid}'}, "
@@ -352,7 +354,7 @@ def main(cfg: TrainConfig):
     def checkpoint():
         if master:
             save_checkpoint(ckpt_path, {
-                "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "config": asdict(cfg),
+                "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "config": run_config,
                 "model_config": model_cfg.to_dict(), "tokenizer": tokenizer.to_dict(), "step": step,
                 "samples_seen": samples_seen, "tokens_seen": tokens_seen, "rng": rng_state(), "mid": mid})
 

@@ -138,6 +138,11 @@ def test_mid_training_continues_from_the_final_pretraining_lr(testbed, tmp_path)
         assert [r["step"] for r in mid] == [7, 8, 9, 10]
         want = [3e-4 * ((1 - alpha_mid) * (10 - t) / 4 + alpha_mid) for t in (7, 8, 9, 10)]  # Eq. 11
         assert [r["lr"] for r in mid] == pytest.approx(want)
+    pre_ckpt = str(tmp_path / "pre" / "ckpt.pt")
+    train.main(config(testbed, tmp_path / "mid0.0", stage="mid", alpha_mid=0.0, init_from="resume",
+                      dataset=str(testbed / "mid"), max_iters=6))
+    assert load_checkpoint(str(tmp_path / "mid0.0" / "ckpt.pt"))["config"]["init_from"] == pre_ckpt
+    assert [r["step"] for r in records(tmp_path / "mid0.0")] == list(range(7, 13))
     with pytest.raises(SystemExit, match="mid-training starts from a pre-training"):
         train.main(config(testbed, tmp_path / "x", stage="mid", init_from=str(tmp_path / "mid0.0" / "ckpt.pt"),
                           dataset=str(testbed / "mid"), max_iters=2))
