@@ -1,0 +1,341 @@
+"""sharpness.py: the HVP against explicit Hessians, Hutchinson's estimator against exact
+traces and its standard error against theory, the model-level measurement (tied
+weights, SDPA backends, no side effects on training), and the CLI end to end."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import sharpness
+import train
+from common import parse_args
+from data.chat import IGNORE, render
+from data.common import Tokenizer, load_meta, load_split, read_jsonl
+from data.testbed.prepare import prepare as prepare_testbed
+from model import Llama, LlamaConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny shapes gain nothing from threads, and on a shared machine every op of a
+    multi-threaded run can stall at OpenMP barriers (100x slower HVPs were seen)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def flat_fn(loss_fn, params):
+    """loss_fn of a dict -> the same loss of one flat vector (for torch.func.hessian)."""
+    names, shapes = list(params), [p.shape for p in params.values()]
+    sizes = [math.prod(s) for s in shapes]
+
+    def f(theta):
+        return loss_fn({n: t.view(s) for n, t, s in zip(names, theta.split(sizes), shapes)})
+    return f, torch.cat([p.flatten() for p in params.values()])
+
+
+def exact_hessian(loss_fn, params):
+    f, theta = flat_fn(loss_fn, params)
+    with sdpa_kernel(SDPBackend.MATH):
+        return torch.func.hessian(f)(theta)
+
+
+# ------------------------------------------------------------------ HVP exactness
+
+class TinyAttentionLM(nn.Module):
+    """~2.5k parameters: embedding, one causal SDPA head, a tanh MLP, an output layer."""
+
+    def __init__(self, vocab=16, dim=16):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.wq, self.wk, self.wv = (nn.Linear(dim, dim, bias=False) for _ in range(3))
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.Tanh(), nn.Linear(2 * dim, dim))
+        self.out = nn.Linear(dim, vocab)
+
+    def forward(self, x, y):
+        h = self.embed(x)  # (B, T, C)
+        h = h + F.scaled_dot_product_attention(self.wq(h), self.wk(h), self.wv(h), is_causal=True)
+        h = h + self.mlp(h)
+        return F.cross_entropy(self.out(h).flatten(0, 1), y.flatten())
+
+
+def test_hvp_equals_explicit_hessian_double_backward_and_finite_differences():
+    torch.manual_seed(0)
+    model = TinyAttentionLM().double()
+    x, y = torch.randint(0, 16, (2, 6)), torch.randint(0, 16, (2, 6))
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def loss_fn(p):
+        return functional_call(model, p, (x, y))
+
+    v = {n: torch.randn_like(p) for n, p in params.items()}
+    v_flat = torch.cat([t.flatten() for t in v.values()])
+    H = exact_hessian(loss_fn, params)
+    with sdpa_kernel(SDPBackend.MATH):
+        hv = sharpness.hessian_vector_product(loss_fn, params)(v)
+    hv_flat = torch.cat([hv[n].flatten() for n in params])
+    scale = (H @ v_flat).abs().max().item()
+    assert scale > 1e-3  # a non-trivial product
+    torch.testing.assert_close(hv_flat, H @ v_flat, rtol=1e-10, atol=1e-10 * scale)
+
+    leaves = [p.clone().requires_grad_() for p in params.values()]
+    with sdpa_kernel(SDPBackend.MATH):
+        g = torch.autograd.grad(loss_fn(dict(zip(params, leaves))), leaves, create_graph=True)
+        hv_double = torch.autograd.grad(g, leaves, grad_outputs=list(v.values()))
+    torch.testing.assert_close(hv_flat, torch.cat([t.flatten() for t in hv_double]), rtol=1e-10, atol=1e-10 * scale)
+
+    eps = 1e-5
+    f, theta = flat_fn(loss_fn, params)
+    grad_at = torch.func.grad(f)
+    finite_difference = (grad_at(theta + eps * v_flat) - grad_at(theta - eps * v_flat)) / (2 * eps)
+    torch.testing.assert_close(hv_flat, finite_difference, rtol=1e-6, atol=1e-6 * scale)
+
+
+# ------------------------------------------------------------- Hutchinson's estimator
+
+def quadratic(A, params_like):
+    """0.5 theta^T A theta over the flattened dict: its Hessian is A."""
+    def loss_fn(p):
+        theta = torch.cat([t.flatten() for t in p.values()])
+        return 0.5 * theta @ A @ theta
+    return loss_fn
+
+
+def test_diagonal_hessian_gives_the_exact_trace_with_one_probe():
+    params = {"a": torch.zeros(7, dtype=torch.float64), "b": torch.zeros(3, 4, dtype=torch.float64)}
+    diag = torch.linspace(-2.0, 5.0, 19, dtype=torch.float64)
+    trace, stderr = sharpness.hutchinson_trace(quadratic(torch.diag(diag), params), params, 1,
+                                               torch.Generator().manual_seed(3))
+    assert trace == pytest.approx(diag.sum().item(), rel=1e-12) and math.isnan(stderr)
+    trace, stderr = sharpness.hutchinson_trace(quadratic(torch.diag(diag), params), params, 5,
+                                               torch.Generator().manual_seed(3))
+    assert trace == pytest.approx(diag.sum().item(), rel=1e-12) and stderr == pytest.approx(0, abs=1e-12)
+
+
+def test_dense_hessian_estimate_and_its_standard_error_match_theory():
+    torch.manual_seed(0)
+    d = 40
+    B = torch.randn(d, d, dtype=torch.float64)
+    A = B + B.T + torch.diag(torch.linspace(1, 20, d, dtype=torch.float64))  # a large diagonal: Gaussian
+    params = {"a": torch.zeros(10, dtype=torch.float64), "b": torch.zeros(5, 6, dtype=torch.float64)}  # probes would fail
+    n = 3000
+    trace, stderr = sharpness.hutchinson_trace(quadratic(A, params), params, n, torch.Generator().manual_seed(0))
+    exact = A.trace().item()
+    variance = 2 * ((A ** 2).sum() - (A.diag() ** 2).sum()).item()  # of z^T A z, z Rademacher
+    assert abs(trace - exact) < 4 * stderr
+    # sample variance of n draws: relative sd ~ sqrt(2 / n) for near-Gaussian z^T A z
+    assert (stderr * math.sqrt(n)) ** 2 == pytest.approx(variance, rel=0.12)
+    assert stderr == pytest.approx(math.sqrt(variance / n), rel=0.06)
+
+
+def test_probes_are_rademacher_and_seeded():
+    params = {"a": torch.zeros(1000), "b": torch.zeros(33, 7, dtype=torch.float64)}
+    z = sharpness.rademacher_like(params, torch.Generator().manual_seed(0))
+    assert z["a"].dtype == torch.float32 and z["b"].dtype == torch.float64 and z["b"].shape == (33, 7)
+    flat = torch.cat([t.flatten().double() for t in z.values()])
+    assert set(flat.tolist()) == {-1.0, 1.0} and abs(flat.mean().item()) < 4 / math.sqrt(flat.numel())
+    again = sharpness.rademacher_like(params, torch.Generator().manual_seed(0))
+    other = sharpness.rademacher_like(params, torch.Generator().manual_seed(1))
+    assert all(torch.equal(z[n], again[n]) for n in z) and not torch.equal(z["a"], other["a"])
+
+
+# ------------------------------------------------------------------ model level
+
+def tiny_llama(dtype=torch.float64, tie=True, seed=0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(dim=8, ffn_dim=16, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=64, max_seq_len=16,
+                      tie_embeddings=tie)
+    return Llama(cfg).to(dtype)
+
+
+def test_tiny_llama_matches_the_exact_trace_and_counts_tied_weights_once():
+    model = tiny_llama()
+    x, y = torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 8))
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    assert "output.weight" not in params and sum(p.numel() for p in params.values()) == model.num_params()
+    loss_fn = sharpness.batch_loss_fn(model, x, y)
+    H = exact_hessian(loss_fn, params)  # over the deduplicated parameter vector
+    exact = H.trace().item()
+
+    # The HVP the estimator uses is H v for the tied model (the model computes its norms
+    # and its loss in float32, hence the tolerance).
+    v = {n: torch.randn_like(p) for n, p in params.items()}
+    with sdpa_kernel(SDPBackend.MATH):
+        hv = sharpness.hessian_vector_product(loss_fn, params)(v)
+    hv_exact = H @ torch.cat([t.flatten() for t in v.values()])
+    torch.testing.assert_close(torch.cat([hv[n].flatten() for n in params]), hv_exact,
+                               rtol=1e-5, atol=1e-5 * hv_exact.abs().max().item())
+
+    result = sharpness.model_sharpness(model, [(x, y)], num_samples=1000, seed=0)
+    assert result["num_params"] == model.num_params() and result["stderr_over"] == "probes"
+    assert abs(result["trace"] - exact) < 4 * result["stderr"], (result["trace"], result["stderr"], exact)
+
+    # The estimate can tell: had the output layer's use of the tied matrix not been
+    # differentiated (tie_weights=False), the exact trace would be outside its error bar.
+    def embedding_only(p):
+        return functional_call(model, p, (x, y), tie_weights=False)[1]
+    wrong = exact_hessian(embedding_only, params).trace().item()
+    assert abs(wrong - result["trace"]) > 4 * result["stderr"], (wrong, result["trace"], result["stderr"])
+
+
+def test_default_sdpa_backend_is_left_alone_outside_the_estimator():
+    model = tiny_llama(torch.float32)
+    x, y = torch.randint(0, 64, (1, 8)), torch.randint(0, 64, (1, 8))
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    loss_fn = sharpness.batch_loss_fn(model, x, y)
+    result = sharpness.model_sharpness(model, [(x, y)], num_samples=3, seed=0)
+    assert math.isfinite(result["trace"])
+    # afterwards the fused CPU kernel is selected again: it has no double backward ...
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        sharpness.hessian_vector_product(loss_fn, params)(params)
+    # ... and an ordinary training step works
+    _, loss = model(x, y)
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_measurement_leaves_training_undisturbed():
+    model = tiny_llama(torch.float32)
+    model.train()
+    batches = [(torch.randint(0, 64, (1, 8)), torch.randint(0, 64, (1, 8))) for _ in range(2)]
+    _, loss = model(*batches[0])
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    weights = [p.detach().clone() for p in model.parameters()]
+    rng = torch.get_rng_state()
+    out = sharpness.sharpness_during_training(model, batches, num_samples=4, seed=0)
+    assert set(out) == {"sharpness", "sharpness_stderr"} and math.isfinite(out["sharpness"])
+    assert model.training
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+
+
+def test_dropout_in_training_mode_and_low_precision_are_refused():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.1), nn.Linear(4, 3))
+    model.forward = lambda x, y: (None, F.cross_entropy(nn.Sequential.forward(model, x), y))
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    model.train()
+    with pytest.raises(ValueError, match="dropout"):
+        sharpness.batch_loss_fn(model, x, y)
+    result = sharpness.model_sharpness(model, [(x, y)], num_samples=2, seed=0)  # measures in eval mode
+    assert math.isfinite(result["trace"]) and model.training
+    with pytest.raises(ValueError, match="float32"):
+        sharpness.model_sharpness(tiny_llama(torch.bfloat16), [(x, y)], num_samples=2, seed=0)
+
+
+def test_same_seed_same_bits_other_seed_differs():
+    model = tiny_llama(torch.float32)
+    batches = [(torch.randint(0, 64, (1, 8)), torch.randint(0, 64, (1, 8))) for _ in range(3)]
+
+    def run(seed):
+        result = sharpness.model_sharpness(model, batches, num_samples=5, seed=seed)
+        return [(r["trace"], r["stderr"]) for r in result["per_batch"]], result["trace"], result["stderr"]
+
+    assert run(0) == run(0)
+    assert run(0)[1] != run(1)[1]
+    generator_run = [sharpness.hutchinson_trace(sharpness.batch_loss_fn(model, *batches[0]),
+                                                dict(model.named_parameters()), 4,
+                                                torch.Generator().manual_seed(7)) for _ in range(2)]
+    assert generator_run[0] == generator_run[1]
+
+
+# ------------------------------------------------------------------- data and CLI
+
+@pytest.fixture(scope="module")
+def testbed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("testbed")
+    prepare_testbed(str(root), seed=0, n_people=40)
+    return root
+
+
+@pytest.fixture(scope="module")
+def checkpoint(testbed, tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("run")
+    train.main(train.TrainConfig(dataset=str(testbed / "pretrain"), out_dir=str(out_dir), batch_size=2, seq_len=32,
+                                 max_iters=3, warmup_iters=1, log_interval=1, eval_interval=3, eval_tokens=256,
+                                 compile=False, device="cpu"))
+    return out_dir / "ckpt.pt"
+
+
+def test_pretrain_batches_are_the_val_split_in_order(testbed):
+    batches = sharpness.pretrain_batches(str(testbed / "pretrain"), seq_len=16, batch_size=2, num_batches=3)
+    tokens = np.concatenate([np.asarray(s) for s in load_split(str(testbed / "pretrain"), "val")]).astype(np.int64)
+    assert len(batches) == 3 and all(x.shape == (2, 16) and y.shape == (2, 16) for x, y in batches)
+    x, y = batches[1]
+    assert x[1].tolist() == tokens[48:64].tolist() and y[1].tolist() == tokens[49:65].tolist()
+
+
+def test_sft_batches_supervise_only_the_answers(testbed):
+    tokenizer = Tokenizer.from_dict(load_meta(str(testbed))["tokenizer"])
+    path = str(testbed / "sft_select.jsonl")
+    batches = sharpness.sft_batches(path, tokenizer, seq_len=64, batch_size=3, num_batches=2)
+    rows = read_jsonl(path)[:6]
+    assert len(batches) == 2
+    for b, (x, y) in enumerate(batches):
+        for i in range(3):
+            ids, labels = render(rows[3 * b + i]["messages"], tokenizer)
+            n = len(ids) - 1
+            assert x[i, :n].tolist() == ids[:-1] and y[i, :n].tolist() == labels[1:]
+            assert (y[i, n:] == IGNORE).all() and (x[i, n:] == tokenizer.eot).all()
+            answer = tokenizer.encode(rows[3 * b + i]["messages"][-1]["content"]) + [tokenizer.eot]
+            assert [t for t in y[i].tolist() if t != IGNORE] == answer
+    # a cut that leaves no answer token: the conversation is skipped, and none left is an error
+    with pytest.raises(ValueError, match="no conversation"):
+        sharpness.sft_batches(path, tokenizer, seq_len=4, batch_size=1, num_batches=2)
+
+
+def test_cli_end_to_end(checkpoint, capsys):
+    cfg = parse_args(sharpness.SharpnessConfig, [f"--ckpt={checkpoint}", "--num_batches=2", "--num_samples=3"])
+    results = sharpness.main(cfg)
+    printed = capsys.readouterr().out
+    assert "pretrain batch 2/2" in printed and "ETA" in printed and "sharpness Tr(H) =" in printed
+    with open(checkpoint.parent / "sharpness.json") as f:
+        saved = json.load(f)
+    assert set(saved) == {"ckpt", "step", "settings", "results"} and saved["step"] == 3
+    assert saved["settings"]["seq_len"] == 32 and "label != -100" in saved["settings"]["loss_normalization"]
+    assert saved["results"]["sft"]["data"].endswith("sft_select.jsonl")
+    for name in ("pretrain", "sft"):
+        r = saved["results"][name]
+        assert {"trace", "stderr", "per_batch", "num_samples", "num_batches", "loss", "tokens"} <= set(r)
+        assert r["num_batches"] == 2 and r["num_samples"] == 3 and math.isfinite(r["trace"])
+        assert r["trace"] == pytest.approx(np.mean([b["trace"] for b in r["per_batch"]]))
+        assert r["trace"] == results[name]["trace"]
+
+
+def test_cli_errors(checkpoint, tmp_path):
+    missing = subprocess.run([sys.executable, "sharpness.py", f"--ckpt={tmp_path / 'nope.pt'}"], cwd=REPO,
+                             capture_output=True, text=True)
+    assert missing.returncode != 0 and "no checkpoint at" in missing.stderr
+    with pytest.raises(SystemExit, match="no SFT data"):
+        sharpness.main(parse_args(sharpness.SharpnessConfig, [f"--ckpt={checkpoint}", "--datasets=sft",
+                                                              f"--sft_data={tmp_path / 'none.jsonl'}"]))
+    with pytest.raises(SystemExit, match="datasets"):
+        parse_args(sharpness.SharpnessConfig, ["--datasets=val"])
+
+
+# ------------------------------------------------------------------------ plots
+
+def test_plots(tmp_path):
+    runs = {"WSO": [(100, 1.0, 0.1), (200, 1.1, 0.1)], "WSD": [(100, 1.0, 0.1), (200, 2.5, 0.2)]}
+    path = sharpness.plot_sharpness_curves(runs, t_stable=150, path=str(tmp_path / "fig3.png"))
+    assert os.path.getsize(path) > 0
+    points = {"WSO": (1.0, 0.6), "WSD": (2.0, 0.5), "Cosine": (3.0, 0.45), "Linear": (2.5, 0.47)}
+    r = sharpness.plot_sharpness_vs_score(points, path=str(tmp_path / "fig4.png"))
+    s, score = zip(*points.values())
+    assert r == pytest.approx(np.corrcoef(s, score)[0, 1]) and r < -0.9
+    assert os.path.getsize(tmp_path / "fig4.png") > 0
+    assert math.isnan(sharpness.plot_sharpness_vs_score({"WSO": (1.0, 0.6)}, path=str(tmp_path / "one.png")))
