@@ -72,6 +72,10 @@ class TrainConfig:
     eval_tokens: int = 65536  # fixed held-out tokens used for val_loss
     checkpoint_interval: int = 0  # steps between checkpoints; 0 means at every eval
     init_from: str = "scratch"  # scratch | resume (out_dir/ckpt.pt) | path to a checkpoint
+    # sharpness during training (Figure 3; sharpness.py)
+    sharpness_interval: int = 0  # steps between Hessian-trace measurements (and at the end); 0 = off
+    sharpness_batches: int = 4  # fixed held-out sequences per data set (the paper: up to 4096)
+    sharpness_samples: int = 20  # Hutchinson probes per sequence (the paper: 50)
 
     def __post_init__(self):
         if self.preset not in PRESETS:
@@ -88,7 +92,10 @@ class TrainConfig:
                 raise ValueError(f"alpha_mid={self.alpha_mid} is outside [0, 1]")
             if self.max_iters < 1:
                 raise ValueError(f"max_iters={self.max_iters} must be >= 1 (T_mid)")
-        for name in ("batch_size", "seq_len", "log_interval", "eval_interval", "eval_tokens"):
+        if self.sharpness_interval < 0:
+            raise ValueError(f"sharpness_interval={self.sharpness_interval} must be >= 0 (0 turns it off)")
+        for name in ("batch_size", "seq_len", "log_interval", "eval_interval", "eval_tokens",
+                     "sharpness_batches", "sharpness_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.learning_rate <= 0:
@@ -98,7 +105,8 @@ class TrainConfig:
 # Fields that may differ when resuming: they change what is printed or where, not the
 # training trajectory. max_iters may grow: for WSO that extends a finished run exactly.
 RESUMABLE_CHANGES = {"out_dir", "init_from", "log_interval", "eval_interval", "eval_tokens",
-                     "checkpoint_interval", "compile", "max_iters"}
+                     "checkpoint_interval", "compile", "max_iters", "sharpness_interval",
+                     "sharpness_batches", "sharpness_samples"}
 
 
 # ---------------------------------------------------------------------------- data
@@ -166,6 +174,17 @@ def validation_batches(shards, seq_len, eval_tokens, batch_size):
     x = torch.from_numpy(tokens[:n * seq_len].astype(np.int64)).view(n, seq_len)
     y = torch.from_numpy(tokens[1:n * seq_len + 1].astype(np.int64)).view(n, seq_len)
     return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, n, batch_size)]
+
+
+def sharpness_data(cfg, data_dir, tokenizer):
+    """{data set: fixed batches} on which train.py measures sharpness: held-out pre-training
+    tokens, and the SFT selection conversations when the data set is a testbed corpus."""
+    import sharpness
+    sets = {"pretrain": sharpness.pretrain_batches(data_dir, cfg.seq_len, 1, cfg.sharpness_batches)}
+    sft_path = os.path.join(os.path.dirname(os.path.normpath(data_dir)), "sft_select.jsonl")
+    if os.path.isfile(sft_path):
+        sets["sft"] = sharpness.sft_batches(sft_path, tokenizer, cfg.seq_len, 1, cfg.sharpness_batches)
+    return sets
 
 
 # ------------------------------------------------------------------ training parts
@@ -364,6 +383,16 @@ def main(cfg: TrainConfig):
         if master:
             append_jsonl(log_path, {"step": step, "tokens": tokens_seen, "val_loss": val_loss})
 
+    def run_sharpness():
+        from sharpness import sharpness_during_training
+        record = {"step": step, "tokens": tokens_seen}
+        for name, batches in sharpness_sets.items():
+            result = sharpness_during_training(raw_model, batches, cfg.sharpness_samples, seed=cfg.seed)
+            record[f"sharpness_{name}"], record[f"sharpness_{name}_stderr"] = result["sharpness"], result["sharpness_stderr"]
+            log(f"step {step}: sharpness ({name}) {result['sharpness']:.2f} +- {result['sharpness_stderr']:.2f}")
+        append_jsonl(log_path, record)
+
+    sharpness_sets = sharpness_data(cfg, data_dir, tokenizer) if cfg.sharpness_interval and master else {}
     checkpoint_interval = cfg.checkpoint_interval or cfg.eval_interval
     eta, last_time, last_tokens = Eta(last_step, step), time.perf_counter(), tokens_seen
     while step < last_step:
@@ -390,6 +419,8 @@ def main(cfg: TrainConfig):
                                         "tokens": tokens_seen, "tokens_per_sec": tokens_per_sec})
         if step % cfg.eval_interval == 0 or step == last_step:
             run_eval()
+        if sharpness_sets and (step % cfg.sharpness_interval == 0 or step == last_step):
+            run_sharpness()  # the master measures; other ranks wait at their next all-reduce
         if step % checkpoint_interval == 0 or step == last_step:
             checkpoint()
     if ddp:

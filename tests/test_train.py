@@ -2,6 +2,7 @@
 WSO extension, DDP equals one process, mid-training LR) and each bad input's error."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -206,3 +207,16 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(testbed, tmp_path, mo
     ckpt = load_checkpoint(str(tmp_path / "ckpt.pt"))
     assert ckpt["step"] == 6
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_sharpness_is_recorded_during_training_without_disturbing_it(testbed, tmp_path):
+    train.main(config(testbed, tmp_path / "plain", max_iters=6))
+    train.main(config(testbed, tmp_path / "measured", max_iters=6, sharpness_interval=3, sharpness_batches=2,
+                      sharpness_samples=3))
+    measured = [r for r in records(tmp_path / "measured", "sharpness_pretrain")]
+    assert [r["step"] for r in measured] == [3, 6]
+    for r in measured:
+        # finite, not positive: away from a minimum the Hessian is indefinite and Tr(H) may be < 0
+        assert math.isfinite(r["sharpness_pretrain"]) and r["sharpness_pretrain_stderr"] >= 0
+        assert "sharpness_sft" in r and "sharpness_sft_stderr" in r
+    assert [r["loss"] for r in records(tmp_path / "measured")] == [r["loss"] for r in records(tmp_path / "plain")]
