@@ -1,0 +1,284 @@
+"""sft.py: a short real fine-tune (loss falls, the LR is Table 8's schedule, only answers
+are supervised), the sweep's selection rule and rerun, Tulu-format files, and each bad
+input's error."""
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+import schedules
+import sft
+import train
+from data.chat import IGNORE, render
+from data.common import Tokenizer, read_jsonl, write_jsonl
+from data.testbed.prepare import prepare as prepare_testbed
+from model import Llama, LlamaConfig
+from sft import SFTConfig
+from train import TrainConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TULU_SAMPLE = os.path.join(REPO, "tests", "fixtures", "tulu_sample.jsonl")
+
+
+def trim(testbed, **rows_per_file):
+    """Keep the first rows of SFT files: greedy decoding is the slow part of scoring on a CPU."""
+    for name, n in rows_per_file.items():
+        write_jsonl(testbed / f"{name}.jsonl", read_jsonl(testbed / f"{name}.jsonl")[:n])
+    return testbed
+
+
+@pytest.fixture(scope="module")
+def testbed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("testbed")
+    prepare_testbed(str(root), seed=0, n_people=40)  # 300 training conversations
+    return trim(root, sft_select=10, sft_test=10)
+
+
+@pytest.fixture(scope="module")
+def small_testbed(testbed, tmp_path_factory):
+    """The same testbed with 64 training conversations, for sweeps of several LRs."""
+    root = tmp_path_factory.mktemp("small") / "testbed"
+    shutil.copytree(testbed, root)
+    return trim(root, sft_train=64)
+
+
+@pytest.fixture(scope="module")
+def pretrained(testbed, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pre")
+    train.main(TrainConfig(dataset=str(testbed / "pretrain"), out_dir=str(out), batch_size=8, seq_len=64,
+                           max_iters=20, warmup_iters=4, log_interval=20, eval_interval=20, eval_tokens=512,
+                           compile=False, device="cpu"))
+    return str(out / "ckpt.pt")
+
+
+def config(testbed, pretrained, out_dir, **overrides):
+    base = dict(init_from=pretrained, dataset=str(testbed), out_dir=str(out_dir), learning_rate=3e-3,
+                epochs=1, warmup_iters=3, global_batch_size=16, batch_size=8, log_interval=1, device="cpu")
+    return SFTConfig(**{**base, **overrides})
+
+
+def step_records(run_dir):
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        return [r for r in map(json.loads, f) if "loss" in r]
+
+
+def test_finetune_learns_answers_with_the_table8_schedule(testbed, pretrained, tmp_path, monkeypatch):
+    used_lrs, real_step = [], sft.train_step
+
+    def record_lr(model, optimizer, *args):
+        used_lrs.append({group["lr"] for group in optimizer.param_groups})
+        return real_step(model, optimizer, *args)
+
+    monkeypatch.setattr(sft, "train_step", record_lr)
+    cfg = config(testbed, pretrained, tmp_path)
+    summary = sft.main(cfg)
+    (run,) = summary["runs"]
+    steps = step_records(run["run_dir"])
+    rows = read_jsonl(testbed / "sft_train.jsonl")
+    n = len(steps)
+    assert n == run["steps"] == -(-len(rows) // 16)  # 1 epoch of 300 conversations, 16 per update
+
+    want_lrs = [schedules.sft_lr(t, lr_max=3e-3, warmup_iters=3, max_iters=n) for t in range(1, n + 1)]
+    assert [r["lr"] for r in steps] == want_lrs and used_lrs == [{lr} for lr in want_lrs]
+    first, last = sum(r["loss"] for r in steps[:3]) / 3, sum(r["loss"] for r in steps[-3:]) / 3
+    assert last < first - 1.0, (first, last)
+
+    # Supervised tokens per update = the answer's tokens + eos of each of its conversations,
+    # counted from the answers themselves (not from render's mask, which this checks).
+    tokenizer = Tokenizer.from_dict(json.load(open(testbed / "meta.json"))["tokenizer"])
+    answer_tokens = [len(tokenizer.encode(r["messages"][-1]["content"])) + 1 for r in rows]
+    want = [sum(answer_tokens[i] for i in batch) for batch in sft.update_batches(len(rows), cfg)]
+    assert [r["supervised_tokens"] for r in steps] == want
+
+    assert 0 <= run["sft_select_exact_match"] <= 1 and run["sft_task_avg"] == 100 * run["sft_test_exact_match"]
+    assert summary["best_lr"] == 3e-3 and summary["sft_task_avg"] == run["sft_task_avg"]
+    assert summary["select_by"] == "sft_select_exact_match" and summary["data"]["train_without_supervision"] == 0
+    ckpt = torch.load(summary["best_ckpt"], weights_only=False)
+    assert ckpt["config"]["stage"] == "sft" and ckpt["step"] == n
+
+
+def test_collate_shifts_labels_and_pads_with_ignore(testbed):
+    tokenizer = Tokenizer.from_dict(json.load(open(testbed / "meta.json"))["tokenizer"])
+    rows = read_jsonl(testbed / "sft_train.jsonl")[:3]
+    examples, cut = sft.tokenize([r["messages"] for r in rows], tokenizer, 2048, "train")
+    x, y = sft.collate(examples, tokenizer.eot)
+    for row, r in enumerate(rows):
+        ids, labels = render(r["messages"], tokenizer)
+        assert x[row, :len(ids) - 1].tolist() == ids[:-1] and y[row, :len(ids) - 1].tolist() == labels[1:]
+        assert (y[row, len(ids) - 1:] == IGNORE).all()  # padding is never in the loss
+        supervised = [t for t in y[row].tolist() if t != IGNORE]
+        assert tokenizer.decode(supervised) == r["answer"] + "<|endoftext|>"
+    assert cut == 0
+
+
+def test_gradient_accumulation_equals_one_big_batch(testbed, pretrained):
+    """Micro-batches of unequal answer lengths and padding must give the update of the whole batch:
+    the loss is the mean over the global batch's supervised tokens, not a mean of micro-batch means."""
+    ckpt = torch.load(pretrained, weights_only=False)
+    tokenizer = Tokenizer.from_dict(ckpt["tokenizer"])
+    rows = read_jsonl(testbed / "sft_train.jsonl")
+    examples, _ = sft.tokenize([r["messages"] for r in rows[:12]], tokenizer, 2048, "train")
+    cfg = SFTConfig(init_from=pretrained, global_batch_size=12, batch_size=4)
+    ctx = dict(device="cpu", autocast=contextlib.nullcontext())
+    weights = []
+    for sizes in ((12,), (4, 4, 4), (2, 10)):
+        model = Llama(LlamaConfig.from_dict(ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # the update is the (clipped) gradient itself
+        starts = [sum(sizes[:k]) for k in range(len(sizes))]
+        micro = [sft.collate(examples[s:s + n], tokenizer.eot) for s, n in zip(starts, sizes)]
+        loss, _, supervised = sft.train_step(model, optimizer, micro, cfg, ctx)
+        weights.append((loss, supervised, [p.detach().clone() for p in model.parameters()]))
+    for loss, supervised, params in weights[1:]:
+        assert loss == pytest.approx(weights[0][0], rel=1e-5) and supervised == weights[0][1]
+        for p, q in zip(params, weights[0][2]):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_sweep_reports_every_lr_selects_by_metric_and_rerun_skips(small_testbed, pretrained, tmp_path, monkeypatch):
+    # A controlled scorer: fixed (select, test) exact matches per LR, in the order LRs run.
+    scores = {1e-3: (0.2, 0.1), 3e-3: (0.6, 0.5), 9e-3: (0.4, 0.7)}
+    calls = []
+
+    def fake_scorer(model, tokenizer, path):
+        lr = sorted(scores)[len(calls) // 2]
+        calls.append(path)
+        return {"exact_match": scores[lr][0 if path.endswith("sft_select.jsonl") else 1], "n": 50}
+
+    monkeypatch.setattr(sft, "testbed_sft_accuracy", fake_scorer)
+    cfg = config(small_testbed, pretrained, tmp_path, learning_rate=0.0, lrs="9e-3,1e-3,3e-3")
+    summary = sft.main(cfg)
+    assert [r["lr"] for r in summary["runs"]] == [1e-3, 3e-3, 9e-3]
+    for r in summary["runs"]:
+        assert (r["sft_select_exact_match"], r["sft_test_exact_match"]) == scores[r["lr"]]
+        assert r["final_train_loss"] > 0 and r["val_loss"] > 0 and r["diverged_at_step"] is None
+        assert os.path.exists(os.path.join(tmp_path, f"lr_{r['lr']:g}", "ckpt.pt"))
+    # the best select score wins, even though 9e-3 has the best test score
+    assert summary["best_lr"] == 3e-3 and summary["sft_task_avg"] == pytest.approx(50.0)
+    assert json.load(open(tmp_path / "summary.json")) == summary
+
+    # Rerun: every LR is finished, so nothing trains; another metric re-selects from the same runs.
+    monkeypatch.setattr(sft, "finetune", lambda *a, **k: pytest.fail("a finished LR was trained again"))
+    resummary = sft.main(dataclasses.replace(cfg, select_by="val_loss"))
+    assert resummary["runs"] == summary["runs"]
+    assert resummary["best_lr"] == min(summary["runs"], key=lambda r: r["val_loss"])["lr"]
+    with pytest.raises(SystemExit, match="made with other settings"):
+        sft.main(dataclasses.replace(cfg, seed=1))
+
+
+def test_selection_rule():
+    runs = [{"lr": 1e-3, "sft_select_exact_match": 0.5, "val_loss": 1.2},
+            {"lr": 2e-3, "sft_select_exact_match": 0.7, "val_loss": 0.9},
+            {"lr": 4e-3, "sft_select_exact_match": 0.7, "val_loss": 0.8},
+            {"lr": 8e-3, "sft_select_exact_match": None, "val_loss": None}]  # diverged
+    assert sft.select(runs, "sft_select_exact_match")["lr"] == 2e-3  # higher wins; ties go to the smaller LR
+    assert sft.select(runs, "val_loss")["lr"] == 4e-3  # lower wins; a diverged run never does
+    assert sft.select(runs[3:], "val_loss") is None
+
+
+def test_a_diverged_lr_is_reported_and_never_selected(small_testbed, pretrained, tmp_path, monkeypatch):
+    real_step = sft.train_step
+
+    def diverge_at_high_lr(model, optimizer, micro_batches, cfg, ctx):
+        if optimizer.param_groups[0]["lr"] > 5e-3:
+            raise FloatingPointError("loss=nan")
+        return real_step(model, optimizer, micro_batches, cfg, ctx)
+
+    monkeypatch.setattr(sft, "train_step", diverge_at_high_lr)
+    monkeypatch.setattr(sft, "testbed_sft_accuracy", lambda *a: {"exact_match": 0.5, "n": 50})
+    summary = sft.main(config(small_testbed, pretrained, tmp_path, learning_rate=0.0, lrs="1e-3,1e-2"))
+    low, high = summary["runs"]
+    assert high["diverged_at_step"] == 2 and high["val_loss"] is None and high["sft_task_avg"] is None
+    assert low["diverged_at_step"] is None and summary["best_lr"] == 1e-3
+
+
+def test_tulu_format_file_split_and_truncation(testbed, pretrained, tmp_path, monkeypatch, capsys):
+    conversations = sft.load_messages(TULU_SAMPLE)
+    assert len(conversations) == 12 and conversations[0][0]["role"] == "system"
+    train_a, val_a = sft.split_train_val(conversations, seed=0)
+    train_b, val_b = sft.split_train_val(conversations, seed=0)
+    assert (train_a, val_a) == (train_b, val_b) and len(val_a) == 1 and len(train_a) == 11
+    key = lambda c: json.dumps(c)  # noqa: E731
+    assert {key(c) for c in train_a}.isdisjoint(key(c) for c in val_a)
+    assert sorted(map(key, train_a + val_a)) == sorted(map(key, conversations))
+    assert any(sft.split_train_val(conversations, seed=s)[1] != val_a for s in range(1, 6))
+
+    parquet = tmp_path / "sample.parquet"
+    sft.load_dataset("json", data_files=TULU_SAMPLE, split="train").to_parquet(str(parquet))
+    assert sft.load_messages(str(parquet)) == conversations
+
+    # tulu3 goes through the same call, with the paper's data set name and its train split
+    seen = []
+    real_load = sft.load_dataset
+
+    def offline_tulu3(path, split, **kwargs):
+        seen.append((path, split))
+        return real_load("json", data_files=TULU_SAMPLE, split=split)
+
+    monkeypatch.setattr(sft, "load_dataset", offline_tulu3)
+    # seed 1 puts the long conversation (the 10th) in the training 90%
+    summary = sft.main(config(testbed, pretrained, tmp_path / "out", dataset="tulu3", seq_len=256, seed=1,
+                              global_batch_size=4, batch_size=2))
+    assert seen == [("allenai/tulu-3-sft-olmo-2-mixture", "train")]
+    data = summary["data"]
+    assert data["train"] + data["val"] == 12
+    assert (data["train_without_supervision"], data["val_without_supervision"]) == (1, 0)
+    assert "cuts the whole answer of" in capsys.readouterr().out
+    log = [json.loads(line) for line in open(os.path.join(summary["runs"][0]["run_dir"], "log.jsonl"))]
+    assert log[0]["train_without_supervision"] == data["train_without_supervision"]
+    assert summary["select_by"] == "val_loss" and summary["sft_task_avg"] is None
+    assert summary["runs"][0]["val_loss"] > 0 and summary["best_lr"] == 3e-3
+
+
+def test_bad_inputs_are_clear_errors(testbed, pretrained, tmp_path):
+    def run(**overrides):
+        sft.main(config(testbed, pretrained, tmp_path / "out", **overrides))
+
+    with pytest.raises(SystemExit, match="pass --init_from"):
+        run(init_from="")
+    with pytest.raises(SystemExit, match="no checkpoint at"):
+        run(init_from=str(tmp_path / "missing.pt"))
+    with pytest.raises(SystemExit, match="unknown data set 'alpaca'"):
+        run(dataset="alpaca")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(SystemExit, match="empty file"):
+        run(dataset=str(empty))
+    no_messages = tmp_path / "text.jsonl"
+    write_jsonl(no_messages, [{"text": "hello"}])
+    with pytest.raises(SystemExit, match="no `messages` column"):
+        run(dataset=str(no_messages))
+    bad_roles = tmp_path / "bad.jsonl"
+    write_jsonl(bad_roles, [{"messages": [{"role": "robot", "content": "hi"}]}] * 3)
+    with pytest.raises(SystemExit, match="train conversation 0.*robot"):
+        run(dataset=str(bad_roles))
+    with pytest.raises(SystemExit, match="needs a testbed"):
+        run(dataset=TULU_SAMPLE, select_by="sft_select_exact_match")
+    with pytest.raises(SystemExit, match="cuts away every assistant answer of the training"):
+        run(seq_len=8)
+    with pytest.raises(SystemExit, match="cuts away every assistant answer of the validation"):
+        run(dataset=TULU_SAMPLE, seq_len=256, seed=0)  # seed 0 holds out only the long conversation
+    with pytest.raises(SystemExit, match="max_seq_len"):
+        run(seq_len=100_000)
+
+    other = tmp_path / "other_testbed"  # another seed: another compact vocabulary
+    prepare_testbed(str(other), seed=1, n_people=20)
+    with pytest.raises(SystemExit, match="different tokenizer"):
+        run(dataset=str(other))
+    emptied = tmp_path / "emptied_testbed"
+    shutil.copytree(testbed, emptied)
+    (emptied / "sft_train.jsonl").write_text("")
+    with pytest.raises(SystemExit, match="empty SFT file"):
+        run(dataset=str(emptied))
+
+    from common import parse_args
+    for argv, message in ((["--lrs=1e-3,fast"], "comma-separated numbers"), (["--lrs=0,1e-3"], "> 0"),
+                          (["--global_batch_size=48", "--batch_size=32"], "not a multiple"),
+                          (["--select_by=alpaca_eval"], "select_by"), (["--lr=1e-3"], "unknown option")):
+        with pytest.raises(SystemExit, match=message):
+            parse_args(SFTConfig, argv)
