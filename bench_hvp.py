@@ -100,7 +100,9 @@ def bench(seq_len, args, clock):
             reference()
             times.append(clock() - start)
         reference_seconds.append(statistics.median(times))
-        for name, (num_probes, run) in methods.items():
+        names = list(methods)
+        for name in names[r % len(names):] + names[:r % len(names)]:  # rotate: no method always runs first
+            num_probes, run = methods[name]
             start = clock()
             run(num_probes, torch.Generator().manual_seed(r))
             ratios[name].append((clock() - start) / num_probes / reference_seconds[-1])

@@ -16,7 +16,8 @@ Measurement (Appendix H): per batch b, t_b = Tr of the Hessian of that batch's l
 the mean cross-entropy over its target tokens (label != -100), from num_samples
 probes drawn by a generator seeded with seed + b, so every checkpoint sees the same
 batches and the same probes (common random numbers: differences between schedules
-are tighter than either number). The estimate is mean_b t_b +- std_b(t_b) / sqrt(B).
+are tighter than either number). The estimate is mean_b t_b +- std_b(t_b) / sqrt(B),
+a standard error that holds both the batch-to-batch spread and the probes' noise.
 
     python sharpness.py --ckpt=out/ckpt.pt                 # pretrain val + SFT held-out
     python sharpness.py --ckpt=out/ckpt.pt --datasets=sft --num_batches=64
@@ -40,7 +41,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from common import Eta, format_duration, load_checkpoint, parse_args, resolve_device
 from data.chat import IGNORE, has_supervision, render
-from data.common import Tokenizer, load_meta, load_split, read_jsonl
+from data.common import Tokenizer, load_meta, load_split, read_jsonl, write_atomic
 from model import Llama, LlamaConfig
 from train import resolve_dataset
 
@@ -163,8 +164,19 @@ def model_sharpness(model, batches, num_samples, seed=0, progress=None):
 def sharpness_during_training(raw_model, batches, num_samples, seed=0):
     """For train.py's --sharpness_interval: {"sharpness", "sharpness_stderr"} of the
     uncompiled, unwrapped model on fixed batches. Training is not disturbed: probes
-    come from a private generator, the model returns to train mode, weights and .grad
-    are untouched. Call it outside autocast, on every rank or on the master only."""
+    come from a private generator (no draw from the global RNG), the model returns to
+    train mode, weights and .grad are untouched. In train.py:
+
+        sharpness_data = pretrain_batches(data_dir, cfg.seq_len, 1, cfg.sharpness_batches)  # once
+        ...
+        if cfg.sharpness_interval and step % cfg.sharpness_interval == 0:   # after the update
+            record = sharpness_during_training(raw_model, sharpness_data, 50, cfg.seed)
+            if master:
+                append_jsonl(log_path, {"step": step, **record})
+
+    outside autocast (it measures in float32). No collective is involved: every DDP
+    rank computes the same numbers, or the master alone when that takes less than
+    the process group's timeout. On a GPU it needs memory for the gradient's graph."""
     result = model_sharpness(raw_model, batches, num_samples, seed)
     return {"sharpness": result["trace"], "sharpness_stderr": result["stderr"]}
 
@@ -355,9 +367,8 @@ def main(cfg):
               f"{format_duration(r['seconds'])})")
     out = cfg.out or os.path.join(os.path.dirname(os.path.abspath(cfg.ckpt)), "sharpness.json")
     settings = {**asdict(cfg), "seq_len": seq_len, "device": device, "loss_normalization": LOSS_NORMALIZATION}
-    with open(out, "w") as f:
-        json.dump({"ckpt": os.path.abspath(cfg.ckpt), "step": ckpt.get("step"), "settings": settings,
-                   "results": results}, f, indent=1)
+    report = {"ckpt": os.path.abspath(cfg.ckpt), "step": ckpt.get("step"), "settings": settings, "results": results}
+    write_atomic(out, (json.dumps(report, indent=1) + "\n").encode())
     print(f"wrote {out}")
     return results
 
