@@ -342,3 +342,28 @@ def test_plots(tmp_path):
     assert r == pytest.approx(np.corrcoef(s, score)[0, 1]) and r < -0.9
     assert os.path.getsize(tmp_path / "fig4.png") > 0
     assert math.isnan(sharpness.plot_sharpness_vs_score({"WSO": (1.0, 0.6)}, path=str(tmp_path / "one.png")))
+
+
+def test_figures_3_and_4_from_training_runs(tmp_path):
+    root = tmp_path / "tb"
+    prepare_testbed(str(root), seed=0, n_people=40)
+    runs = []
+    for schedule, score in (("wso", 40.0), ("wsd", 30.0), ("cosine", 20.0)):
+        out = tmp_path / schedule
+        train.main(train.TrainConfig(dataset=str(root / "pretrain"), out_dir=str(out), schedule=schedule, alpha=0.0,
+                                     max_iters=4, warmup_iters=1, batch_size=2, seq_len=32, eval_interval=4,
+                                     eval_tokens=256, compile=False, device="cpu", sharpness_interval=2,
+                                     sharpness_batches=1, sharpness_samples=2))
+        (out / "sft").mkdir()
+        (out / "sft" / "summary.json").write_text(json.dumps({"sft_task_avg": score}))
+        runs.append(str(out))
+    written = sharpness.main(sharpness.SharpnessConfig(figures=",".join(runs), figures_dir=str(tmp_path / "figs")))
+    for key in ("fig3_pretrain", "fig3_sft", "fig4"):
+        assert os.path.getsize(written[key]) > 0
+    finals = []
+    for run in runs:
+        records = [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))]
+        finals.append([r["sharpness_pretrain"] for r in records if "sharpness_pretrain" in r][-1])
+    assert written["pearson_r"] == pytest.approx(np.corrcoef(finals, [40.0, 30.0, 20.0])[0, 1])
+    with pytest.raises(SystemExit, match="not a train.py run"):
+        sharpness.draw_figures([str(tmp_path / "nowhere")], str(tmp_path))
