@@ -188,7 +188,8 @@ def sharpness_during_training(raw_model, batches, num_samples, seed=0):
 def pretrain_batches(data_dir, seq_len, batch_size, num_batches):
     """The first num_batches * batch_size windows of seq_len + 1 tokens of the val
     split, in order (the same tokens for every checkpoint)."""
-    tokens = np.concatenate([np.asarray(s) for s in load_split(data_dir, "val")])
+    needed = num_batches * batch_size * seq_len + 1  # read no more of the split than is used
+    tokens = np.concatenate([np.asarray(s[:needed]) for s in load_split(data_dir, "val")])[:needed]
     num_windows = min((len(tokens) - 1) // seq_len, num_batches * batch_size) // batch_size * batch_size
     if num_windows == 0:
         raise ValueError(f"the val split of {data_dir} has {len(tokens)} tokens, too few for one batch of "

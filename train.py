@@ -167,7 +167,7 @@ class TokenWindows:
 
 def validation_batches(shards, seq_len, eval_tokens, batch_size):
     """Fixed held-out tokens: the first eval_tokens of the val split, in order."""
-    tokens = np.concatenate([np.asarray(s) for s in shards])[:eval_tokens + 1]
+    tokens = np.concatenate([np.asarray(s[:eval_tokens + 1]) for s in shards])[:eval_tokens + 1]
     n = (len(tokens) - 1) // seq_len
     if n == 0:
         raise SystemExit(f"error: the val split has {len(tokens)} tokens, fewer than seq_len+1={seq_len + 1}")
