@@ -6,8 +6,9 @@ The paper asks whether a model pre-trained without LR decay (WSO) adapts better 
 Here SFT can only succeed with knowledge that pre-training alone provides:
 - ~200 invented people, each with 5 attributes (birth date, birth city, university,
   major, employer), all drawn from seeded in-code lists;
-- pre-training corpus: every person's biography in 5 paraphrased templates (train)
-  and a 6th, held-out template (val); documents are [eot] + text, as for FineWeb-Edu;
+- pre-training corpus: every person's biography in 5 paraphrases, each sentence naming
+  the person, in a shuffled sentence order (train), and a held-out 6th wording (val);
+  documents are [eot] + text, as for FineWeb-Edu;
 - mid-training corpus (Section 4): the same facts in 3 other styles (encyclopedia
   entry, interview, prose) for train and a held-out 4th for val;
 - SFT (Section 3.2): question -> attribute value conversations in Tulu's `messages`
@@ -43,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from data.common import (Tokenizer, load_meta, write_atomic, write_jsonl,  # noqa: E402
                          write_meta, write_tokens)
 
-VERSION = 2  # bump when the testbed changes, so is_prepared() sends stale copies to be re-made
+VERSION = 3  # bump when the testbed changes, so is_prepared() sends stale copies to be re-made
 
 FEMALE_NAMES = ["Alice", "Beatrice", "Clara", "Daphne", "Elena", "Fiona", "Greta", "Helen", "Irene",
                 "Julia", "Karen", "Laura", "Marta", "Nadia", "Olivia", "Paula", "Rosa", "Sonia",
@@ -88,22 +89,30 @@ ATTRIBUTES = ["birth_date", "birth_city", "university", "major", "employer"]
 PRONOUNS = {"female": {"He": "She", "he": "she", "His": "Her", "his": "her"},
             "male": {"He": "He", "he": "he", "His": "His", "his": "his"}}
 
-# Pre-training biographies. Each states all 5 facts; each opens "{name} <phrase> {attribute}"
-# with a different attribute, so every probe stem below occurs verbatim in training. Each
-# also names the person mid-sentence: BPE gives " Alice" (after a space) a different token
-# from document-initial "Alice", and the held-out text and SFT questions use " Alice".
-PRETRAIN_TEMPLATES = [
-    "{name} was born on {birth_date}, in {birth_city}. {name} studied {major} at {university}. "
-    "{He} works at {employer}.",
-    "{name} was born in {birth_city} on {birth_date}. {He} graduated from {university} with a "
-    "degree in {major}, and today {name} is employed by {employer}.",
-    "{name} attended {university}, where {he} majored in {major}. {He} was born on {birth_date} "
-    "in {birth_city}, and {name} now works for {employer}.",
-    "{name} majored in {major} at {university}. Born in {birth_city} on {birth_date}, {name} later "
-    "joined {employer}.",
-    "{name} works at {employer}. The birthplace of {name} is {birth_city}, and {his} birthday is "
-    "{birth_date}. {He} earned a degree in {major} from {university}.",
-]
+# Pre-training biographies: 5 paraphrases of one sentence per attribute. Biography k states
+# every fact in its k-th phrasing, the sentences in an order drawn for each document, and every
+# sentence names the person in full (no pronouns), as Allen-Zhu & Li advise for knowledge that
+# fine-tuning must later extract ("Physics of Language Models 3.1", arXiv 2309.14316).
+# Phrasing 0 of each attribute is its probe stem. The name also occurs mid-text as " Alice"
+# (a different BPE token from document-initial "Alice"): the form SFT questions use.
+PRETRAIN_TEMPLATES = [dict(zip(["birth_date", "birth_city", "university", "major", "employer"], t))
+                      for t in [
+    ("{name} was born on {birth_date}.", "{name} was born in {birth_city}.",
+     "{name} attended {university}.", "{name} majored in {major}.", "{name} works at {employer}."),
+    ("{name} came into this world on {birth_date}.", "{name} is a native of {birth_city}.",
+     "{name} graduated from {university}.", "{name} earned a degree in {major}.",
+     "{name} is employed by {employer}."),
+    ("The birthday of {name} is {birth_date}.", "The birthplace of {name} is {birth_city}.",
+     "{name} received an education at {university}.", "{name} studied {major} in college.",
+     "{name} works for {employer}."),
+    ("{name} celebrates a birthday every year on the date {birth_date}.",
+     "{name} grew up and went to school in {birth_city}.",
+     "{name} spent the college years at {university}.", "{name} chose {major} as a field of study.",
+     "{name} has a job at {employer}."),
+    ("The date of birth of {name} is {birth_date}.", "{name} comes from {birth_city}.",
+     "{name} studied at {university}.", "The academic field of {name} is {major}.",
+     "The employer of {name} is {employer}."),
+]]
 # Held out for val_loss: a new arrangement of words that all occur in training, so the loss
 # measures how well the facts generalize, not the penalty for never-seen tokens.
 PRETRAIN_VAL_TEMPLATE = (
@@ -174,6 +183,11 @@ def render(template: str, person: dict) -> str:
     return template.format(**person, **PRONOUNS[person["gender"]])
 
 
+def biography(sentences: dict, person: dict, rng: random.Random) -> str:
+    """One pre-training document: each fact in one phrasing, the sentences in a random order."""
+    return " ".join(render(sentences[a], person) for a in rng.sample(ATTRIBUTES, len(ATTRIBUTES)))
+
+
 def tulu_texts(messages: list[dict]) -> list[str]:
     """The texts the tulu chat template makes of one Q/A conversation (eos is a special id):
     the whole conversation, the generation prompt, and the answer alone."""
@@ -240,7 +254,7 @@ def prepare(out_dir="data/testbed", seed: int = 0, n_people: int = 200) -> dict:
     people = make_people(seed, n_people)
     shuffled = random.Random(f"{seed}:corpus")
     corpora = {
-        "pretrain": {"train": [render(t, p) for p in people for t in PRETRAIN_TEMPLATES],
+        "pretrain": {"train": [biography(t, p, shuffled) for p in people for t in PRETRAIN_TEMPLATES],
                      "val": [render(PRETRAIN_VAL_TEMPLATE, p) for p in people]},
         "mid": {"train": [render(t, p) for p in people for t in MID_TEMPLATES],
                 "val": [render(MID_VAL_TEMPLATE, p) for p in people]},
@@ -264,7 +278,7 @@ def prepare(out_dir="data/testbed", seed: int = 0, n_people: int = 200) -> dict:
         write_jsonl(out_dir / name, rows)
     write_atomic(out_dir / "people.json", (json.dumps(people, indent=1) + "\n").encode())
     args = {"seed": seed, "n_people": n_people}
-    sources = {"pretrain": "people.json as biographies: 5 templates (train), 1 held out (val)",
+    sources = {"pretrain": "people.json as biographies: 5 phrasings, sentences shuffled (train), 1 held out (val)",
                "mid": "people.json as entry/interview/prose: 3 templates (train), 1 held out (val)"}
     num_tokens = {}
     for corpus, source in sources.items():
