@@ -108,16 +108,34 @@ def generate_all(model, tokenizer, prompts, max_new_tokens, batch_size):
 
 
 def testbed_sft_accuracy(model, tokenizer, jsonl_path, batch_size=64, max_new_tokens=24, limit=None):
-    """Greedy exact match on the testbed's SFT questions (the analogue of the paper's
-    post-SFT scores, Section 3.2): the answer generated after the chat template's
-    `<|assistant|>\\n`, decoded and stripped, must equal row["answer"]. limit: first rows only."""
+    """The testbed's two post-SFT tasks on its questions (the analogue of the paper's post-SFT
+    scores, Section 3.2), both after the chat template's `<|assistant|>\n`:
+      exact_match  the greedy answer, decoded and stripped, equals row["answer"];
+      choice       row["answer"] + eos (the tokens SFT supervises) has the highest log-likelihood
+                   among every answer the file gives to the same row["attribute"] (~30-50 values:
+                   a graded score where exact match sits near the floor); choice_chance is the
+                   mean 1 / (number of candidates).
+    limit: first rows only."""
     rows = read_jsonl(jsonl_path)[:limit]
     if not rows:
         raise ValueError(f"{jsonl_path} has no rows")
     prompts = [generation_prompt(row["messages"][:-1], tokenizer) for row in rows]
     answers = generate_all(model, tokenizer, prompts, max_new_tokens, batch_size)
     correct = sum(a.strip() == row["answer"] for a, row in zip(answers, rows))
-    return {"exact_match": correct / len(rows), "n": len(rows)}
+
+    pools = {}
+    for row in rows:
+        pools.setdefault(row.get("attribute"), set()).add(row["answer"])
+    pools = {attribute: sorted(values) for attribute, values in pools.items()}
+    requests, spans = [], []  # spans: (first request, number of candidates, index of the answer)
+    for prompt, row in zip(prompts, rows):
+        pool = pools[row.get("attribute")]
+        spans.append((len(requests), len(pool), pool.index(row["answer"])))
+        requests += [(prompt, tokenizer.encode(value) + [tokenizer.eot]) for value in pool]
+    scores = loglikelihoods(model, requests, batch_size=batch_size)
+    chosen = [np.argmax(scores[start:start + n]) == gold for start, n, gold in spans]
+    return {"exact_match": correct / len(rows), "choice": float(np.mean(chosen)),
+            "choice_chance": float(np.mean([1 / n for _, n, _ in spans])), "n": len(rows)}
 
 
 class Judge(Protocol):

@@ -15,8 +15,9 @@ cosine to 0 (schedules.sft_lr). Conversations are rendered with the tulu chat te
 over the supervised tokens of each global batch. Micro-batches are padded to their longest
 conversation (labels -100 on padding), not packed: no conversation ever sees another.
 Data sets:
-    testbed    train on sft_train.jsonl; val_loss and exact match on sft_select.jsonl choose
-               the LR; exact match on sft_test.jsonl (people never seen in SFT) is the score
+    testbed    train on sft_train.jsonl; the task average on sft_select.jsonl chooses the LR;
+               the task average on sft_test.jsonl (people never seen in SFT) is the score: the
+               mean of exact match and choice (evaluate.testbed_sft_accuracy), x100
     tulu3      allenai/tulu-3-sft-olmo-2-mixture (train split), split 9:1 (seeded) into
                train and validation as the paper does; the LR is chosen by validation loss
                (the paper chose by AlpacaEval, which needs an LLM judge)
@@ -29,11 +30,12 @@ that has it is skipped when the sweep is rerun), out_dir/config.json, and out_di
                (evaluate.schedule_of: alpha_pre is 1.0 for WSO, alpha_mid null before mid-training)
     select_by, higher_is_better: the metric that chose the LR
     best_lr, best_ckpt: the chosen LR and its fine-tuned checkpoint
-    sft_task_avg: 100 x exact match on sft_test of the chosen LR (testbed; null for other data)
+    sft_task_avg: sft_test_task_avg of the chosen LR (testbed; null for other data)
     data {train, val, train_without_supervision, val_without_supervision, updates_per_lr}
     runs: one per LR, ascending: {lr, run_dir, steps, diverged_at_step, final_train_loss,
-          val_loss, sft_select_exact_match, sft_test_exact_match, sft_task_avg} (exact matches
-          in [0, 1] and null without a testbed; a diverged run has null metrics, never chosen)
+          val_loss, sft_{select,test}_{exact_match,choice} in [0, 1], sft_{select,test}_task_avg
+          = 50 x (exact_match + choice), sft_task_avg} (null without a testbed; a diverged run
+          has null metrics and is never chosen)
 """
 
 import json
@@ -64,7 +66,7 @@ LR_GRIDS = {
     # 600-step WSO checkpoint with the defaults below; ~1.7x apart around that.
     "testbed": (3e-4, 5e-4, 8.5e-4, 1.5e-3, 2.5e-3),
 }
-HIGHER_IS_BETTER = {"sft_select_exact_match": True, "val_loss": False}  # the --select_by metrics
+HIGHER_IS_BETTER = {"sft_select_task_avg": True, "sft_select_exact_match": True, "val_loss": False}  # the --select_by metrics
 FINAL_LOSS_STEPS = 10  # final_train_loss averages the last updates: one batch alone is noisy
 
 
@@ -76,7 +78,7 @@ class SFTConfig:
     # the LR sweep (Table 8)
     lrs: str = "testbed"  # peak LRs, comma-separated, or a named grid: testbed | paper (Table 8's)
     learning_rate: float = 0.0  # one peak LR instead of the sweep; 0 uses --lrs
-    select_by: str = "auto"  # sft_select_exact_match | val_loss; auto: the first on a testbed, else val_loss
+    select_by: str = "auto"  # sft_select_task_avg | sft_select_exact_match | val_loss; auto: the first on a testbed, else val_loss
     # schedule and batch: the testbed's 1,500 conversations need more passes and smaller batches
     # than Table 8's ~845k; 10 epochs x 1,500 / 32 = 469 updates (the paper: ~6.6k)
     warmup_iters: int = 20  # updates of linear warmup before the cosine to 0 (the paper: 100)
@@ -323,14 +325,17 @@ def finetune(lr, run_dir, model, raw_model, data, cfg, ctx):
 
 
 def score(result, raw_model, testbed, ctx):
-    """Exact match on the testbed's selection and test people (greedy decoding, evaluate.py)."""
+    """The testbed's two tasks (exact match, choice: evaluate.testbed_sft_accuracy) on the
+    selection and test people; each split's task average is their mean, x100."""
     for split in ("sft_select", "sft_test"):
-        result[f"{split}_exact_match"] = None
+        scores = {"exact_match": None, "choice": None}
         if testbed and result["diverged_at_step"] is None:
-            path = os.path.join(testbed, f"{split}.jsonl")
-            result[f"{split}_exact_match"] = testbed_sft_accuracy(raw_model, ctx["tokenizer"], path)["exact_match"]
-    test = result["sft_test_exact_match"]
-    result["sft_task_avg"] = None if test is None else round(100 * test, 4)  # the paper's "SFT Task Avg" analogue
+            scores = testbed_sft_accuracy(raw_model, ctx["tokenizer"], os.path.join(testbed, f"{split}.jsonl"))
+        for task in ("exact_match", "choice"):
+            result[f"{split}_{task}"] = scores[task]
+        result[f"{split}_task_avg"] = (None if scores["choice"] is None else
+                                       round(50 * (scores["exact_match"] + scores["choice"]), 4))
+    result["sft_task_avg"] = result["sft_test_task_avg"]  # the paper's "SFT Task Avg" analogue
     return result
 
 
@@ -344,12 +349,13 @@ def select(runs, metric):
 
 
 def print_table(summary):
-    print(f"{'lr':>9} {'train_loss':>10} {'val_loss':>9} {'select_em':>9} {'test_em':>8}")
+    print(f"{'lr':>9} {'train_loss':>10} {'val_loss':>9} {'select_avg':>10} {'test_em':>8} {'test_choice':>11}")
     fmt = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
     for r in summary["runs"]:
         mark = "  <- best" if r["lr"] == summary["best_lr"] else ""
         print(f"{r['lr']:>9g} {fmt(r['final_train_loss'], '>10.4f')} {fmt(r['val_loss'], '>9.4f')} "
-              f"{fmt(r['sft_select_exact_match'], '>9.3f')} {fmt(r['sft_test_exact_match'], '>8.3f')}{mark}")
+              f"{fmt(r['sft_select_task_avg'], '>10.1f')} {fmt(r['sft_test_exact_match'], '>8.3f')} "
+              f"{fmt(r['sft_test_choice'], '>11.3f')}{mark}")
     avg = summary["sft_task_avg"]
     print(f"selected by {summary['select_by']}: lr {summary['best_lr']}, sft_task_avg "
           f"{'-' if avg is None else f'{avg:.1f}'}")
@@ -402,9 +408,9 @@ def main(cfg: SFTConfig):
     ckpt = load_checkpoint(cfg.init_from)
     tokenizer = Tokenizer.from_dict(ckpt["tokenizer"])
     train_chats, val_chats, testbed = load_data(cfg, tokenizer)
-    metric = cfg.select_by if cfg.select_by != "auto" else "sft_select_exact_match" if testbed else "val_loss"
-    if metric == "sft_select_exact_match" and not testbed:
-        raise SystemExit("error: --select_by=sft_select_exact_match needs a testbed; use --select_by=val_loss")
+    metric = cfg.select_by if cfg.select_by != "auto" else "sft_select_task_avg" if testbed else "val_loss"
+    if metric.startswith("sft_select") and not testbed:
+        raise SystemExit(f"error: --select_by={metric} needs a testbed; use --select_by=val_loss")
     model_cfg = LlamaConfig.from_dict(ckpt["model_config"])
     if cfg.seq_len > model_cfg.max_seq_len:
         raise SystemExit(f"error: seq_len={cfg.seq_len} > the model's max_seq_len={model_cfg.max_seq_len}")
@@ -438,7 +444,7 @@ def main(cfg: SFTConfig):
         run_dir = os.path.join(cfg.out_dir, f"lr_{lr:g}")
         result = score(finetune(lr, run_dir, model, raw_model, data, cfg, ctx), raw_model, testbed, ctx)
         append_jsonl(os.path.join(run_dir, "log.jsonl"), {"step": result["steps"], **{
-            k: result[k] for k in ("val_loss", "sft_select_exact_match", "sft_test_exact_match")}})
+            k: result[k] for k in ("val_loss", "sft_select_task_avg", "sft_test_task_avg")}})
         write_atomic(os.path.join(run_dir, "result.json"),
                      json.dumps({"config": identity, "result": result}, indent=1).encode())
         runs.append(result)

@@ -81,14 +81,39 @@ def test_sft_accuracy_scores_gold_1_and_other_0(tokenizer, tmp_path):
     for batch_size in (1, 64):
         gold = evaluate.testbed_sft_accuracy(scripted(tokenizer, lambda r: r["answer"]), tokenizer, path,
                                              batch_size=batch_size)
-        assert gold == {"exact_match": 1.0, "n": 3}
+        assert (gold["exact_match"], gold["n"]) == (1.0, 3)
     wrong = scripted(tokenizer, lambda r: "Lisbon" if r["answer"] != "Lisbon" else "Dublin")
-    assert evaluate.testbed_sft_accuracy(wrong, tokenizer, path) == {"exact_match": 0.0, "n": 3}
+    assert evaluate.testbed_sft_accuracy(wrong, tokenizer, path)["exact_match"] == 0.0
     # one right of three; answers longer than max_new_tokens are cut (only "Paris" is one token)
     assert evaluate.testbed_sft_accuracy(scripted(tokenizer, lambda r: "Lisbon"), tokenizer, path)["exact_match"] \
         == pytest.approx(1 / 3)
     assert evaluate.testbed_sft_accuracy(scripted(tokenizer, lambda r: r["answer"]), tokenizer, path,
                                          max_new_tokens=1)["exact_match"] == pytest.approx(1 / 3)
+
+
+def test_sft_choice_ranks_each_answer_among_its_attributes_answers(tiny, tokenizer, tmp_path):
+    """choice = argmax over the file's answers to the same attribute of log P(answer + eos | prompt),
+    checked against one full forward pass per candidate conversation."""
+    rows = [{**r, "attribute": a} for r, a in zip(SFT_ROWS, ["date", "city", "city"])]
+    rows.append({"messages": [{"role": "user", "content": "When?"}, {"role": "assistant", "content": "May 1"}],
+                 "answer": "May 1", "attribute": "date"})
+    path = tmp_path / "sft.jsonl"
+    write_jsonl(path, rows)
+    result = evaluate.testbed_sft_accuracy(tiny, tokenizer, path)
+    pools = {"date": ["May 1", "October 2, 1995"], "city": ["Lisbon", "Paris"]}
+    chosen = []
+    for row in rows:
+        scores = []
+        for value in pools[row["attribute"]]:
+            prompt = generation_prompt(row["messages"][:-1], tokenizer)
+            answer = tokenizer.encode(value) + [tokenizer.eot]
+            with torch.no_grad():
+                logits, _ = tiny(torch.tensor([prompt + answer[:-1]]))
+            logprobs = torch.log_softmax(logits[0, len(prompt) - 1:], dim=-1)
+            scores.append(sum(logprobs[k, t].item() for k, t in enumerate(answer)))
+        chosen.append(pools[row["attribute"]][int(np.argmax(scores))] == row["answer"])
+    assert result["choice"] == pytest.approx(np.mean(chosen))
+    assert result["choice_chance"] == pytest.approx(0.5) and result["n"] == 4
 
 
 def test_greedy_generate_is_argmax_decoding(tiny, tokenizer):

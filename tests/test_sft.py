@@ -95,9 +95,10 @@ def test_finetune_learns_answers_with_the_table8_schedule(testbed, pretrained, t
     want = [sum(answer_tokens[i] for i in batch) for batch in sft.update_batches(len(rows), cfg)]
     assert [r["supervised_tokens"] for r in steps] == want
 
-    assert 0 <= run["sft_select_exact_match"] <= 1 and run["sft_task_avg"] == 100 * run["sft_test_exact_match"]
+    assert 0 <= run["sft_select_exact_match"] <= 1 and 0 <= run["sft_test_choice"] <= 1
+    assert run["sft_task_avg"] == pytest.approx(50 * (run["sft_test_exact_match"] + run["sft_test_choice"]))
     assert summary["best_lr"] == 3e-3 and summary["sft_task_avg"] == run["sft_task_avg"]
-    assert summary["select_by"] == "sft_select_exact_match" and summary["data"]["train_without_supervision"] == 0
+    assert summary["select_by"] == "sft_select_task_avg" and summary["data"]["train_without_supervision"] == 0
     ckpt = torch.load(summary["best_ckpt"], weights_only=False)
     assert ckpt["config"]["stage"] == "sft" and ckpt["step"] == n
 
@@ -141,14 +142,16 @@ def test_gradient_accumulation_equals_one_big_batch(testbed, pretrained):
 
 
 def test_sweep_reports_every_lr_selects_by_metric_and_rerun_skips(small_testbed, pretrained, tmp_path, monkeypatch):
-    # A controlled scorer: fixed (select, test) exact matches per LR, in the order LRs run.
+    # A controlled scorer: fixed (select, test) exact matches per LR, in the order LRs run;
+    # choice is 0.5 more than exact match, so each task average is 100 x exact match + 25.
     scores = {1e-3: (0.2, 0.1), 3e-3: (0.6, 0.5), 9e-3: (0.4, 0.7)}
     calls = []
 
     def fake_scorer(model, tokenizer, path):
         lr = sorted(scores)[len(calls) // 2]
         calls.append(path)
-        return {"exact_match": scores[lr][0 if path.endswith("sft_select.jsonl") else 1], "n": 50}
+        em = scores[lr][0 if path.endswith("sft_select.jsonl") else 1]
+        return {"exact_match": em, "choice": em + 0.5, "n": 50}
 
     monkeypatch.setattr(sft, "testbed_sft_accuracy", fake_scorer)
     cfg = config(small_testbed, pretrained, tmp_path, learning_rate=0.0, lrs="9e-3,1e-3,3e-3")
@@ -159,7 +162,7 @@ def test_sweep_reports_every_lr_selects_by_metric_and_rerun_skips(small_testbed,
         assert r["final_train_loss"] > 0 and r["val_loss"] > 0 and r["diverged_at_step"] is None
         assert os.path.exists(os.path.join(tmp_path, f"lr_{r['lr']:g}", "ckpt.pt"))
     # the best select score wins, even though 9e-3 has the best test score
-    assert summary["best_lr"] == 3e-3 and summary["sft_task_avg"] == pytest.approx(50.0)
+    assert summary["best_lr"] == 3e-3 and summary["sft_task_avg"] == pytest.approx(75.0)
     assert json.load(open(tmp_path / "summary.json")) == summary
 
     # Rerun: every LR is finished, so nothing trains; another metric re-selects from the same runs.
@@ -190,7 +193,7 @@ def test_a_diverged_lr_is_reported_and_never_selected(small_testbed, pretrained,
         return real_step(model, optimizer, micro_batches, cfg, ctx)
 
     monkeypatch.setattr(sft, "train_step", diverge_at_high_lr)
-    monkeypatch.setattr(sft, "testbed_sft_accuracy", lambda *a: {"exact_match": 0.5, "n": 50})
+    monkeypatch.setattr(sft, "testbed_sft_accuracy", lambda *a: {"exact_match": 0.5, "choice": 0.5, "n": 50})
     summary = sft.main(config(small_testbed, pretrained, tmp_path, learning_rate=0.0, lrs="1e-3,1e-2"))
     low, high = summary["runs"]
     assert high["diverged_at_step"] == 2 and high["val_loss"] is None and high["sft_task_avg"] is None

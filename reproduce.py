@@ -1,0 +1,364 @@
+"""
+The study end to end: pre-train with each LR schedule, fine-tune, evaluate, measure sharpness,
+and write the paper's tables and figures (Tables 1-2, Figures 1-4) to results/.
+
+    python reproduce.py                          # Experiment 1 on the offline testbed, seed 0
+    python reproduce.py --seeds=0,1,2            # the same over three seeds (mean +- std)
+    python reproduce.py --experiment=mid         # Experiment 2: pre-training -> mid-training -> SFT
+    python reproduce.py --help                   # every option
+
+Experiment 1 (Section 3, Table 1): WSO (alpha_pre = 1.0) and WSD, Linear, Cosine with
+alpha_pre in {0.0, 0.1}: 7 pre-training runs with one seed, data order and token budget each,
+sharpness recorded during training (Figure 3); each final checkpoint goes through the SFT
+LR sweep (sft.py: the LR is chosen on the selection people, the score is on the test people)
+and the zero-shot probes (evaluate.py). Experiment 2 (Section 4, Table 2): WSD pre-training
+with alpha_pre in {1.0, 0.1}, then mid-training with alpha_mid in {1.0, 0.0}, then the same.
+
+Every stage is a command of this repo (printed, its output in a .log beside its run), and
+is skipped when its output is complete: a rerun picks up where an interrupted one stopped
+(an unfinished pre-training run resumes from its checkpoint, a sweep from its last finished
+LR). Writes, in --out_dir (default results/):
+    table1.md / table2.md   the paper's layout: difference from the best decay-based schedule
+                            per column, then absolute values; mean +- std over seeds
+    results.json            every number of every run and seed, and the Pearson r of Figure 4
+    fig1_schedules.png, fig2_midtraining.png     the schedules (schedules.py)
+    fig3_sharpness_pretrain.png, fig3_sharpness_sft.png   sharpness during pre-training
+    fig4_sharpness_vs_sft.png                    post-SFT score against final sharpness
+--scale=cpu sizes the testbed study for a 2-core CPU (Experiment 1: ~25 min per seed).
+--scale=gpu is Experiment 1 at the 125m preset on FineWeb-Edu, Tulu 3 and the lm-eval tasks;
+prepare the data first (README, "At GPU scale").
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from common import format_duration, parse_args
+from data.common import read_jsonl, write_atomic
+from evaluate import PT_TASKS, MT_TASKS, SCHEDULERS, ZERO_SHOT, markdown, task_average
+from schedules import plot_figures, wsd_t_stable
+from sharpness import plot_sharpness_curves, plot_sharpness_vs_score
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# (schedule, alpha_pre) of Table 1, and (alpha_pre, alpha_mid) of Table 2 (WSD pre-training;
+# alpha_pre = 1.0 is WSO)
+EXPERIMENT_1 = [("wso", 1.0), ("wsd", 0.0), ("wsd", 0.1), ("linear", 0.0), ("linear", 0.1),
+                ("cosine", 0.0), ("cosine", 0.1)]
+EXPERIMENT_2 = [(1.0, 1.0), (1.0, 0.0), (0.1, 1.0), (0.1, 0.0)]
+SCALES = {
+    # ~90 s per pre-training run and ~100 s per SFT sweep on a 2-core CPU (README, Results)
+    "cpu": dict(train=dict(dataset="testbed", preset="tiny", max_iters=300, warmup_iters=30, batch_size=32,
+                           seq_len=128, learning_rate=3e-3, sharpness_interval=50, compile=False),
+                mid=dict(dataset="testbed_mid", max_iters=135),
+                sft=dict(dataset="testbed", lrs="5e-4,1e-3,2e-3", epochs=5, compile=False),
+                eval=dict(tasks="val_loss,testbed_probes"), mid_eval=dict(tasks="val_loss,testbed_mid_probes")),
+    # Table 6's recipe at the 125m preset: 20 tokens per parameter (~2.3B tokens)
+    "gpu": dict(train=dict(dataset="fineweb_edu", preset="125m", max_iters=8800, warmup_iters=200,
+                           tokens_per_step=262144, batch_size=32, seq_len=1024, learning_rate=3e-3,
+                           sharpness_interval=800, compile=True),
+                mid=dict(dataset="fineweb_edu", max_iters=3960),
+                sft=dict(dataset="tulu3", lrs="paper", epochs=1, global_batch_size=128, warmup_iters=100,
+                         compile=True),
+                eval=dict(tasks="val_loss," + ",".join(PT_TASKS)),
+                mid_eval=dict(tasks="val_loss," + ",".join(MT_TASKS))),
+}
+
+
+@dataclass
+class ReproduceConfig:
+    experiment: str = "pre"  # pre (Table 1) | mid (Table 2)
+    scale: str = "cpu"  # cpu (the testbed) | gpu (FineWeb-Edu, Tulu 3, lm-eval tasks)
+    seeds: str = "0"  # comma-separated training seeds; everything is repeated per seed
+    schedules: str = ""  # a subset of the grid, e.g. wso,wsd_a0.1 (run names); empty: all
+    out_dir: str = "results"  # tables, figures, results.json
+    runs_dir: str = "runs"  # checkpoints and logs of every stage: runs_dir/seed<k>/<run>/
+    max_iters: int = 0  # pre-training steps instead of the scale's (mid-training: 0.45x of it)
+    sft_lrs: str = ""  # the SFT sweep instead of the scale's
+    sft_epochs: int = 0  # SFT epochs instead of the scale's
+    eval_limit: int = 0  # score only the first N items of each evaluation task (0: all)
+    verbose: bool = False  # stream every stage's output instead of one line per stage
+
+    def __post_init__(self):
+        if self.experiment not in ("pre", "mid"):
+            raise ValueError(f"experiment={self.experiment!r}; choose pre or mid")
+        if self.scale not in SCALES:
+            raise ValueError(f"scale={self.scale!r}; choose one of {sorted(SCALES)}")
+        try:
+            [int(s) for s in self.seeds.split(",")]
+        except ValueError:
+            raise ValueError(f"seeds={self.seeds!r}: give comma-separated integers, e.g. 0,1,2") from None
+
+
+def run_name(schedule, alpha_pre, alpha_mid=None):
+    name = "wso" if alpha_pre == 1.0 and schedule in ("wso", "wsd") else f"{schedule}_a{alpha_pre:g}"
+    return name if alpha_mid is None else f"{name}_mid_a{alpha_mid:g}"
+
+
+def flags(options):
+    return [f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in options.items()]
+
+
+# --------------------------------------------------------------------- the stages
+
+def plan(cfg):
+    """Every stage of the study, in order: (kind, run_dir, command, done?)."""
+    scale = SCALES[cfg.scale]
+    train = dict(scale["train"])
+    if cfg.max_iters:  # the warmup keeps its share of the run
+        train.update(max_iters=cfg.max_iters, warmup_iters=max(1, round(cfg.max_iters * train["warmup_iters"]
+                                                                       / train["max_iters"])))
+    sft = {**scale["sft"], **({"lrs": cfg.sft_lrs} if cfg.sft_lrs else {}),
+           **({"epochs": cfg.sft_epochs} if cfg.sft_epochs else {})}
+    wanted = set(cfg.schedules.split(",")) - {""}
+    stages = []
+    for seed in [int(s) for s in cfg.seeds.split(",")]:
+        seed_dir = os.path.join(cfg.runs_dir, f"seed{seed}")
+        if cfg.experiment == "pre":
+            grid = [(run_name(s, a), s, a, None) for s, a in EXPERIMENT_1]
+        else:
+            grid = [(run_name("wsd", a, m), "wsd", a, m) for a, m in EXPERIMENT_2]
+        unknown = wanted - {name for name, *_ in grid}
+        if unknown:
+            raise SystemExit(f"error: --schedules names {sorted(unknown)}; the grid has "
+                             f"{[name for name, *_ in grid]}")
+        pretrained = set()
+        for name, schedule, alpha_pre, alpha_mid in grid:
+            if wanted and name not in wanted:
+                continue
+            pre_dir = os.path.join(seed_dir, run_name(schedule, alpha_pre))
+            if pre_dir not in pretrained:  # Experiment 2 shares each pre-training run
+                pretrained.add(pre_dir)
+                stages.append(("pre-train", pre_dir, ["train.py", *flags(
+                    {**train, "schedule": schedule, "alpha": alpha_pre, "seed": seed, "out_dir": pre_dir})],
+                    train["max_iters"]))
+            run_dir = pre_dir
+            if alpha_mid is not None:
+                run_dir = os.path.join(seed_dir, name)
+                mid = {**scale["mid"], **({"max_iters": round(0.45 * cfg.max_iters)} if cfg.max_iters else {})}
+                stages.append(("mid-train", run_dir, ["train.py", *flags(
+                    {**{k: v for k, v in train.items() if k not in mid}, **mid, "stage": "mid",
+                     "alpha_mid": alpha_mid, "sharpness_interval": 0, "seed": seed,
+                     "init_from": os.path.join(pre_dir, "ckpt.pt"), "out_dir": run_dir})], mid["max_iters"]))
+            ckpt = os.path.join(run_dir, "ckpt.pt")
+            tasks = scale["mid_eval" if alpha_mid is not None else "eval"]
+            stages.append(("evaluate", run_dir, ["evaluate.py", *flags(
+                {**tasks, "ckpt": ckpt, "out": os.path.join(run_dir, "eval.json"), "limit": cfg.eval_limit})], None))
+            stages.append(("SFT", run_dir, ["sft.py", *flags(
+                {**sft, "seed": seed, "init_from": ckpt, "out_dir": os.path.join(run_dir, "sft")})], None))
+    return stages
+
+
+def is_done(kind, run_dir, steps):
+    """Whether a stage's output is complete: a final checkpoint, eval.json, summary.json."""
+    if kind in ("pre-train", "mid-train"):
+        path = os.path.join(run_dir, "ckpt.pt")
+        return os.path.isfile(path) and torch.load(path, map_location="cpu", weights_only=False)["step"] >= steps
+    return os.path.isfile(os.path.join(run_dir, "eval.json" if kind == "evaluate" else "sft/summary.json"))
+
+
+def run_stage(kind, run_dir, command, steps, verbose):
+    """Run one stage as a subprocess; an interrupted training run resumes from its checkpoint."""
+    if kind in ("pre-train", "mid-train") and os.path.isfile(os.path.join(run_dir, "ckpt.pt")):
+        command = [arg for arg in command if not arg.startswith("--init_from=")] + ["--init_from=resume"]
+    os.makedirs(run_dir, exist_ok=True)
+    log = os.path.join(run_dir, kind.replace("-", "") + ".log")
+    argv = [sys.executable, os.path.join(HERE, command[0]), *command[1:]]
+    with open(log, "a") as f:
+        f.write("$ " + " ".join(["python", *command]) + "\n")
+        f.flush()
+        result = subprocess.run(argv, stdout=None if verbose else f, stderr=subprocess.STDOUT if not verbose else None)
+    if result.returncode != 0:
+        raise SystemExit(f"error: {kind} of {run_dir} failed (exit {result.returncode}); see {log}\n"
+                         f"  python {' '.join(command)}")
+
+
+# Relative cost of each kind of stage on the testbed (measured), for the study's ETA
+COST = {"pre-train": 1.0, "mid-train": 0.5, "evaluate": 0.1, "SFT": 1.1}
+
+
+def run_all(cfg):
+    stages = plan(cfg)
+    todo = [s for s in stages if not is_done(s[0], s[1], s[3])]
+    print(f"{len(stages)} stages, {len(stages) - len(todo)} done earlier, {len(todo)} to run "
+          f"(logs in each run's folder under {cfg.runs_dir}/)")
+    total = sum(COST[kind] for kind, *_ in todo)
+    spent, start = 0.0, time.time()
+    for i, (kind, run_dir, command, steps) in enumerate(todo, 1):
+        stage_start = time.time()
+        run_stage(kind, run_dir, command, steps, cfg.verbose)
+        spent += COST[kind]
+        elapsed = time.time() - start
+        eta = format_duration(elapsed / spent * (total - spent))
+        print(f"[{i}/{len(todo)}] {kind:9s} {run_dir} | {format_duration(time.time() - stage_start)} | "
+              f"study ETA {eta}", flush=True)
+
+
+# ---------------------------------------------------------------- tables and figures
+
+def collect(cfg):
+    """Every number of every (run, seed): the rows of results.json."""
+    rows = []
+    for kind, run_dir, command, _ in plan(cfg):
+        if kind != "SFT":
+            continue
+        with open(os.path.join(run_dir, "eval.json")) as f:
+            ev = json.load(f)
+        with open(os.path.join(run_dir, "sft", "summary.json")) as f:
+            sft = json.load(f)
+        log = read_jsonl(os.path.join(os.path.dirname(run_dir) if "_mid_" in run_dir else run_dir, "log.jsonl"))
+        sharp = [r for r in log if "sharpness_pretrain" in r]
+        tasks = MT_TASKS if ev["stage"] == "mid" else PT_TASKS
+        seed, name = run_dir.split(os.sep)[-2:]
+        best = next((r for r in sft["runs"] if r["lr"] == sft["best_lr"]), {})
+        rows.append({
+            "run": name, "seed": int(seed[len("seed"):]), "schedule": ev["schedule"], "alpha_pre": ev["alpha_pre"],
+            "alpha_mid": ev["alpha_mid"], "valid_loss": ev["tasks"]["val_loss"]["loss"],
+            "task_avg": task_average(ev["tasks"], {t: ZERO_SHOT[t] for t in tasks}),
+            "sft_task_avg": sft["sft_task_avg"], "sft_best_lr": sft["best_lr"],
+            "sft_test_exact_match": best.get("sft_test_exact_match"), "sft_test_choice": best.get("sft_test_choice"),
+            "sft_val_loss": best.get("val_loss"),
+            "sharpness_pretrain": sharp[-1]["sharpness_pretrain"] if sharp else None,
+            "sharpness_sft": sharp[-1].get("sharpness_sft") if sharp else None,
+            "sharpness_curve": [(r["step"], r["sharpness_pretrain"], r.get("sharpness_sft")) for r in sharp],
+            "run_dir": run_dir})
+    return rows
+
+
+METRICS = [("valid_loss", "Valid Loss ↓", True, ".3f"), ("task_avg", "Task Avg", False, ".1f"),
+           ("sft_task_avg", "SFT Task Avg", False, ".1f"), ("sft_val_loss", "SFT Valid Loss ↓", True, ".3f"),
+           ("sharpness_pretrain", "Sharpness (PT data)", None, ".1f"), ("sharpness_sft", "Sharpness (SFT data)", None, ".1f")]
+
+
+def mean_std(values, spec, sign=False):
+    values = [v for v in values if v is not None]
+    if not values:
+        return "n/a"
+    spec = ("+" if sign else "") + spec
+    text = format(float(np.mean(values)), spec)
+    return text + (f" ± {np.std(values, ddof=1):{spec.lstrip('+')}}" if len(values) > 1 else "")
+
+
+def table(rows, mid):
+    """The paper's layout: per metric, each run's difference from the best decay-based run
+    (computed per seed, then mean +- std over seeds), best in bold; then absolute values."""
+    prefix = "MT" if mid else "PT"
+    names = sorted({r["run"] for r in rows}, key=lambda n: [r["run"] for r in rows].index(n))
+    by = {(r["run"], r["seed"]): r for r in rows}
+    seeds = sorted({r["seed"] for r in rows})
+    label = lambda r: [SCHEDULERS.get(r["schedule"], r["schedule"]), f"{r['alpha_pre']:.1f}"] + (  # noqa: E731
+        [f"{r['alpha_mid']:.1f}"] if mid else [])
+    header = ["Scheduler", "α_pre"] + (["α_mid"] if mid else [])
+    constant = lambda r: r["alpha_pre"] == 1.0 and r["alpha_mid"] in (None, 1.0)  # noqa: E731
+    compared = METRICS[:4]
+    deltas = {}
+    for key, _, lower, _ in compared:
+        for seed in seeds:
+            decayed = [by[n, seed][key] for n in names if (n, seed) in by and not constant(by[n, seed])
+                       and by[n, seed][key] is not None]
+            if not decayed:
+                continue
+            ref = min(decayed) if lower else max(decayed)
+            for n in names:
+                if (n, seed) in by and by[n, seed][key] is not None:
+                    deltas.setdefault((n, key), []).append(by[n, seed][key] - ref)
+    relative_rows = []
+    for n in names:
+        first = next(by[n, s] for s in seeds if (n, s) in by)
+        relative_rows.append(label(first) + [mean_std(deltas.get((n, key), []), spec, sign=True)
+                                             for key, _, _, spec in compared])
+    for j, (key, _, lower, _) in enumerate(compared):  # bold the best mean difference
+        means = [np.mean(deltas[n, key]) if deltas.get((n, key)) else None for n in names]
+        if any(m is not None for m in means):
+            best = (min if lower else max)(m for m in means if m is not None)
+            i = means.index(best)
+            relative_rows[i][len(header) + j] = f"**{relative_rows[i][len(header) + j]}**"
+    relative = markdown(header + [f"{prefix} {t} Δ" if k in ("valid_loss", "task_avg") else f"{t} Δ"
+                                  for k, t, _, _ in compared], relative_rows)
+    absolute = markdown(header + [f"{prefix} {t}" if k in ("valid_loss", "task_avg") else t for k, t, _, _ in METRICS]
+                        + ["SFT LR (per seed)"],
+                        [label(by[n, next(s for s in seeds if (n, s) in by)])
+                         + [mean_std([by[n, s][key] for s in seeds if (n, s) in by], spec) for key, _, _, spec in METRICS]
+                         + [",".join(f"{by[n, s]['sft_best_lr']:g}" for s in seeds if (n, s) in by)] for n in names])
+    return relative, absolute
+
+
+def figures(rows, cfg, out_dir):
+    """Figures 1-2 (schedules), 3 (sharpness during pre-training, mean over seeds with the
+    seed-to-seed standard error, or the estimator's with one seed) and 4 (post-SFT score
+    against final pre-training sharpness, one point per run averaged over seeds)."""
+    written = dict(zip(("fig1", "fig2"), plot_figures(out_dir)))
+    names = list(dict.fromkeys(r["run"] for r in rows))
+    label = {n: next(f"{SCHEDULERS.get(r['schedule'], r['schedule'])} a={r['alpha_pre']:g}"
+                     + (f" mid a={r['alpha_mid']:g}" if r["alpha_mid"] is not None else "") for r in rows if r["run"] == n)
+             for n in names}
+    for column, data in ((1, "pretrain"), (2, "sft")):
+        curves = {}
+        for n in names:
+            per_step = {}
+            for r in (r for r in rows if r["run"] == n):
+                for point in r["sharpness_curve"]:
+                    if point[column] is not None:
+                        per_step.setdefault(point[0], []).append(point[column])
+            if per_step:
+                curves[label[n]] = [(s, float(np.mean(v)), float(np.std(v, ddof=1) / np.sqrt(len(v))) if len(v) > 1
+                                     else 0.0) for s, v in sorted(per_step.items())]
+        if curves:
+            first = next(r for r in rows if r["run"] == names[0])
+            with open(os.path.join(first["run_dir"], "config.json")) as f:
+                train = json.load(f)["train"]
+            t_stable = wsd_t_stable(warmup_iters=train["warmup_iters"], max_iters=train["max_iters"],
+                                    stable_ratio=train["stable_ratio"])
+            written[f"fig3_{data}"] = plot_sharpness_curves(curves, t_stable,
+                                                            os.path.join(out_dir, f"fig3_sharpness_{data}.png"))
+    points = {}
+    for n in names:
+        mine = [r for r in rows if r["run"] == n and r["sharpness_pretrain"] is not None and r["sft_task_avg"] is not None]
+        if mine:
+            points[label[n]] = (float(np.mean([r["sharpness_pretrain"] for r in mine])),
+                                float(np.mean([r["sft_task_avg"] for r in mine])))
+    if len(points) >= 2:
+        path = os.path.join(out_dir, "fig4_sharpness_vs_sft.png")
+        written["fig4"], written["pearson_r"] = path, plot_sharpness_vs_score(points, path)
+    return written
+
+
+def report(cfg):
+    rows = collect(cfg)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    mid = cfg.experiment == "mid"
+    relative, absolute = table(rows, mid)
+    seeds = sorted({r["seed"] for r in rows})
+    number = 2 if mid else 1
+    text = (f"## Table {number} analogue ({'mid-training' if mid else 'pre-training'} -> SFT), "
+            f"{cfg.scale} scale, seeds {','.join(map(str, seeds))}\n\n"
+            f"Δ from the best decay-based schedule per column and seed, then mean ± std over seeds; "
+            f"best mean in bold.\n\n{relative}\n\nAbsolute values (mean ± std over seeds; task scores x 100; "
+            f"sharpness = Hessian trace at the end of pre-training):\n\n{absolute}\n")
+    table_path = os.path.join(cfg.out_dir, f"table{number}.md")
+    write_atomic(table_path, text.encode())
+    written = figures(rows, cfg, cfg.out_dir) if not mid else dict(zip(("fig1", "fig2"), plot_figures(cfg.out_dir)))
+    results = {"config": asdict(cfg), "scale": SCALES[cfg.scale], "rows": rows,
+               "pearson_r_sharpness_vs_sft": written.get("pearson_r"),
+               "files": [table_path, *[v for k, v in written.items() if k != "pearson_r"]]}
+    write_atomic(os.path.join(cfg.out_dir, "results.json"), (json.dumps(results, indent=1) + "\n").encode())
+    print(text)
+    print(f"wrote {', '.join(results['files'])} and {os.path.join(cfg.out_dir, 'results.json')}")
+    return results
+
+
+def main(cfg):
+    start = time.time()
+    run_all(cfg)
+    results = report(cfg)
+    print(f"study done in {format_duration(time.time() - start)}")
+    return results
+
+
+if __name__ == "__main__":
+    main(parse_args(ReproduceConfig, description=__doc__))
