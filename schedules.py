@@ -15,7 +15,23 @@ Pre-training, with the warmup eta_max * t / T_warmup for t <= T_warmup shared by
 WSD's decay phase may also be shaped 1-sqrt or cosine (cooldown=...); the paper uses linear.
 Mid-training, Eq. (11), for T_pre < t <= T_pre + T_mid:
     eta(T_pre) * ((1 - alpha_mid) * (T_pre + T_mid - t) / T_mid + alpha_mid)
+Cooldown branched from a constant-LR checkpoint at update n ("WSO + cooldown"), n < t <= n + M:
+    eta_max * (alpha_pre + (1 - alpha_pre) * s((t - n) / M))     s: the cooldown shape
+    i.e. WSD's decay phase, Eq. (4), with T_stable = n and T_pre = n + M
 SFT, Table 8: linear warmup, then cosine to a minimum LR of 0.
+
+Checkpoint merging ("WSO + merge"; WSM, Tian et al., 2025, Theorem 3.1). Merging the
+checkpoints theta_n, ..., theta_{n+k} of a constant-LR run with weights c_0..c_k,
+    sum_j c_j theta_{n+j} = theta_n + sum_{i=1..k} w_i (theta_{n+i} - theta_{n+i-1}),
+    c_0 = 1 - w_1,  c_j = w_j - w_{j+1} (0 < j < k),  c_k = w_k,  so  w_i = sum_{j>=i} c_j,
+takes the updates from theta_{n+i-1} to theta_{n+i} with the LR multiplied by w_i: a decay
+(merge.py). The multipliers w_i of each shape (merge_weights), with u_i = i / (k + 1):
+    linear        1 - u_i                  c_j = 1 / (k + 1): the uniform mean
+    cosine        (1 + cos(pi u_i)) / 2
+    1-sqrt        1 - sqrt(u_i)
+    inverse-sqrt  1 / sqrt(i + 1)          eta ~ 1/sqrt(t), t counted in checkpoint intervals
+The first three are the cooldown shapes, reaching 0 one interval past the last checkpoint.
+All are non-increasing and at most 1, so every c_j >= 0, and the c_j sum to 1.
 
 Draw the paper's Figures 1 and 2:
     python schedules.py --out_dir=.
@@ -97,12 +113,32 @@ def pretrain_lr(t, schedule, *, lr_max, warmup_iters, max_iters, alpha, stable_r
         t_stable = wsd_t_stable(warmup_iters=warmup_iters, max_iters=max_iters, stable_ratio=stable_ratio)
         if t <= t_stable:
             return lr_max
-        u = (t - t_stable) / (max_iters - t_stable)
-        return lr_max * (alpha + (1 - alpha) * _COOLDOWN_SHAPES[cooldown](u))
+        return cooldown_lr(t, lr_max=lr_max, t_stable=t_stable, cooldown_iters=max_iters - t_stable, alpha=alpha,
+                           cooldown=cooldown)
     if schedule == "cosine":  # Eq. (9)
         progress = (t - warmup_iters) / (max_iters - warmup_iters)
         return lr_max * (alpha + (1 - alpha) / 2 * (1 + math.cos(math.pi * progress)))
     return lr_max * ((1 - alpha) * (max_iters - t) / (max_iters - warmup_iters) + alpha)  # Eq. (10)
+
+
+def cooldown_lr(t, *, lr_max, t_stable, cooldown_iters, alpha, cooldown="linear"):
+    """eta(t) for update t in [T_stable + 1, T_stable + cooldown_iters]: Eq. (4)'s decay phase.
+
+    WSD decays from T_stable; a cooldown branched from a WSO checkpoint at update n is the
+    same decay with T_stable = n, so "WSO + cooldown" equals a WSD run that stopped its
+    stable phase at n. It ends at exactly alpha * lr_max.
+    """
+    _check_lr_max(lr_max)
+    _check_choice("cooldown", cooldown, COOLDOWNS)
+    _check_range("alpha", alpha, 0, 1, "the minimum-LR factor the cooldown decays to (alpha_pre in the paper)")
+    _check_count("cooldown_iters", cooldown_iters, "the number of cooldown updates")
+    if t_stable < 0:
+        raise ValueError(f"t_stable={t_stable!r} must be >= 0; t_stable is the last update at lr_max "
+                         "before the cooldown")
+    _check_range("t", t, t_stable + 1, t_stable + cooldown_iters,
+                 "the global index of the cooldown update (t_stable + 1 .. t_stable + cooldown_iters)")
+    u = (t - t_stable) / cooldown_iters
+    return lr_max * (alpha + (1 - alpha) * _COOLDOWN_SHAPES[cooldown](u))
 
 
 def midtrain_lr(t, *, lr_end_of_pretraining, pretrain_iters, mid_iters, alpha_mid):
@@ -140,6 +176,22 @@ def sft_lr(t, *, lr_max, warmup_iters, max_iters):
         return lr_max * t / warmup_iters
     progress = (t - warmup_iters) / (max_iters - warmup_iters)
     return lr_max * (1 + math.cos(math.pi * progress)) / 2
+
+
+MERGE_SHAPES = (*COOLDOWNS, "inverse-sqrt")
+
+
+def merge_weights(k, shape="linear"):
+    """WSM Theorem 3.1: c_0..c_k merging the k + 1 checkpoints theta_n..theta_{n+k} so that the
+    k updates between them are taken with the decay multipliers w_1..w_k of `shape`."""
+    _check_count("k", k, "the number of checkpoint intervals merged (k + 1 checkpoints)")
+    _check_choice("shape", shape, MERGE_SHAPES)
+    if shape == "inverse-sqrt":
+        decay = [1 / math.sqrt(i + 1) for i in range(1, k + 1)]
+    else:
+        decay = [_COOLDOWN_SHAPES[shape](i / (k + 1)) for i in range(1, k + 1)]
+    w = [1.0, *decay, 0.0]  # w_0 = 1 and w_{k+1} = 0 make c_0 = 1 - w_1 and c_k = w_k the general c_j
+    return [w[j] - w[j + 1] for j in range(k + 1)]
 
 
 def plot_figures(out_dir):

@@ -6,11 +6,16 @@ Pre-training and mid-training of a Llama-3 model with the paper's LR schedules
     python train.py --schedule=wsd --alpha=0.1        # Eq. 4, decay to 10% of eta_max
     python train.py --stage=mid --init_from=out/ckpt.pt --dataset=testbed_mid \
                     --alpha_mid=1.0 --out_dir=out-mid # Eq. 11
+    python train.py --keep_every=100                  # also keep out/ckpt_000100.pt, ... (for merge.py)
+    python train.py --stage=cooldown --init_from=out/ckpt_000400.pt --max_iters=100 \
+                    --alpha=0.0 --out_dir=out-cool    # WSO + cooldown: decay over steps 401..500
     torchrun --nproc_per_node=2 train.py ...          # DDP (gloo on CPU, NCCL on CUDA)
     python train.py --help                            # every option and its default
 
 Writes out_dir/ckpt.pt (weights, optimizer, RNG states, data position, config) and
 out_dir/log.jsonl (one JSON object per logged step; eval records carry val_loss).
+With --keep_every=N it also keeps out_dir/ckpt_<step:06d>.pt every N steps: full
+checkpoints, to merge (merge.py) or to branch a cooldown from (stage=cooldown).
 """
 
 import json
@@ -42,14 +47,14 @@ class TrainConfig:
     # model
     preset: str = "tiny"  # tiny | 125m | 350m | 1b | 8b (model.PRESETS)
     # LR schedule (schedules.py)
-    stage: str = "pre"  # pre: Eq. 4/5/9/10; mid: Eq. 11 from a pre-training checkpoint
+    stage: str = "pre"  # pre: Eq. 4/5/9/10; mid: Eq. 11 from a pre-training checkpoint; cooldown: from a WSO one
     schedule: str = "wso"  # wso | wsd | cosine | linear
     learning_rate: float = 3e-3  # eta_max (the paper: 3e-4 for 1B/8B; 3e-3 suits the tiny testbed model)
-    alpha: float = 0.1  # alpha_pre, minimum-LR factor of the decay schedules (wso ignores it)
+    alpha: float = 0.1  # alpha_pre, minimum-LR factor of the decay schedules and the cooldown (wso ignores it)
     warmup_iters: int = 60  # T_warmup
-    max_iters: int = 600  # T_pre (stage=pre) or T_mid (stage=mid): optimizer updates
+    max_iters: int = 600  # T_pre (stage=pre), T_mid (stage=mid) or the cooldown length M: optimizer updates
     stable_ratio: float = 0.75  # rho of WSD: T_stable = T_warmup + rho * (T_pre - T_warmup)
-    cooldown: str = "linear"  # WSD decay shape: linear (the paper) | 1-sqrt | cosine
+    cooldown: str = "linear"  # decay shape of WSD and stage=cooldown: linear (the paper) | 1-sqrt | cosine
     alpha_mid: float = 1.0  # Eq. 11: 0 decays linearly to zero, 1 keeps the LR constant
     # batch: tokens per update = batch_size * seq_len * grad_accum * world_size
     batch_size: int = 32  # sequences per micro-batch per process
@@ -71,6 +76,7 @@ class TrainConfig:
     eval_interval: int = 100  # steps between validation losses (and at the end)
     eval_tokens: int = 65536  # fixed held-out tokens used for val_loss
     checkpoint_interval: int = 0  # steps between checkpoints; 0 means at every eval
+    keep_every: int = 0  # also keep out_dir/ckpt_<step>.pt every N steps (merge.py, stage=cooldown); 0 = off
     init_from: str = "scratch"  # scratch | resume (out_dir/ckpt.pt) | path to a checkpoint
     # sharpness during training (Figure 3; sharpness.py)
     sharpness_interval: int = 0  # steps between Hessian-trace measurements (and at the end); 0 = off
@@ -80,20 +86,25 @@ class TrainConfig:
     def __post_init__(self):
         if self.preset not in PRESETS:
             raise ValueError(f"preset={self.preset!r} is unknown; choose one of {sorted(PRESETS)}")
-        if self.stage not in ("pre", "mid"):
-            raise ValueError(f"stage={self.stage!r}; choose pre or mid")
+        if self.stage not in ("pre", "mid", "cooldown"):
+            raise ValueError(f"stage={self.stage!r}; choose pre, mid or cooldown")
         if self.stage == "pre":
             schedules.validate_pretrain(self.schedule, warmup_iters=self.warmup_iters, max_iters=self.max_iters,
                                         alpha=self.alpha, stable_ratio=self.stable_ratio, cooldown=self.cooldown)
         else:
             if self.init_from == "scratch":
-                raise ValueError("stage=mid continues a pre-training run: pass --init_from=<its ckpt.pt>")
+                raise ValueError(f"stage={self.stage} continues a pre-training run: pass --init_from=<its checkpoint>")
             if not 0.0 <= self.alpha_mid <= 1.0:
                 raise ValueError(f"alpha_mid={self.alpha_mid} is outside [0, 1]")
+            if not 0.0 <= self.alpha <= 1.0:
+                raise ValueError(f"alpha={self.alpha} is outside [0, 1]")
+            if self.cooldown not in schedules.COOLDOWNS:
+                raise ValueError(f"cooldown={self.cooldown!r} is not one of {schedules.COOLDOWNS}")
             if self.max_iters < 1:
-                raise ValueError(f"max_iters={self.max_iters} must be >= 1 (T_mid)")
-        if self.sharpness_interval < 0:
-            raise ValueError(f"sharpness_interval={self.sharpness_interval} must be >= 0 (0 turns it off)")
+                raise ValueError(f"max_iters={self.max_iters} must be >= 1 (T_mid, or the cooldown length)")
+        for name in ("sharpness_interval", "keep_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0 (0 turns it off)")
         for name in ("batch_size", "seq_len", "log_interval", "eval_interval", "eval_tokens",
                      "sharpness_batches", "sharpness_samples"):
             if getattr(self, name) < 1:
@@ -105,8 +116,11 @@ class TrainConfig:
 # Fields that may differ when resuming: they change what is printed or where, not the
 # training trajectory. max_iters may grow: for WSO that extends a finished run exactly.
 RESUMABLE_CHANGES = {"out_dir", "init_from", "log_interval", "eval_interval", "eval_tokens",
-                     "checkpoint_interval", "compile", "max_iters", "sharpness_interval",
+                     "checkpoint_interval", "keep_every", "compile", "max_iters", "sharpness_interval",
                      "sharpness_batches", "sharpness_samples"}
+# A cooldown branch continues the run of its checkpoint: beyond those, only its stage and
+# decay (shape and alpha) differ, and max_iters becomes its length M.
+BRANCH_CHANGES = RESUMABLE_CHANGES | {"stage", "cooldown", "alpha"}
 
 
 # ---------------------------------------------------------------------------- data
@@ -206,6 +220,9 @@ def lr_at(step, cfg, mid):
         return schedules.pretrain_lr(step, cfg.schedule, lr_max=cfg.learning_rate, warmup_iters=cfg.warmup_iters,
                                      max_iters=cfg.max_iters, alpha=cfg.alpha, stable_ratio=cfg.stable_ratio,
                                      cooldown=cfg.cooldown)
+    if cfg.stage == "cooldown":
+        return schedules.cooldown_lr(step, lr_max=mid["lr_end_of_pretraining"], t_stable=mid["pretrain_iters"],
+                                     cooldown_iters=cfg.max_iters, alpha=cfg.alpha, cooldown=cfg.cooldown)
     return schedules.midtrain_lr(step, lr_end_of_pretraining=mid["lr_end_of_pretraining"],
                                  pretrain_iters=mid["pretrain_iters"], mid_iters=cfg.max_iters, alpha_mid=cfg.alpha_mid)
 
@@ -252,17 +269,39 @@ def train_step(model, optimizer, data, first_sample, cfg, ctx):
     return loss_value, grad_norm
 
 
-def check_resume_config(saved, cfg):
+def check_same_run(saved, cfg, may_differ, action):
     mismatched = {k: (saved[k], v) for k, v in asdict(cfg).items()
-                  if k not in RESUMABLE_CHANGES and k in saved and saved[k] != v}
+                  if k not in may_differ and k in saved and saved[k] != v}
     if mismatched:
         lines = "\n".join(f"  --{k}: checkpoint has {a!r}, this run has {b!r}" for k, (a, b) in mismatched.items())
-        raise SystemExit(f"error: cannot resume, the config differs from the checkpoint's:\n{lines}\n"
+        raise SystemExit(f"error: cannot {action}, the config differs from the checkpoint's:\n{lines}\n"
                          f"pass the checkpoint's values (or start a new run in another --out_dir)")
-    if cfg.max_iters < saved["max_iters"] or (cfg.stage == "pre" and cfg.schedule != "wso"
-                                              and cfg.max_iters != saved["max_iters"]):
+
+
+def check_resume_config(saved, cfg):
+    check_same_run(saved, cfg, RESUMABLE_CHANGES, "resume")
+    decay = "the cooldown" if cfg.stage == "cooldown" else f"schedule={cfg.schedule}"
+    decays_over_max_iters = cfg.stage == "cooldown" or (cfg.stage == "pre" and cfg.schedule != "wso")
+    if cfg.max_iters < saved["max_iters"] or (decays_over_max_iters and cfg.max_iters != saved["max_iters"]):
         print(f"warning: max_iters {saved['max_iters']} -> {cfg.max_iters} changes the LR of steps already "
-              f"taken for schedule={cfg.schedule}; only WSO extends a run exactly")
+              f"taken for {decay}; only WSO extends a run exactly")
+
+
+def check_cooldown_branch(ckpt, cfg, lr_at_branch):
+    """A cooldown continues the checkpoint's run from a point where its LR was constant at eta_max."""
+    check_same_run(ckpt["config"], cfg, BRANCH_CHANGES, "branch a cooldown")
+    if "merge" in ckpt:
+        raise SystemExit(f"error: {cfg.init_from} is a merge (merge.py), which already emulates a decay; "
+                         f"branch the cooldown from one of the checkpoints it merged")
+    if lr_at_branch != cfg.learning_rate:
+        raise SystemExit(f"error: cannot branch a cooldown from {cfg.init_from}: at its step {ckpt['step']} the LR of "
+                         f"schedule={ckpt['config']['schedule']} was {lr_at_branch:.4g}, not the constant eta_max="
+                         f"{cfg.learning_rate:.4g}; branch from a WSO checkpoint after warmup "
+                         f"(or a WSD one before T_stable)")
+
+
+def format_bytes(n):
+    return f"{n / 1e9:,.2f} GB" if n >= 1e9 else f"{n / 1e6:,.1f} MB"
 
 
 # --------------------------------------------------------------------------- main
@@ -291,6 +330,8 @@ def main(cfg: TrainConfig):
     tokens_per_update = micro_tokens * grad_accum
 
     # Where do we start from?
+    # mid: where stage=mid or stage=cooldown leaves the pre-training run,
+    # {"pretrain_iters": n, "lr_end_of_pretraining": eta(n)}
     ckpt, mid, run_config = None, None, asdict(cfg)
     if cfg.init_from == "resume":
         ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
@@ -300,12 +341,14 @@ def main(cfg: TrainConfig):
         run_config["init_from"] = ckpt["config"]["init_from"]
     elif cfg.init_from != "scratch":
         ckpt = load_checkpoint(cfg.init_from)
-        if cfg.stage == "mid" and ckpt["config"]["stage"] != "pre":
-            raise SystemExit(f"error: {cfg.init_from} is a {ckpt['config']['stage']}-training checkpoint; "
-                             f"mid-training starts from a pre-training one")
-        if cfg.stage == "mid":  # Eq. 11 starts from eta(T_pre) of the pre-training run
+        if cfg.stage != "pre" and ckpt["config"]["stage"] != "pre":
+            raise SystemExit(f"error: {cfg.init_from} is a stage={ckpt['config']['stage']} checkpoint; "
+                             f"{'mid-training' if cfg.stage == 'mid' else 'a cooldown'} starts from a pre-training one")
+        if cfg.stage != "pre":  # Eq. 11 and the cooldown continue from eta(n) of the pre-training run at its step n
             pre = TrainConfig(**{**ckpt["config"], "init_from": "scratch", "stage": "pre"})
             mid = {"pretrain_iters": ckpt["step"], "lr_end_of_pretraining": lr_at(ckpt["step"], pre, None)}
+        if cfg.stage == "cooldown":
+            check_cooldown_branch(ckpt, cfg, mid["lr_end_of_pretraining"])
 
     data_dir = resolve_dataset(cfg.dataset)
     try:
@@ -335,9 +378,9 @@ def main(cfg: TrainConfig):
     step, samples_seen, tokens_seen = 0, 0, 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
-        if cfg.init_from == "resume" or cfg.stage == "mid":
+        if cfg.init_from == "resume" or cfg.stage != "pre":
             optimizer.load_state_dict(ckpt["optimizer"])
-        if cfg.init_from == "resume":
+        if cfg.init_from == "resume" or cfg.stage == "cooldown":  # the same run, continued
             step, samples_seen, tokens_seen = ckpt["step"], ckpt["samples_seen"], ckpt["tokens_seen"]
             set_rng_state(ckpt["rng"])
         elif cfg.stage == "mid":
@@ -365,14 +408,21 @@ def main(cfg: TrainConfig):
             os.remove(log_path)
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
             json.dump({"train": run_config, "model": model_cfg.to_dict(), "data_dir": data_dir}, f, indent=2)
+    schedule = {"pre": cfg.schedule, "mid": f"mid alpha_mid={cfg.alpha_mid}",
+                "cooldown": f"{cfg.cooldown} cooldown to alpha={cfg.alpha}"}[cfg.stage]
     log(f"{cfg.stage}-training {cfg.preset} ({raw_model.num_params():,} parameters) on {cfg.dataset}: "
         f"steps {step + 1}..{last_step}, {tokens_per_update:,} tokens/update (grad_accum={grad_accum}, "
-        f"world_size={world_size}), schedule={cfg.schedule if cfg.stage == 'pre' else f'mid alpha_mid={cfg.alpha_mid}'}, "
-        f"device={device}, dtype={dtype}, compile={cfg.compile}")
+        f"world_size={world_size}), schedule={schedule}, device={device}, dtype={dtype}, compile={cfg.compile}")
+    if cfg.keep_every:
+        kept = last_step // cfg.keep_every - step // cfg.keep_every
+        # weights and AdamW's two moments, each the size of the parameters
+        per_checkpoint = 3 * sum(p.numel() * p.element_size() for p in raw_model.parameters())
+        log(f"keeping {cfg.out_dir}/ckpt_<step>.pt every {cfg.keep_every} steps: {kept} checkpoints of "
+            f"~{format_bytes(per_checkpoint)}, ~{format_bytes(kept * per_checkpoint)} in all")
 
-    def checkpoint():
+    def checkpoint(path=ckpt_path):
         if master:
-            save_checkpoint(ckpt_path, {
+            save_checkpoint(path, {
                 "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "config": run_config,
                 "model_config": model_cfg.to_dict(), "tokenizer": tokenizer.to_dict(), "step": step,
                 "samples_seen": samples_seen, "tokens_seen": tokens_seen, "rng": rng_state(), "mid": mid})
@@ -423,6 +473,8 @@ def main(cfg: TrainConfig):
             run_sharpness()  # the master measures; other ranks wait at their next all-reduce
         if step % checkpoint_interval == 0 or step == last_step:
             checkpoint()
+        if cfg.keep_every and step % cfg.keep_every == 0:
+            checkpoint(os.path.join(cfg.out_dir, f"ckpt_{step:06d}.pt"))
     if ddp:
         dist.destroy_process_group()
     return raw_model

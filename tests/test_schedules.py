@@ -1,7 +1,8 @@
 """Tests for schedules.py: every schedule against the paper's equations at every step.
 
 The references below are direct transcriptions of Eq. (4), (5), (9), (10), (11) and
-Table 8, written case by case; T_stable is written out by hand for each horizon.
+Table 8, written case by case; T_stable is written out by hand for each horizon. The merge
+weights are tested in test_merge.py.
     python -m pytest -q tests/test_schedules.py
 """
 import math
@@ -15,8 +16,8 @@ import pytest
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)  # plain `pytest` finds schedules.py too, not only `python -m pytest`
 
-from schedules import (PRETRAIN_SCHEDULES, midtrain_lr, pretrain_lr, sft_lr,  # noqa: E402
-                       validate_pretrain, wsd_t_stable)
+from schedules import (COOLDOWNS, PRETRAIN_SCHEDULES, cooldown_lr, midtrain_lr, pretrain_lr,  # noqa: E402
+                       sft_lr, validate_pretrain, wsd_t_stable)
 
 LR_MAX = 0.3  # not 1, so a missing eta_max factor shows
 ALPHAS = (0.0, 0.1, 0.5, 1.0)
@@ -202,6 +203,52 @@ def test_midtrain_after_decay_to_zero_stays_zero():
     eta_at_T_pre = pretrain_lr(20, "linear", lr_max=LR_MAX, warmup_iters=4, max_iters=20, alpha=0.0)
     assert eta_at_T_pre == 0.0
     assert midtrain_lr(21, lr_end_of_pretraining=eta_at_T_pre, pretrain_iters=20, mid_iters=8, alpha_mid=1.0) == 0.0
+
+
+# --- cooldown branched from a constant-LR checkpoint ---------------------------------------
+
+@pytest.mark.parametrize("cooldown, at_17, at_18, at_19", [
+    # Branched at n = 16 for M = 4 updates, so u = 1/4, 1/2, 3/4; alpha = 0.1, lr_max = 1.
+    ("1-sqrt", 0.55, 0.36360390, 0.22057714),  # 0.1 + 0.9 * (1 - sqrt(u))
+    ("cosine", 0.86819805, 0.55, 0.23180195),  # 0.1 + 0.9 * (1 + cos(pi u)) / 2
+    ("linear", 0.775, 0.55, 0.325),            # 0.1 + 0.9 * (1 - u)
+])
+def test_cooldown_shapes_by_hand_end_at_alpha(cooldown, at_17, at_18, at_19):
+    lr = [cooldown_lr(t, lr_max=1.0, t_stable=16, cooldown_iters=4, alpha=0.1, cooldown=cooldown)
+          for t in range(17, 21)]
+    assert lr[:3] == pytest.approx([at_17, at_18, at_19], rel=1e-7)
+    assert lr[3] == 0.1
+
+
+@pytest.mark.parametrize("cooldown", COOLDOWNS)
+@pytest.mark.parametrize("alpha", ALPHAS)
+@pytest.mark.parametrize("T_pre, T_warmup, rho, T_stable", HORIZONS)
+def test_cooldown_from_t_stable_is_wsd(cooldown, alpha, T_pre, T_warmup, rho, T_stable):
+    """WSO + cooldown from update n = WSD with T_stable = n: the same LR at every step."""
+    wsd = lrs("wsd", T_pre, T_warmup, alpha, stable_ratio=rho, cooldown=cooldown)
+    branch = [cooldown_lr(t, lr_max=LR_MAX, t_stable=T_stable, cooldown_iters=T_pre - T_stable, alpha=alpha,
+                          cooldown=cooldown) for t in range(T_stable + 1, T_pre + 1)]
+    assert lrs("wso", T_stable, T_warmup, alpha) + branch == wsd
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+def test_linear_cooldown_is_eq11_from_eta_max(alpha):
+    got = [cooldown_lr(t, lr_max=LR_MAX, t_stable=20, cooldown_iters=8, alpha=alpha) for t in range(21, 29)]
+    assert got == pytest.approx([eq_mid(t, LR_MAX, 20, 8, alpha) for t in range(21, 29)], rel=1e-12, abs=1e-15)
+
+
+@pytest.mark.parametrize("t, changes, message", [
+    (21, dict(alpha=1.5), "alpha=1.5 is outside [0, 1]"),
+    (21, dict(cooldown="sqrt"), "cooldown='sqrt' is not one of"),
+    (21, dict(cooldown_iters=0), "cooldown_iters=0 must be >= 1"),
+    (21, dict(lr_max=0.0), "lr_max=0.0 must be > 0"),
+    (1, dict(t_stable=-1), "t_stable=-1 must be >= 0"),
+    (20, {}, "t=20 is outside [21, 28]"),
+    (29, {}, "t=29 is outside [21, 28]"),
+])
+def test_cooldown_rejects_invalid(t, changes, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        cooldown_lr(t, **{**dict(lr_max=LR_MAX, t_stable=20, cooldown_iters=8, alpha=0.0), **changes})
 
 
 # --- SFT ----------------------------------------------------------------------------------

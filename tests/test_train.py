@@ -1,5 +1,6 @@
 """train.py: short real runs with asserted behaviour (loss falls, bit-exact resume,
-WSO extension, DDP equals one process, mid-training LR) and each bad input's error."""
+WSO extension, DDP equals one process, mid-training LR, kept checkpoints, a cooldown
+branch equal to WSD) and each bad input's error."""
 
 import json
 import math
@@ -149,10 +150,71 @@ def test_mid_training_continues_from_the_final_pretraining_lr(testbed, tmp_path)
                           dataset=str(testbed / "mid"), max_iters=2))
 
 
+def test_keep_every_keeps_checkpoints_across_a_resume(testbed, tmp_path, capsys):
+    train.main(config(testbed, tmp_path, max_iters=8, keep_every=3))
+    assert "keeping" in capsys.readouterr().out.split("\n")[1]  # disk use, before step 1
+    train.main(config(testbed, tmp_path, max_iters=16, keep_every=4, init_from="resume"))  # WSO extends exactly
+    kept = sorted(name for name in os.listdir(tmp_path) if name.startswith("ckpt_"))
+    assert kept == ["ckpt_000003.pt", "ckpt_000006.pt", "ckpt_000012.pt", "ckpt_000016.pt"]
+    train.main(config(testbed, tmp_path / "straight", max_iters=16))
+    for name in kept:
+        ckpt = load_checkpoint(str(tmp_path / name))
+        assert ckpt["step"] == int(name[5:11]) and set(ckpt) == set(load_checkpoint(str(tmp_path / "ckpt.pt")))
+    final = load_checkpoint(str(tmp_path / "straight" / "ckpt.pt"))["model"]
+    last_kept = load_checkpoint(str(tmp_path / "ckpt_000016.pt"))["model"]
+    assert all(torch.equal(final[k], last_kept[k]) for k in final)
+
+
+def test_cooldown_branch_is_wsd_decaying_from_the_branch_step(testbed, tmp_path, monkeypatch):
+    import schedules
+    train.main(config(testbed, tmp_path / "wso", max_iters=6))
+    train.main(config(testbed, tmp_path / "wsd", schedule="wsd", stable_ratio=0.4, cooldown="1-sqrt", alpha=0.0))
+    branch = dict(stage="cooldown", init_from=str(tmp_path / "wso" / "ckpt.pt"), max_iters=6, cooldown="1-sqrt",
+                  alpha=0.0)
+    train.main(config(testbed, tmp_path / "cool", **branch))
+    cool, wsd = records(tmp_path / "cool"), records(tmp_path / "wsd")
+    assert [r["step"] for r in cool] == list(range(7, 13))
+    assert [r["lr"] for r in cool] == [schedules.cooldown_lr(t, lr_max=3e-3, t_stable=6, cooldown_iters=6, alpha=0.0,
+                                                             cooldown="1-sqrt") for t in range(7, 13)]
+    # T_stable = 2 + round(0.4 * 10) = 6: the same optimizer state, data position and LRs
+    assert [(r["loss"], r["grad_norm"], r["lr"], r["tokens"]) for r in cool] == \
+        [(r["loss"], r["grad_norm"], r["lr"], r["tokens"]) for r in wsd[6:]]
+    a = load_checkpoint(str(tmp_path / "cool" / "ckpt.pt"))
+    b = load_checkpoint(str(tmp_path / "wsd" / "ckpt.pt"))["model"]
+    assert all(torch.equal(a["model"][k], b[k]) for k in b) and a["config"]["init_from"] == branch["init_from"]
+
+    real_step, calls = train.train_step, []
+
+    def crash_at_the_fourth_update(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", crash_at_the_fourth_update)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(config(testbed, tmp_path / "crash", **branch))
+    monkeypatch.setattr(train, "train_step", real_step)
+    train.main(config(testbed, tmp_path / "crash", **{**branch, "init_from": "resume"}))
+    assert [(r["step"], r["loss"], r["lr"]) for r in records(tmp_path / "crash")] == \
+        [(r["step"], r["loss"], r["lr"]) for r in cool]
+
+    with pytest.raises(SystemExit, match="at its step 12 the LR of schedule=wsd was 0, not the constant eta_max"):
+        train.main(config(testbed, tmp_path / "x", **{**branch, "init_from": str(tmp_path / "wsd" / "ckpt.pt"),
+                                                      "schedule": "wsd", "stable_ratio": 0.4}))
+    with pytest.raises(SystemExit, match="a cooldown starts from a pre-training one"):
+        train.main(config(testbed, tmp_path / "x", **{**branch, "init_from": str(tmp_path / "cool" / "ckpt.pt")}))
+    with pytest.raises(SystemExit, match="cannot branch a cooldown.*\n  --seq_len: checkpoint has 64, this run has 32"):
+        train.main(config(testbed, tmp_path / "x", **branch, seq_len=32))
+
+
 def test_bad_config_values_are_rejected_with_the_parameter_named():
     for kwargs, pattern in [(dict(schedule="exp"), "schedule"), (dict(alpha=1.5), "alpha"),
                             (dict(warmup_iters=700), "warmup_iters"), (dict(stable_ratio=2.0), "stable_ratio"),
-                            (dict(stage="post"), "stage"), (dict(preset="13b"), "preset"), (dict(stage="mid"), "init_from")]:
+                            (dict(stage="post"), "stage"), (dict(preset="13b"), "preset"),
+                            (dict(stage="mid"), "init_from"), (dict(stage="cooldown"), "init_from"),
+                            (dict(keep_every=-1), "keep_every"),
+                            (dict(stage="cooldown", init_from="x.pt", cooldown="exp"), "cooldown")]:
         with pytest.raises(ValueError, match=pattern):
             TrainConfig(**kwargs)
 
