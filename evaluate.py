@@ -461,8 +461,14 @@ def testbed_dir(ckpt):
 def schedule_of(ckpt):
     """(schedule, alpha_pre, alpha_mid) of the run behind a checkpoint. A mid-training
     run's schedule and alpha_pre are those of the pre-training run it continued, read from
-    the config.json that train.py wrote beside that run's checkpoint (None if it is gone)."""
+    the config.json that train.py wrote beside that run's checkpoint (None if it is gone).
+    A merge (merge.py) is ("wso+merge <shape>", None, None); a cooldown branched from a
+    WSO checkpoint (train.py --stage=cooldown) is ("wso+cooldown", its alpha, None)."""
+    if "merge" in ckpt:
+        return f"wso+merge {ckpt['merge']['shape']}", None, None
     pre, alpha_mid = training_config(ckpt), None
+    if pre.get("stage") == "cooldown":
+        return "wso+cooldown", pre.get("alpha"), None
     if pre.get("stage") == "mid":
         alpha_mid = pre.get("alpha_mid")
         path = os.path.join(os.path.dirname(pre.get("init_from", "")), "config.json")
@@ -564,7 +570,7 @@ def main(cfg: EvalConfig):
 
 # ------------------------------------------------------------------ the paper's tables
 
-SCHEDULERS = {"wso": "WSO", "wsd": "WSD", "linear": "Linear", "cosine": "Cosine"}
+SCHEDULERS = {"wso": "WSO", "wsd": "WSD", "linear": "Linear", "cosine": "Cosine", "wso+cooldown": "WSO + cooldown"}
 # (key, lower is better, format) of the three compared metrics
 METRICS = [("valid_loss", True, "+.3f"), ("task_avg", False, "+.1f"), ("sft_task_avg", False, "+.1f")]
 

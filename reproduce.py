@@ -5,6 +5,7 @@ and write the paper's tables and figures (Tables 1-2, Figures 1-4) to results/.
     python reproduce.py                          # Experiment 1 on the offline testbed, seed 0
     python reproduce.py --seeds=0,1,2            # the same over three seeds (mean +- std)
     python reproduce.py --experiment=mid         # Experiment 2: pre-training -> mid-training -> SFT
+    python reproduce.py --experiment=decay-free  # WSO vs WSO + cooldown vs WSO + merge (WSM)
     python reproduce.py --help                   # every option
 
 Experiment 1 (Section 3, Table 1): WSO (alpha_pre = 1.0) and WSD, Linear, Cosine with
@@ -13,14 +14,20 @@ sharpness recorded during training (Figure 3); each final checkpoint goes throug
 LR sweep (sft.py: the LR is chosen on the selection people, the score is on the test people)
 and the zero-shot probes (evaluate.py). Experiment 2 (Section 4, Table 2): WSD pre-training
 with alpha_pre in {1.0, 0.1}, then mid-training with alpha_mid in {1.0, 0.0}, then the same.
+Decay-free: one WSO run keeping a checkpoint every M/5 steps over its last M = T/4; then the
+WSO model, a cooldown branched at step T - M (train.py --stage=cooldown, to 0 over M steps:
+WSD's budget and data), and a WSM merge (merge.py) of those 6 checkpoints for each decay
+shape, each through sharpness.py, evaluation and the SFT sweep (table_decay_free.md).
 
 Every stage is a command of this repo (printed, its output in a .log beside its run), and
 is skipped when its output is complete: a rerun picks up where an interrupted one stopped
 (an unfinished pre-training run resumes from its checkpoint, a sweep from its last finished
 LR). Writes, in --out_dir (default results/):
-    table1.md / table2.md   the paper's layout: difference from the best decay-based schedule
-                            per column, then absolute values; mean +- std over seeds
+    table1.md / table2.md / table_decay_free.md     per experiment, the paper's layout: the
+                            difference from the best decay-based schedule per column, then
+                            absolute values; mean +- std over seeds
     results.json            every number of every run and seed, and the Pearson r of Figure 4
+                            (results_mid.json, results_decay_free.json for the others)
     fig1_schedules.png, fig2_midtraining.png     the schedules (schedules.py)
     fig3_sharpness_pretrain.png, fig3_sharpness_sft.png   sharpness during pre-training
     fig4_sharpness_vs_sft.png                    post-SFT score against final sharpness
@@ -72,7 +79,7 @@ SCALES = {
 
 @dataclass
 class ReproduceConfig:
-    experiment: str = "pre"  # pre (Table 1) | mid (Table 2)
+    experiment: str = "pre"  # pre (Table 1) | mid (Table 2) | decay-free (WSO vs cooldown vs merge)
     scale: str = "cpu"  # cpu (the testbed) | gpu (FineWeb-Edu, Tulu 3, lm-eval tasks)
     seeds: str = "0"  # comma-separated training seeds; everything is repeated per seed
     schedules: str = ""  # a subset of the grid, e.g. wso,wsd_a0.1 (run names); empty: all
@@ -85,8 +92,8 @@ class ReproduceConfig:
     verbose: bool = False  # stream every stage's output instead of one line per stage
 
     def __post_init__(self):
-        if self.experiment not in ("pre", "mid"):
-            raise ValueError(f"experiment={self.experiment!r}; choose pre or mid")
+        if self.experiment not in ("pre", "mid", "decay-free"):
+            raise ValueError(f"experiment={self.experiment!r}; choose pre, mid or decay-free")
         if self.scale not in SCALES:
             raise ValueError(f"scale={self.scale!r}; choose one of {sorted(SCALES)}")
         try:
@@ -119,6 +126,9 @@ def plan(cfg):
     stages = []
     for seed in [int(s) for s in cfg.seeds.split(",")]:
         seed_dir = os.path.join(cfg.runs_dir, f"seed{seed}")
+        if cfg.experiment == "decay-free":
+            stages += decay_free_plan(cfg, seed, seed_dir, train, sft, scale)
+            continue
         if cfg.experiment == "pre":
             grid = [(run_name(s, a), s, a, None) for s, a in EXPERIMENT_1]
         else:
@@ -154,17 +164,61 @@ def plan(cfg):
     return stages
 
 
+MERGE_SHAPES = ("linear", "cosine", "1-sqrt", "inverse-sqrt")
+
+
+def decay_free_plan(cfg, seed, seed_dir, train, sft, scale):
+    """One WSO run keeping checkpoints over its last quarter; a cooldown branch and a merge per
+    decay shape from them; then sharpness, evaluation and SFT of each final model."""
+    total = train["max_iters"]
+    cool = max(5, total // 4 // 5 * 5)  # the last M steps, M a multiple of the 5 merge intervals
+    keep, branch = cool // 5, total - cool
+    wso_dir = os.path.join(seed_dir, "wso_kept")
+    stages = [("pre-train", wso_dir, ["train.py", *flags({**train, "schedule": "wso", "seed": seed,
+                                                          "keep_every": keep, "out_dir": wso_dir})], total)]
+    kept = [os.path.join(wso_dir, f"ckpt_{step:06d}.pt") for step in range(branch, total + 1, keep)]
+    finals = {"wso": wso_dir}
+    cool_dir = os.path.join(seed_dir, "wso_cooldown")
+    stages.append(("cooldown", cool_dir, ["train.py", *flags(
+        {**train, "schedule": "wso", "seed": seed, "stage": "cooldown", "alpha": 0.0, "max_iters": cool,
+         "sharpness_interval": 0, "init_from": kept[0], "out_dir": cool_dir})], total))
+    finals["wso_cooldown"] = cool_dir
+    for shape in MERGE_SHAPES:
+        merge_dir = os.path.join(seed_dir, f"wso_merge_{shape}")
+        stages.append(("merge", merge_dir, ["merge.py", f"--ckpts={','.join(kept)}", f"--shape={shape}",
+                                            f"--out={os.path.join(merge_dir, 'ckpt.pt')}"], None))
+        finals[f"wso_merge_{shape}"] = merge_dir
+    wanted = set(cfg.schedules.split(",")) - {""}
+    if wanted - set(finals):
+        raise SystemExit(f"error: --schedules names {sorted(wanted - set(finals))}; the grid has {list(finals)}")
+    for name, run_dir in finals.items():
+        if wanted and name not in wanted:
+            continue
+        ckpt = os.path.join(run_dir, "ckpt.pt")
+        stages.append(("sharpness", run_dir, ["sharpness.py", f"--ckpt={ckpt}", "--num_batches=4", "--num_samples=20",
+                                              f"--out={os.path.join(run_dir, 'sharpness.json')}"], None))
+        stages.append(("evaluate", run_dir, ["evaluate.py", *flags(
+            {**scale["eval"], "ckpt": ckpt, "out": os.path.join(run_dir, "eval.json"), "limit": cfg.eval_limit})], None))
+        stages.append(("SFT", run_dir, ["sft.py", *flags(
+            {**sft, "seed": seed, "init_from": ckpt, "out_dir": os.path.join(run_dir, "sft")})], None))
+    return stages
+
+
 def is_done(kind, run_dir, steps):
     """Whether a stage's output is complete: a final checkpoint, eval.json, summary.json."""
-    if kind in ("pre-train", "mid-train"):
+    if kind in TRAINING:
         path = os.path.join(run_dir, "ckpt.pt")
         return os.path.isfile(path) and torch.load(path, map_location="cpu", weights_only=False)["step"] >= steps
-    return os.path.isfile(os.path.join(run_dir, "eval.json" if kind == "evaluate" else "sft/summary.json"))
+    return os.path.isfile(os.path.join(run_dir, OUTPUT[kind]))
+
+
+TRAINING = ("pre-train", "mid-train", "cooldown")
+OUTPUT = {"evaluate": "eval.json", "SFT": "sft/summary.json", "merge": "ckpt.pt", "sharpness": "sharpness.json"}
 
 
 def run_stage(kind, run_dir, command, steps, verbose):
     """Run one stage as a subprocess; an interrupted training run resumes from its checkpoint."""
-    if kind in ("pre-train", "mid-train") and os.path.isfile(os.path.join(run_dir, "ckpt.pt")):
+    if kind in TRAINING and os.path.isfile(os.path.join(run_dir, "ckpt.pt")):
         command = [arg for arg in command if not arg.startswith("--init_from=")] + ["--init_from=resume"]
     os.makedirs(run_dir, exist_ok=True)
     log = os.path.join(run_dir, kind.replace("-", "") + ".log")
@@ -179,7 +233,8 @@ def run_stage(kind, run_dir, command, steps, verbose):
 
 
 # Relative cost of each kind of stage on the testbed (measured), for the study's ETA
-COST = {"pre-train": 1.0, "mid-train": 0.5, "evaluate": 0.1, "SFT": 1.1}
+COST = {"pre-train": 1.0, "mid-train": 0.5, "cooldown": 0.3, "merge": 0.02, "sharpness": 0.1, "evaluate": 0.1,
+        "SFT": 1.1}
 
 
 def run_all(cfg):
@@ -211,8 +266,14 @@ def collect(cfg):
             ev = json.load(f)
         with open(os.path.join(run_dir, "sft", "summary.json")) as f:
             sft = json.load(f)
-        log = read_jsonl(os.path.join(os.path.dirname(run_dir) if "_mid_" in run_dir else run_dir, "log.jsonl"))
-        sharp = [r for r in log if "sharpness_pretrain" in r]
+        # sharpness: recorded during pre-training (log.jsonl), or measured after (sharpness.json)
+        log = os.path.join(run_dir, "log.jsonl")
+        sharp = [r for r in read_jsonl(log) if "sharpness_pretrain" in r] if os.path.isfile(log) else []
+        measured = os.path.join(run_dir, "sharpness.json")
+        if os.path.isfile(measured):
+            with open(measured) as f:
+                results = json.load(f)["results"]
+            sharp = [{"step": None, **{f"sharpness_{k}": v["trace"] for k, v in results.items()}}]
         tasks = MT_TASKS if ev["stage"] == "mid" else PT_TASKS
         seed, name = run_dir.split(os.sep)[-2:]
         best = next((r for r in sft["runs"] if r["lr"] == sft["best_lr"]), {})
@@ -225,7 +286,8 @@ def collect(cfg):
             "sft_val_loss": best.get("val_loss"),
             "sharpness_pretrain": sharp[-1]["sharpness_pretrain"] if sharp else None,
             "sharpness_sft": sharp[-1].get("sharpness_sft") if sharp else None,
-            "sharpness_curve": [(r["step"], r["sharpness_pretrain"], r.get("sharpness_sft")) for r in sharp],
+            "sharpness_curve": [(r["step"], r["sharpness_pretrain"], r.get("sharpness_sft")) for r in sharp
+                                if r["step"] is not None],
             "run_dir": run_dir})
     return rows
 
@@ -244,6 +306,16 @@ def mean_std(values, spec, sign=False):
     return text + (f" ± {np.std(values, ddof=1):{spec.lstrip('+')}}" if len(values) > 1 else "")
 
 
+def scheduler(schedule):
+    if schedule.startswith("wso+merge "):
+        return f"WSO + merge ({schedule.split(' ', 1)[1]})"
+    return SCHEDULERS.get(schedule, schedule)
+
+
+def fmt_alpha(alpha):
+    return "–" if alpha is None else f"{alpha:.1f}"
+
+
 def table(rows, mid):
     """The paper's layout: per metric, each run's difference from the best decay-based run
     (computed per seed, then mean +- std over seeds), best in bold; then absolute values."""
@@ -251,10 +323,10 @@ def table(rows, mid):
     names = sorted({r["run"] for r in rows}, key=lambda n: [r["run"] for r in rows].index(n))
     by = {(r["run"], r["seed"]): r for r in rows}
     seeds = sorted({r["seed"] for r in rows})
-    label = lambda r: [SCHEDULERS.get(r["schedule"], r["schedule"]), f"{r['alpha_pre']:.1f}"] + (  # noqa: E731
-        [f"{r['alpha_mid']:.1f}"] if mid else [])
+    label = lambda r: [scheduler(r["schedule"]), fmt_alpha(r["alpha_pre"])] + (  # noqa: E731
+        [fmt_alpha(r["alpha_mid"])] if mid else [])
     header = ["Scheduler", "α_pre"] + (["α_mid"] if mid else [])
-    constant = lambda r: r["alpha_pre"] == 1.0 and r["alpha_mid"] in (None, 1.0)  # noqa: E731
+    constant = lambda r: (r["schedule"] == "wso" or r["alpha_pre"] == 1.0) and r["alpha_mid"] in (None, 1.0)  # noqa: E731
     compared = METRICS[:4]
     deltas = {}
     for key, _, lower, _ in compared:
@@ -288,13 +360,13 @@ def table(rows, mid):
     return relative, absolute
 
 
-def figures(rows, cfg, out_dir):
+def figures(rows, out_dir, suffix=""):
     """Figures 1-2 (schedules), 3 (sharpness during pre-training, mean over seeds with the
     seed-to-seed standard error, or the estimator's with one seed) and 4 (post-SFT score
     against final pre-training sharpness, one point per run averaged over seeds)."""
     written = dict(zip(("fig1", "fig2"), plot_figures(out_dir)))
     names = list(dict.fromkeys(r["run"] for r in rows))
-    label = {n: next(f"{SCHEDULERS.get(r['schedule'], r['schedule'])} a={r['alpha_pre']:g}"
+    label = {n: next(scheduler(r["schedule"]) + (f" a={r['alpha_pre']:g}" if r["alpha_pre"] is not None else "")
                      + (f" mid a={r['alpha_mid']:g}" if r["alpha_mid"] is not None else "") for r in rows if r["run"] == n)
              for n in names}
     for column, data in ((1, "pretrain"), (2, "sft")):
@@ -315,7 +387,7 @@ def figures(rows, cfg, out_dir):
             t_stable = wsd_t_stable(warmup_iters=train["warmup_iters"], max_iters=train["max_iters"],
                                     stable_ratio=train["stable_ratio"])
             written[f"fig3_{data}"] = plot_sharpness_curves(curves, t_stable,
-                                                            os.path.join(out_dir, f"fig3_sharpness_{data}.png"))
+                                                            os.path.join(out_dir, f"fig3_sharpness_{data}{suffix}.png"))
     points = {}
     for n in names:
         mine = [r for r in rows if r["run"] == n and r["sharpness_pretrain"] is not None and r["sft_task_avg"] is not None]
@@ -323,7 +395,7 @@ def figures(rows, cfg, out_dir):
             points[label[n]] = (float(np.mean([r["sharpness_pretrain"] for r in mine])),
                                 float(np.mean([r["sft_task_avg"] for r in mine])))
     if len(points) >= 2:
-        path = os.path.join(out_dir, "fig4_sharpness_vs_sft.png")
+        path = os.path.join(out_dir, f"fig4_sharpness_vs_sft{suffix}.png")
         written["fig4"], written["pearson_r"] = path, plot_sharpness_vs_score(points, path)
     return written
 
@@ -334,21 +406,25 @@ def report(cfg):
     mid = cfg.experiment == "mid"
     relative, absolute = table(rows, mid)
     seeds = sorted({r["seed"] for r in rows})
-    number = 2 if mid else 1
-    text = (f"## Table {number} analogue ({'mid-training' if mid else 'pre-training'} -> SFT), "
-            f"{cfg.scale} scale, seeds {','.join(map(str, seeds))}\n\n"
+    title, file = {"pre": ("Table 1 analogue (pre-training -> SFT)", "table1.md"),
+                   "mid": ("Table 2 analogue (mid-training -> SFT)", "table2.md"),
+                   "decay-free": ("Decay-free alternatives (WSO, WSO + cooldown, WSO + merge -> SFT)",
+                                  "table_decay_free.md")}[cfg.experiment]
+    text = (f"## {title}, {cfg.scale} scale, seeds {','.join(map(str, seeds))}\n\n"
             f"Δ from the best decay-based schedule per column and seed, then mean ± std over seeds; "
             f"best mean in bold.\n\n{relative}\n\nAbsolute values (mean ± std over seeds; task scores x 100; "
-            f"sharpness = Hessian trace at the end of pre-training):\n\n{absolute}\n")
-    table_path = os.path.join(cfg.out_dir, f"table{number}.md")
+            f"sharpness = Hessian trace of the final pre-training model):\n\n{absolute}\n")
+    table_path = os.path.join(cfg.out_dir, file)
     write_atomic(table_path, text.encode())
-    written = figures(rows, cfg, cfg.out_dir) if not mid else dict(zip(("fig1", "fig2"), plot_figures(cfg.out_dir)))
+    suffix = {"pre": "", "mid": "_mid", "decay-free": "_decay_free"}[cfg.experiment]
+    written = figures(rows, cfg.out_dir, suffix)
     results = {"config": asdict(cfg), "scale": SCALES[cfg.scale], "rows": rows,
                "pearson_r_sharpness_vs_sft": written.get("pearson_r"),
                "files": [table_path, *[v for k, v in written.items() if k != "pearson_r"]]}
-    write_atomic(os.path.join(cfg.out_dir, "results.json"), (json.dumps(results, indent=1) + "\n").encode())
+    results_path = os.path.join(cfg.out_dir, f"results{suffix}.json")
+    write_atomic(results_path, (json.dumps(results, indent=1) + "\n").encode())
     print(text)
-    print(f"wrote {', '.join(results['files'])} and {os.path.join(cfg.out_dir, 'results.json')}")
+    print(f"wrote {', '.join(results['files'])} and {results_path}")
     return results
 
 

@@ -391,6 +391,9 @@ def test_schedule_of_pre_mid_and_sft_checkpoints(tmp_path):
     assert evaluate.schedule_of({"config": {"stage": "sft"}, "init_config": mid}) == ("wsd", 0.1, 0.0)
     gone = {**mid, "init_from": str(tmp_path / "elsewhere" / "ckpt.pt")}
     assert evaluate.schedule_of({"config": gone}) == (None, None, 0.0)
+    wso = {"stage": "pre", "schedule": "wso", "alpha": 0.1}  # merge.py keeps the newest source's config
+    assert evaluate.schedule_of({"config": wso, "merge": {"shape": "1-sqrt"}}) == ("wso+merge 1-sqrt", None, None)
+    assert evaluate.schedule_of({"config": {**wso, "stage": "cooldown", "alpha": 0.0}}) == ("wso+cooldown", 0.0, None)
 
 
 def test_judge_is_loaded_from_module_and_name():

@@ -1,0 +1,82 @@
+"""reproduce.py end to end at a toy size: every stage runs as its real command, every output
+file is written with the expected rows, and a rerun skips finished work."""
+
+import json
+import os
+
+import pytest
+
+import reproduce
+from reproduce import ReproduceConfig
+
+TOY = dict(max_iters=8, sft_lrs="1e-3", sft_epochs=1, eval_limit=16)
+
+
+def rows_of_markdown(path):
+    lines = open(path).read().splitlines()
+    return [line for line in lines if line.startswith("| ") and not line.startswith("| Scheduler")]
+
+
+def test_experiment_1_writes_tables_figures_json_and_reruns_nothing(tmp_path, monkeypatch):
+    cfg = ReproduceConfig(schedules="wso,cosine_a0.1", runs_dir=str(tmp_path / "runs"),
+                          out_dir=str(tmp_path / "results"), **TOY)
+    results = reproduce.main(cfg)
+
+    out = tmp_path / "results"
+    for name in ["table1.md", "results.json", "fig1_schedules.png", "fig2_midtraining.png",
+                 "fig3_sharpness_pretrain.png", "fig3_sharpness_sft.png", "fig4_sharpness_vs_sft.png"]:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    rows = {r["run"]: r for r in results["rows"]}
+    assert sorted(rows) == ["cosine_a0.1", "wso"] and all(r["seed"] == 0 for r in rows.values())
+    for r in rows.values():
+        for key in ("valid_loss", "task_avg", "sft_task_avg", "sft_val_loss", "sharpness_pretrain", "sharpness_sft"):
+            assert isinstance(r[key], float), (r["run"], key)
+        assert [step for step, *_ in r["sharpness_curve"]] == [8]  # sharpness_interval 50 > 8: the end only
+    assert (rows["wso"]["schedule"], rows["wso"]["alpha_pre"]) == ("wso", 1.0)
+    assert (rows["cosine_a0.1"]["schedule"], rows["cosine_a0.1"]["alpha_pre"]) == ("cosine", 0.1)
+    assert json.load(open(out / "results.json"))["rows"] == json.loads(json.dumps(results["rows"]))
+
+    # Table 1 layout: 2 relative rows + 2 absolute rows; the reference (the only decay-based
+    # run) has differences 0, WSO its own difference from it.
+    table = rows_of_markdown(out / "table1.md")
+    assert len(table) == 4 and table[0].startswith("| WSO | 1.0 |") and table[1].startswith("| Cosine | 0.1 |")
+    delta = rows["wso"]["valid_loss"] - rows["cosine_a0.1"]["valid_loss"]
+    assert f"{delta:+.3f}" in table[0] and "+0.000" in table[1]
+
+    # A rerun finds every stage done: nothing runs, the same numbers come out.
+    monkeypatch.setattr(reproduce, "run_stage", lambda *a: pytest.fail(f"finished stage rerun: {a[:2]}"))
+    assert reproduce.main(cfg)["rows"] == results["rows"]
+
+    # An unfinished stage (a lost SFT summary) is the only one rerun.
+    os.remove(tmp_path / "runs" / "seed0" / "wso" / "sft" / "summary.json")
+    ran = []
+    monkeypatch.setattr(reproduce, "run_stage", lambda kind, run_dir, *a: ran.append((kind, run_dir)))
+    with pytest.raises(FileNotFoundError):  # the fake stage wrote nothing, so the report cannot be made
+        reproduce.main(cfg)
+    assert ran == [("SFT", str(tmp_path / "runs" / "seed0" / "wso"))]
+
+
+def test_decay_free_branches_and_merges_one_wso_run(tmp_path):
+    cfg = ReproduceConfig(experiment="decay-free", schedules="wso_cooldown,wso_merge_linear",
+                          runs_dir=str(tmp_path / "runs"), out_dir=str(tmp_path / "results"), **{**TOY, "max_iters": 20})
+    results = reproduce.main(cfg)
+    seed = tmp_path / "runs" / "seed0"
+    # M = 5 cooldown steps from step 15; checkpoints kept every step over the last 5
+    assert sorted(p.name for p in (seed / "wso_kept").glob("ckpt_*.pt")) == [f"ckpt_{s:06d}.pt" for s in range(1, 21)]
+    rows = {r["run"]: r for r in results["rows"]}
+    assert rows["wso_cooldown"]["schedule"] == "wso+cooldown" and rows["wso_cooldown"]["alpha_pre"] == 0.0
+    assert rows["wso_merge_linear"]["schedule"] == "wso+merge linear"
+    for r in rows.values():
+        assert isinstance(r["sharpness_pretrain"], float) and isinstance(r["sft_task_avg"], float)
+    table = rows_of_markdown(tmp_path / "results" / "table_decay_free.md")
+    assert [line.split(" | ")[0] for line in table] == ["| WSO + cooldown", "| WSO + merge (linear)"] * 2
+    assert (tmp_path / "results" / "results_decay_free.json").is_file()
+
+
+def test_bad_arguments_say_what_to_do():
+    with pytest.raises(ValueError, match="choose pre, mid or decay-free"):
+        ReproduceConfig(experiment="post")
+    with pytest.raises(ValueError, match="comma-separated integers"):
+        ReproduceConfig(seeds="zero")
+    with pytest.raises(SystemExit, match="the grid has"):
+        reproduce.plan(ReproduceConfig(schedules="wso,adam"))
