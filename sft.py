@@ -86,6 +86,8 @@ class SFTConfig:
     global_batch_size: int = 32  # sequences per update (the paper: 128)
     batch_size: int = 32  # sequences per micro-batch; global_batch_size / batch_size micro-batches per update
     seq_len: int = 2048  # render(max_len=seq_len): a longer conversation is cut; cut conversations are counted
+    max_train: int = 0  # Tulu 3 or a file: only the first N training conversations of the seeded split (0: all)
+    max_val: int = 0  # likewise for the validation conversations that choose the LR (0: all)
     # AdamW (Table 8), a fresh state: SFT starts a new optimization
     weight_decay: float = 0.0  # Table 8
     beta1: float = 0.9  # Table 8 gives no betas or eps: pre-training's (Table 6)
@@ -188,7 +190,8 @@ def load_data(cfg, tokenizer):
         conversations = load_messages(cfg.dataset)
         if not conversations:
             raise SystemExit(f"error: data set {cfg.dataset!r} has no conversations")
-        return *split_train_val(conversations, cfg.seed), None
+        train, val = split_train_val(conversations, cfg.seed)
+        return train[:cfg.max_train or None], val[:cfg.max_val or None], None
     try:
         testbed_tokenizer = Tokenizer.from_dict(load_meta(testbed)["tokenizer"])
     except FileNotFoundError as e:

@@ -285,3 +285,10 @@ def test_bad_inputs_are_clear_errors(testbed, pretrained, tmp_path):
                           (["--select_by=alpaca_eval"], "select_by"), (["--lr=1e-3"], "unknown option")):
         with pytest.raises(SystemExit, match=message):
             parse_args(SFTConfig, argv)
+
+
+def test_max_train_and_max_val_keep_a_prefix_of_the_seeded_split():
+    tokenizer = Tokenizer.from_dict(Tokenizer.covering(["hello"]).to_dict())
+    full_train, full_val, _ = sft.load_data(SFTConfig(init_from="x", dataset=TULU_SAMPLE), tokenizer)
+    train, val, testbed = sft.load_data(SFTConfig(init_from="x", dataset=TULU_SAMPLE, max_train=3, max_val=1), tokenizer)
+    assert testbed is None and train == full_train[:3] and val == full_val[:1] and len(full_train) > 3
