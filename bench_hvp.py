@@ -4,13 +4,16 @@ How much does one Hessian-vector product cost? (the price of sharpness.py, Secti
 Each row times a full Hutchinson step (draw z, H z, z^T H z in float64) per probe,
 as a multiple of one forward + backward with fused attention (what training pays):
 
-    sharpness.py       torch.func.vjp(torch.func.grad(L)): gradient graph built once
-                       per batch, reused by every probe (reverse-over-reverse)
-    jvp(grad)          torch.func.jvp(torch.func.grad(L)) per probe: recomputes the
-                       forward and backward for every probe (forward-over-reverse)
-    vmap x4            sharpness.py's HVP vmapped over 4 probes at a time
-    PyHessian          autograd.grad(create_graph=True) once, then
-                       autograd.grad(g . z, retain_graph=True) per probe
+    sharpness.py (auto)  hutchinson_trace as model_sharpness calls it at this T: the
+                         vmap width of auto_probes_per_call(tokens), 4 or 1 (one of the
+                         next two rows, timed again)
+    vjp(grad) x1         torch.func.vjp(torch.func.grad(L)): gradient graph built once
+                         per batch, reused by every probe (reverse-over-reverse)
+    vmap x4              the same HVP vmapped over 4 probes at a time (probes_per_call=4)
+    jvp(grad)            torch.func.jvp(torch.func.grad(L)) per probe: recomputes the
+                         forward and backward for every probe (forward-over-reverse)
+    PyHessian            autograd.grad(create_graph=True) once, then
+                         autograd.grad(g . z, retain_graph=True) per probe
 
 Every HVP runs with the math SDPA backend (fused kernels have no double backward);
 the gap to the reference includes materializing the T x T attention matrices.
@@ -28,11 +31,11 @@ import statistics
 import time
 
 import torch
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import functional_call, grad, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from model import Llama, build_config
-from sharpness import hessian_vector_product, hutchinson_trace, rademacher_like
+from sharpness import auto_probes_per_call, hutchinson_trace, rademacher_like
 
 
 def quadratic_form(z, hz):
@@ -56,17 +59,6 @@ def jvp_of_grad(loss_fn, params, num_probes, generator):
             quadratic_form(z, jvp(grad(loss_fn), (params,), (z,))[1])
 
 
-def vmapped(loss_fn, params, num_probes, generator, width=4):
-    with sdpa_kernel(SDPBackend.MATH):
-        hvp = vmap(hessian_vector_product(loss_fn, params))
-        for _ in range(0, num_probes, width):
-            probes = [rademacher_like(params, generator) for _ in range(width)]
-            z = {n: torch.stack([p[n] for p in probes]) for n in params}  # (width, *shape)
-            with torch.no_grad():
-                hz = hvp(z)
-            [quadratic_form({n: z[n][i] for n in z}, {n: hz[n][i] for n in z}) for i in range(width)]
-
-
 def bench(seq_len, args, clock):
     torch.manual_seed(0)
     model = Llama(build_config("tiny", vocab_size=args.vocab_size, max_seq_len=seq_len)).eval()
@@ -82,10 +74,13 @@ def bench(seq_len, args, clock):
         model(x, y)[1].backward()
 
     few = min(args.probes, 5)  # jvp(grad) does not amortize anything: a few probes suffice
+    auto = auto_probes_per_call(x.numel())  # what model_sharpness uses for this batch
+    print(f"  T={seq_len}: sharpness.py (auto) runs probes_per_call={auto}")
     methods = {
-        "sharpness.py": (args.probes, lambda n, g: hutchinson_trace(loss_fn, params, n, g)),
+        "sharpness.py (auto)": (args.probes, lambda n, g: hutchinson_trace(loss_fn, params, n, g, auto)),
+        "vjp(grad) x1": (args.probes, lambda n, g: hutchinson_trace(loss_fn, params, n, g, 1)),
+        "vmap x4": (args.probes, lambda n, g: hutchinson_trace(loss_fn, params, n, g, 4)),
         "jvp(grad)": (few, lambda n, g: jvp_of_grad(loss_fn, params, n, g)),
-        "vmap x4": (args.probes, lambda n, g: vmapped(loss_fn, params, n, g)),
         "PyHessian": (args.probes, lambda n, g: pyhessian(loss_fn, params, n, g)),
     }
     for num_probes, run in methods.values():  # warm up: first calls pay one-time costs

@@ -9,7 +9,8 @@ E[z z^T] = I makes each z^T H z an unbiased sample of Tr(H); its variance is
 2 (||H||_F^2 - sum_i H_ii^2), so we report the mean with its standard error.
 H z is a Hessian-vector product (HVP): the vector-Jacobian product of the gradient,
 torch.func.vjp(torch.func.grad(L)): the gradient and its graph are built once per batch
-and every probe back-propagates through them. bench_hvp.py measures this against the
+and every probe back-propagates through them; on short batches torch.func.vmap sends a
+few probes through at once (auto_probes_per_call). bench_hvp.py measures this against the
 alternatives (jvp of grad per probe; vmap over probes; PyHessian's double backward).
 
 Measurement (Appendix H): per batch b, t_b = Tr of the Hessian of that batch's loss,
@@ -38,7 +39,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.func import functional_call, grad, vjp
+from torch.func import functional_call, grad, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from common import Eta, format_duration, load_checkpoint, parse_args, resolve_device
@@ -76,28 +77,48 @@ def rademacher_like(params, generator=None):
     return {name: z.view_as(p).to(p) for (name, p), z in zip(params.items(), signs.split(sizes))}
 
 
-def hutchinson_trace(loss_fn, params, num_samples, generator=None):
+def hutchinson_trace(loss_fn, params, num_samples, generator=None, probes_per_call=1):
     """Eq. 12: (trace, stderr) of the Hessian of loss_fn(params) from num_samples
     Rademacher probes drawn from `generator` (a torch.Generator; None draws from torch's
     global generator, as torch.randint does). z^T H z is accumulated in float64; stderr
     is the sample standard deviation / sqrt(num_samples), nan for a single probe (a
     spread cannot be estimated from one sample). The same generator state gives the
-    same result bit for bit."""
-    if num_samples < 1:
-        raise ValueError(f"num_samples={num_samples} must be >= 1")
+    same result bit for bit.
+
+    probes_per_call > 1 stacks that many probes and torch.func.vmap's the HVP over
+    them: one batched backward pass instead of several (the last chunk takes what is
+    left). The probes are drawn one by one in the same order either way, so the
+    estimate agrees with probes_per_call=1 to rounding."""
+    if num_samples < 1 or probes_per_call < 1:
+        raise ValueError(f"num_samples={num_samples} and probes_per_call={probes_per_call} must be >= 1")
     samples = []
     # Fused SDPA kernels have neither double backward nor forward-mode AD
     # (PyTorch issues 116350, 128971): the HVP needs the math backend.
     with sdpa_kernel(SDPBackend.MATH):
         hvp = hessian_vector_product(loss_fn, params)
-        for _ in range(num_samples):
-            z = rademacher_like(params, generator)
+        for start in range(0, num_samples, probes_per_call):
+            probes = [rademacher_like(params, generator) for _ in range(min(probes_per_call, num_samples - start))]
             with torch.no_grad():
-                hz = hvp(z)
-                samples.append(sum((z[n].double() * hz[n].double()).sum() for n in params).item())  # z^T H z
+                if len(probes) > 1:
+                    z = {n: torch.stack([p[n] for p in probes]) for n in params}  # (probes, *shape)
+                    hz = vmap(hvp)(z)
+                else:  # one probe: no copy, no vmap, just a leading dimension of 1
+                    z = {n: t.unsqueeze(0) for n, t in probes[0].items()}
+                    hz = {n: t.unsqueeze(0) for n, t in hvp(probes[0]).items()}
+                # z^T H z of every probe of the chunk
+                zhz = sum((z[n].double() * hz[n].double()).flatten(1).sum(1) for n in params)
+            samples.extend(zhz.tolist())
     samples = np.array(samples)
     stderr = samples.std(ddof=1) / math.sqrt(num_samples) if num_samples > 1 else float("nan")
     return float(samples.mean()), float(stderr)
+
+
+def auto_probes_per_call(tokens):
+    """How many probes to vmap together for a batch of `tokens` positions (padding
+    included). bench_hvp.py, tiny preset on CPU: per probe, 4 vmapped probes cost 2.1x a
+    forward+backward against 2.35x one at a time at 256 tokens with 2 threads (a tie with
+    1 thread), and 8-10x against 3.8x at 1024 tokens. So: 4 up to 256 tokens, else 1."""
+    return 4 if tokens <= 256 else 1
 
 
 # ---------------------------------------------------------------- model sharpness
@@ -127,8 +148,10 @@ def batch_loss_fn(model, x, y):
     return lambda params: functional_call(model, params, (x, y), tie_weights=True)[1]
 
 
-def model_sharpness(model, batches, num_samples, seed=0, progress=None):
+def model_sharpness(model, batches, num_samples, seed=0, progress=None, probes_per_call=0):
     """Tr(H) of the model's loss averaged over `batches` [(x, y), ...] (Appendix H).
+    probes_per_call: probes vmapped together (hutchinson_trace); 0 picks
+    auto_probes_per_call(x.numel()) per batch. It changes the speed, not the probes.
     The model is measured in eval mode and left in the mode it came in; its weights,
     .grad fields and torch's global RNG are not touched. progress(done, total, record)
     is called after each batch. Returns a dict of every number (see LOSS_NORMALIZATION)."""
@@ -145,7 +168,8 @@ def model_sharpness(model, batches, num_samples, seed=0, progress=None):
             x, y = x.to(device), y.to(device)
             loss_fn = batch_loss_fn(model, x, y)
             generator = torch.Generator(device).manual_seed(seed + b)
-            trace, stderr = hutchinson_trace(loss_fn, params, num_samples, generator)
+            width = probes_per_call or auto_probes_per_call(x.numel())
+            trace, stderr = hutchinson_trace(loss_fn, params, num_samples, generator, width)
             with torch.no_grad():
                 loss = loss_fn(params).item()
             records.append({"trace": trace, "stderr": stderr, "loss": loss, "tokens": int((y != IGNORE).sum())})
@@ -332,12 +356,15 @@ class SharpnessConfig:
     num_batches: int = 8  # batches per data set (the paper: up to 4096)
     num_samples: int = 50  # Hutchinson probes per batch (the paper: 50)
     seed: int = 0  # batch b uses probe seed seed + b
+    probes_per_call: int = 0  # probes vmapped per HVP call; 0: auto (4 for <= 256 tokens a batch, else 1)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     out: str = ""  # JSON path; empty: sharpness.json next to the checkpoint
     figures: str = ""  # comma list of train.py run dirs: draw Figures 3-4 from them instead of measuring
     figures_dir: str = "."  # where the figures go
 
     def __post_init__(self):
+        if self.probes_per_call < 0:
+            raise ValueError(f"probes_per_call={self.probes_per_call} must be >= 0 (0: auto)")
         for name in ("batch_size", "num_batches", "num_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
@@ -412,7 +439,7 @@ def main(cfg):
                   f"(loss {record['loss']:.3f}, {record['tokens']} tokens) | ETA {eta(done)}", flush=True)
 
         eta(0)
-        results[name] = model_sharpness(model, batches, cfg.num_samples, cfg.seed, progress)
+        results[name] = model_sharpness(model, batches, cfg.num_samples, cfg.seed, progress, cfg.probes_per_call)
         results[name]["data"] = path
         r = results[name]
         print(f"{name}: sharpness Tr(H) = {r['trace']:.4g} +- {r['stderr']:.2g} (stderr over {r['stderr_over']}; "

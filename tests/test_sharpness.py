@@ -146,6 +146,20 @@ def test_probes_are_rademacher_and_seeded():
     assert all(torch.equal(z[n], again[n]) for n in z) and not torch.equal(z["a"], other["a"])
 
 
+
+def test_vmapped_probes_match_one_probe_at_a_time():
+    torch.manual_seed(1)
+    B = torch.randn(30, 30, dtype=torch.float64)
+    params = {"a": torch.zeros(10, dtype=torch.float64), "b": torch.zeros(4, 5, dtype=torch.float64)}
+    one = sharpness.hutchinson_trace(quadratic(B + B.T), params, 11, torch.Generator().manual_seed(5))
+    for width in (3, 4, 11, 20):  # 11 = 3+3+3+2 = 4+4+3: remainder chunks of 2 and 3
+        vmapped = sharpness.hutchinson_trace(quadratic(B + B.T), params, 11, torch.Generator().manual_seed(5),
+                                             probes_per_call=width)
+        assert vmapped == pytest.approx(one, rel=1e-10, abs=1e-10)
+    with pytest.raises(ValueError, match="probes_per_call"):
+        sharpness.hutchinson_trace(quadratic(B), params, 2, probes_per_call=0)
+
+
 # ------------------------------------------------------------------ model level
 
 def tiny_llama(dtype=torch.float64, tie=True, seed=0):
@@ -183,6 +197,17 @@ def test_tiny_llama_matches_the_exact_trace_and_counts_tied_weights_once():
         return functional_call(model, p, (x, y), tie_weights=False)[1]
     wrong = exact_hessian(embedding_only, params).trace().item()
     assert abs(wrong - result["trace"]) > 4 * result["stderr"], (wrong, result["trace"], result["stderr"])
+
+
+
+def test_tiny_llama_vmapped_probes_match_one_probe_at_a_time():
+    model = tiny_llama(torch.float32)
+    batches = [(torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 8))) for _ in range(2)]
+    assert sharpness.auto_probes_per_call(16) == 4 and sharpness.auto_probes_per_call(1024) == 1
+    one = sharpness.model_sharpness(model, batches, num_samples=6, seed=3, probes_per_call=1)
+    auto = sharpness.model_sharpness(model, batches, num_samples=6, seed=3)  # 16 tokens: chunks of 4 + 2
+    for a, b in zip(one["per_batch"] + [one], auto["per_batch"] + [auto]):
+        assert a["trace"] == pytest.approx(b["trace"], rel=1e-5) and a["stderr"] == pytest.approx(b["stderr"], rel=1e-5)
 
 
 def test_default_sdpa_backend_is_left_alone_outside_the_estimator():
