@@ -30,7 +30,8 @@ LR). Writes, in --out_dir (default results/):
                             (results_mid.json, results_decay_free.json for the others)
     fig1_schedules.png, fig2_midtraining.png     the schedules (schedules.py)
     fig3_sharpness_pretrain.png, fig3_sharpness_sft.png   sharpness during pre-training
-    fig4_sharpness_vs_sft.png                    post-SFT score against final sharpness
+    fig4_sharpness_vs_sft.png                    post-SFT score against final sharpness (held-out
+    fig4_sharpness_train_vs_sft.png              pre-training text, as the paper; training text)
 --scale=cpu sizes the testbed study for a 2-core CPU (Experiment 1: ~25 min per seed).
 --scale=gpu is Experiment 1 at the 125m preset on FineWeb-Edu, Tulu 3 and the lm-eval tasks;
 prepare the data first (README, "At GPU scale").
@@ -163,10 +164,20 @@ def plan(cfg):
             tasks = scale["mid_eval" if alpha_mid is not None else "eval"]
             stages.append(("evaluate", run_dir, ["evaluate.py", *flags(
                 {**tasks, "ckpt": ckpt, "out": os.path.join(run_dir, "eval.json"), "limit": cfg.eval_limit})], None))
+            stages.append(train_sharpness_stage(run_dir))
             stages.append(("SFT", run_dir, ["sft.py", *flags(
                 {**sft, "seed": seed, "init_from": ckpt, "out_dir": os.path.join(run_dir, "sft")})], None))
             stages += sft_eval_stage(cfg, run_dir)
     return stages
+
+
+def train_sharpness_stage(run_dir):
+    """Sharpness on the training text itself, where training sought its minimum (the paper
+    measures on held-out text; on the small testbed that is far from any minimum)."""
+    return ("sharpness (train)", run_dir, ["sharpness.py", f"--ckpt={os.path.join(run_dir, 'ckpt.pt')}",
+                                           "--datasets=pretrain", "--pretrain_split=train", "--num_batches=4",
+                                           "--num_samples=20", f"--out={os.path.join(run_dir, 'sharpness_train.json')}"],
+            None)
 
 
 def sft_eval_stage(cfg, run_dir):
@@ -214,6 +225,7 @@ def decay_free_plan(cfg, seed, seed_dir, train, sft, scale):
                                               f"--out={os.path.join(run_dir, 'sharpness.json')}"], None))
         stages.append(("evaluate", run_dir, ["evaluate.py", *flags(
             {**scale["eval"], "ckpt": ckpt, "out": os.path.join(run_dir, "eval.json"), "limit": cfg.eval_limit})], None))
+        stages.append(train_sharpness_stage(run_dir))
         stages.append(("SFT", run_dir, ["sft.py", *flags(
             {**sft, "seed": seed, "init_from": ckpt, "out_dir": os.path.join(run_dir, "sft")})], None))
         stages += sft_eval_stage(cfg, run_dir)
@@ -230,7 +242,7 @@ def is_done(kind, run_dir, steps):
 
 TRAINING = ("pre-train", "mid-train", "cooldown")
 OUTPUT = {"evaluate": "eval.json", "SFT": "sft/summary.json", "SFT eval": "sft_eval.json", "merge": "ckpt.pt",
-          "sharpness": "sharpness.json"}
+          "sharpness": "sharpness.json", "sharpness (train)": "sharpness_train.json"}
 
 
 def run_stage(kind, run_dir, command, steps, verbose):
@@ -242,7 +254,7 @@ def run_stage(kind, run_dir, command, steps, verbose):
             best = json.load(f)["best_ckpt"]
         command = [arg.replace("{best_ckpt}", best or "") for arg in command]
     os.makedirs(run_dir, exist_ok=True)
-    log = os.path.join(run_dir, kind.replace("-", "").replace(" ", "_") + ".log")
+    log = os.path.join(run_dir, "".join(c for c in kind.replace(" ", "_") if c.isalnum() or c == "_") + ".log")
     argv = [sys.executable, os.path.join(HERE, command[0]), *command[1:]]
     with open(log, "a") as f:
         f.write("$ " + " ".join(["python", *command]) + "\n")
@@ -255,7 +267,7 @@ def run_stage(kind, run_dir, command, steps, verbose):
 
 # Relative cost of each kind of stage on the testbed (measured), for the study's ETA
 COST = {"pre-train": 1.0, "mid-train": 0.5, "cooldown": 0.3, "merge": 0.02, "sharpness": 0.1, "evaluate": 0.1,
-        "SFT": 1.1, "SFT eval": 0.1}
+        "SFT": 1.1, "SFT eval": 0.1, "sharpness (train)": 0.1}
 
 
 def run_all(cfg):
@@ -298,6 +310,8 @@ def collect(cfg):
         tasks = MT_TASKS if ev["stage"] == "mid" else PT_TASKS
         seed, name = run_dir.split(os.sep)[-2:]
         best = next((r for r in sft["runs"] if r["lr"] == sft["best_lr"]), {})
+        with open(os.path.join(run_dir, "sharpness_train.json")) as f:
+            on_train = json.load(f)["results"]["pretrain"]
         rows.append({
             "run": name, "seed": int(seed[len("seed"):]), "schedule": ev["schedule"], "alpha_pre": ev["alpha_pre"],
             "alpha_mid": ev["alpha_mid"], "valid_loss": ev["tasks"]["val_loss"]["loss"],
@@ -307,6 +321,7 @@ def collect(cfg):
             "sft_val_loss": best.get("val_loss"),
             "sharpness_pretrain": sharp[-1]["sharpness_pretrain"] if sharp else None,
             "sharpness_sft": sharp[-1].get("sharpness_sft") if sharp else None,
+            "sharpness_train": on_train["trace"], "sharpness_train_stderr": on_train["stderr"],
             "sharpness_curve": [(r["step"], r["sharpness_pretrain"], r.get("sharpness_sft")) for r in sharp
                                 if r["step"] is not None],
             "run_dir": run_dir})
@@ -325,7 +340,8 @@ def sft_score(run_dir, summary):
 
 METRICS = [("valid_loss", "Valid Loss ↓", True, ".3f"), ("task_avg", "Task Avg", False, ".1f"),
            ("sft_task_avg", "SFT Task Avg", False, ".1f"), ("sft_val_loss", "SFT Valid Loss ↓", True, ".3f"),
-           ("sharpness_pretrain", "Sharpness (PT data)", None, ".1f"), ("sharpness_sft", "Sharpness (SFT data)", None, ".1f")]
+           ("sharpness_pretrain", "Sharpness (PT val)", None, ".0f"), ("sharpness_sft", "Sharpness (SFT data)", None, ".0f"),
+           ("sharpness_train", "Sharpness (PT train)", None, ".0f")]
 
 
 def mean_std(values, spec, sign=False):
@@ -419,15 +435,17 @@ def figures(rows, out_dir, suffix=""):
                                     stable_ratio=train["stable_ratio"])
             written[f"fig3_{data}"] = plot_sharpness_curves(curves, t_stable,
                                                             os.path.join(out_dir, f"fig3_sharpness_{data}{suffix}.png"))
-    points = {}
-    for n in names:
-        mine = [r for r in rows if r["run"] == n and r["sharpness_pretrain"] is not None and r["sft_task_avg"] is not None]
-        if mine:
-            points[label[n]] = (float(np.mean([r["sharpness_pretrain"] for r in mine])),
-                                float(np.mean([r["sft_task_avg"] for r in mine])))
-    if len(points) >= 2:
-        path = os.path.join(out_dir, f"fig4_sharpness_vs_sft{suffix}.png")
-        written["fig4"], written["pearson_r"] = path, plot_sharpness_vs_score(points, path)
+    for key, data in (("sharpness_pretrain", "pretraining val"), ("sharpness_train", "pretraining train")):
+        points = {}
+        for n in names:
+            mine = [r for r in rows if r["run"] == n and r[key] is not None and r["sft_task_avg"] is not None]
+            if mine:
+                points[label[n]] = (float(np.mean([r[key] for r in mine])),
+                                    float(np.mean([r["sft_task_avg"] for r in mine])))
+        if len(points) >= 2:
+            name = "fig4_sharpness_vs_sft" if key == "sharpness_pretrain" else "fig4_sharpness_train_vs_sft"
+            path = os.path.join(out_dir, f"{name}{suffix}.png")
+            written[name], written[f"pearson_r_{key}"] = path, plot_sharpness_vs_score(points, path, xlabel=data)
     return written
 
 
@@ -450,8 +468,8 @@ def report(cfg):
     suffix = {"pre": "", "mid": "_mid", "decay-free": "_decay_free"}[cfg.experiment]
     written = figures(rows, cfg.out_dir, suffix)
     results = {"config": asdict(cfg), "scale": SCALES[cfg.scale], "rows": rows,
-               "pearson_r_sharpness_vs_sft": written.get("pearson_r"),
-               "files": [table_path, *[v for k, v in written.items() if k != "pearson_r"]]}
+               "pearson_r": {k[len("pearson_r_"):]: v for k, v in written.items() if k.startswith("pearson_r_")},
+               "files": [table_path, *[v for k, v in written.items() if not k.startswith("pearson_r")]]}
     results_path = os.path.join(cfg.out_dir, f"results{suffix}.json")
     write_atomic(results_path, (json.dumps(results, indent=1) + "\n").encode())
     print(text)

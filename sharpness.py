@@ -209,14 +209,15 @@ def sharpness_during_training(raw_model, batches, num_samples, seed=0):
 
 # --------------------------------------------------------------------- batches
 
-def pretrain_batches(data_dir, seq_len, batch_size, num_batches):
-    """The first num_batches * batch_size windows of seq_len + 1 tokens of the val
-    split, in order (the same tokens for every checkpoint)."""
+def pretrain_batches(data_dir, seq_len, batch_size, num_batches, split="val"):
+    """The first num_batches * batch_size windows of seq_len + 1 tokens of the split
+    (val: held out, as the paper; train: where training sought a minimum), in order
+    (the same tokens for every checkpoint)."""
     needed = num_batches * batch_size * seq_len + 1  # read no more of the split than is used
-    tokens = np.concatenate([np.asarray(s[:needed]) for s in load_split(data_dir, "val")])[:needed]
+    tokens = np.concatenate([np.asarray(s[:needed]) for s in load_split(data_dir, split)])[:needed]
     num_windows = min((len(tokens) - 1) // seq_len, num_batches * batch_size) // batch_size * batch_size
     if num_windows == 0:
-        raise ValueError(f"the val split of {data_dir} has {len(tokens)} tokens, too few for one batch of "
+        raise ValueError(f"the {split} split of {data_dir} has {len(tokens)} tokens, too few for one batch of "
                          f"{batch_size} x {seq_len + 1}; lower --seq_len or --batch_size")
     ids = torch.from_numpy(tokens[:num_windows * seq_len + 1].astype(np.int64))
     x, y = ids[:-1].view(-1, seq_len), ids[1:].view(-1, seq_len)  # (windows, T)
@@ -275,7 +276,7 @@ def plot_sharpness_curves(runs, t_stable=None, path="sharpness_curves.png"):
     return path
 
 
-def plot_sharpness_vs_score(points, path="sharpness_vs_score.png"):
+def plot_sharpness_vs_score(points, path="sharpness_vs_score.png", xlabel="pre-training val"):
     """Figure 4: one point per schedule, SFT score against pre-training sharpness.
     points: {label: (sharpness, score)}. Returns Pearson's r (nan for < 2 points or
     no spread), also printed on the plot."""
@@ -293,7 +294,7 @@ def plot_sharpness_vs_score(points, path="sharpness_vs_score.png"):
     for label, sx, sy in zip(labels, sharpness, score):
         ax.annotate(label, (sx, sy), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_title(f"Pearson r = {r:.3f}")
-    ax.set_xlabel("sharpness (pre-training val)")
+    ax.set_xlabel(f"sharpness ({xlabel})")
     ax.set_ylabel("score after SFT")
     fig.tight_layout()
     fig.savefig(path, dpi=150)
@@ -350,6 +351,7 @@ class SharpnessConfig:
     ckpt: str = "out/ckpt.pt"  # checkpoint written by train.py
     datasets: str = "pretrain,sft"  # comma list: pretrain (val split) and/or sft (held-out conversations)
     pretrain_data: str = ""  # prepared data dir; empty: the checkpoint's training data set
+    pretrain_split: str = "val"  # val: held-out text (the paper) | train: the training text itself
     sft_data: str = ""  # jsonl of {"messages": [...]}; empty: sft_select.jsonl beside the testbed's corpus
     seq_len: int = 0  # tokens per sequence; 0: the checkpoint's training seq_len (the paper: 1024)
     batch_size: int = 1  # sequences per batch (the paper: 1)
@@ -365,6 +367,8 @@ class SharpnessConfig:
     def __post_init__(self):
         if self.probes_per_call < 0:
             raise ValueError(f"probes_per_call={self.probes_per_call} must be >= 0 (0: auto)")
+        if self.pretrain_split not in ("val", "train"):
+            raise ValueError(f"pretrain_split={self.pretrain_split!r}: use val or train")
         for name in ("batch_size", "num_batches", "num_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
@@ -425,7 +429,7 @@ def main(cfg):
     for name, path in data_sources(cfg, ckpt).items():
         try:
             if name == "pretrain":
-                batches = pretrain_batches(path, seq_len, cfg.batch_size, cfg.num_batches)
+                batches = pretrain_batches(path, seq_len, cfg.batch_size, cfg.num_batches, cfg.pretrain_split)
             else:
                 batches = sft_batches(path, tokenizer, seq_len, cfg.batch_size, cfg.num_batches)
         except (OSError, ValueError, KeyError) as e:
@@ -440,7 +444,7 @@ def main(cfg):
 
         eta(0)
         results[name] = model_sharpness(model, batches, cfg.num_samples, cfg.seed, progress, cfg.probes_per_call)
-        results[name]["data"] = path
+        results[name]["data"] = path if name == "sft" else f"{path} ({cfg.pretrain_split} split)"
         r = results[name]
         print(f"{name}: sharpness Tr(H) = {r['trace']:.4g} +- {r['stderr']:.2g} (stderr over {r['stderr_over']}; "
               f"{format_duration(r['seconds'])})")

@@ -24,17 +24,21 @@ def test_experiment_1_writes_tables_figures_json_and_reruns_nothing(tmp_path, mo
 
     out = tmp_path / "results"
     for name in ["table1.md", "results.json", "fig1_schedules.png", "fig2_midtraining.png",
-                 "fig3_sharpness_pretrain.png", "fig3_sharpness_sft.png", "fig4_sharpness_vs_sft.png"]:
+                 "fig3_sharpness_pretrain.png", "fig3_sharpness_sft.png", "fig4_sharpness_vs_sft.png",
+                 "fig4_sharpness_train_vs_sft.png"]:
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     rows = {r["run"]: r for r in results["rows"]}
     assert sorted(rows) == ["cosine_a0.1", "wso"] and all(r["seed"] == 0 for r in rows.values())
     for r in rows.values():
-        for key in ("valid_loss", "task_avg", "sft_task_avg", "sft_val_loss", "sharpness_pretrain", "sharpness_sft"):
+        for key in ("valid_loss", "task_avg", "sft_task_avg", "sft_val_loss", "sharpness_pretrain", "sharpness_sft",
+                    "sharpness_train"):
             assert isinstance(r[key], float), (r["run"], key)
         assert [step for step, *_ in r["sharpness_curve"]] == [8]  # sharpness_interval 50 > 8: the end only
     assert (rows["wso"]["schedule"], rows["wso"]["alpha_pre"]) == ("wso", 1.0)
     assert (rows["cosine_a0.1"]["schedule"], rows["cosine_a0.1"]["alpha_pre"]) == ("cosine", 0.1)
-    assert json.load(open(out / "results.json"))["rows"] == json.loads(json.dumps(results["rows"]))
+    saved = json.load(open(out / "results.json"))
+    assert saved["rows"] == json.loads(json.dumps(results["rows"]))
+    assert set(saved["pearson_r"]) == {"sharpness_pretrain", "sharpness_train"}  # 2 points: r = +-1
 
     # Table 1 layout: 2 relative rows + 2 absolute rows; the reference (the only decay-based
     # run) has differences 0, WSO its own difference from it.
@@ -68,6 +72,7 @@ def test_decay_free_branches_and_merges_one_wso_run(tmp_path):
     assert rows["wso_merge_linear"]["schedule"] == "wso+merge linear"
     for r in rows.values():
         assert isinstance(r["sharpness_pretrain"], float) and isinstance(r["sft_task_avg"], float)
+        assert isinstance(r["sharpness_train"], float)
     table = rows_of_markdown(tmp_path / "results" / "table_decay_free.md")
     assert [line.split(" | ")[0] for line in table] == ["| WSO + cooldown", "| WSO + merge (linear)"] * 2
     assert (tmp_path / "results" / "results_decay_free.json").is_file()

@@ -290,9 +290,11 @@ def checkpoint(testbed, tmp_path_factory):
     return out_dir / "ckpt.pt"
 
 
-def test_pretrain_batches_are_the_val_split_in_order(testbed):
-    batches = sharpness.pretrain_batches(str(testbed / "pretrain"), seq_len=16, batch_size=2, num_batches=3)
-    tokens = np.concatenate([np.asarray(s) for s in load_split(str(testbed / "pretrain"), "val")]).astype(np.int64)
+@pytest.mark.parametrize("split", ["val", "train"])
+def test_pretrain_batches_are_the_split_in_order(testbed, split):
+    batches = sharpness.pretrain_batches(str(testbed / "pretrain"), seq_len=16, batch_size=2, num_batches=3,
+                                         split=split)
+    tokens = np.concatenate([np.asarray(s) for s in load_split(str(testbed / "pretrain"), split)]).astype(np.int64)
     assert len(batches) == 3 and all(x.shape == (2, 16) and y.shape == (2, 16) for x, y in batches)
     x, y = batches[1]
     assert x[1].tolist() == tokens[48:64].tolist() and y[1].tolist() == tokens[49:65].tolist()
