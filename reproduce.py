@@ -279,7 +279,8 @@ def run_all(cfg):
     spent, start = 0.0, time.time()
     for i, (kind, run_dir, command, steps) in enumerate(todo, 1):
         stage_start = time.time()
-        run_stage(kind, run_dir, command, steps, cfg.verbose)
+        if not is_done(kind, run_dir, steps):  # another invocation (another seed split) may have done it
+            run_stage(kind, run_dir, command, steps, cfg.verbose)
         spent += COST[kind]
         elapsed = time.time() - start
         eta = format_duration(elapsed / spent * (total - spent))
