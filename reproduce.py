@@ -32,7 +32,7 @@ LR). Writes, in --out_dir (default results/):
     fig3_sharpness_pretrain.png, fig3_sharpness_sft.png   sharpness during pre-training
     fig4_sharpness_vs_sft.png                    post-SFT score against final sharpness (held-out
     fig4_sharpness_train_vs_sft.png              pre-training text, as the paper; training text)
---scale=cpu sizes the testbed study for a 2-core CPU (Experiment 1: ~25 min per seed).
+--scale=cpu sizes the testbed study for a 2-core CPU (Experiment 1: ~30 min per seed).
 --scale=gpu is Experiment 1 at the 125m preset on FineWeb-Edu, Tulu 3 and the lm-eval tasks;
 prepare the data first (README, "At GPU scale").
 """
@@ -60,7 +60,7 @@ EXPERIMENT_1 = [("wso", 1.0), ("wsd", 0.0), ("wsd", 0.1), ("linear", 0.0), ("lin
                 ("cosine", 0.0), ("cosine", 0.1)]
 EXPERIMENT_2 = [(1.0, 1.0), (1.0, 0.0), (0.1, 1.0), (0.1, 0.0)]
 SCALES = {
-    # ~90 s per pre-training run and ~100 s per SFT sweep on a 2-core CPU (README, Results)
+    # the grid for one seed: ~30 min on a 2-core CPU (README, Results)
     "cpu": dict(train=dict(dataset="testbed", preset="tiny", max_iters=300, warmup_iters=30, batch_size=32,
                            seq_len=128, learning_rate=3e-3, sharpness_interval=50, compile=False),
                 mid=dict(dataset="testbed_mid", max_iters=135),
