@@ -85,3 +85,19 @@ def test_bad_arguments_say_what_to_do():
         ReproduceConfig(seeds="zero")
     with pytest.raises(SystemExit, match="the grid has"):
         reproduce.plan(ReproduceConfig(schedules="wso,adam"))
+
+
+def test_experiment_2_plan_shares_each_pre_training_run():
+    """Table 2: WSD pre-training with alpha_pre 1.0 (WSO) and 0.1, each continued by mid-training
+    with alpha_mid 1.0 and 0.0 from that run's checkpoint; then evaluation and SFT of each."""
+    stages = reproduce.plan(ReproduceConfig(experiment="mid", runs_dir="r", max_iters=100))
+    pre = [(run_dir, cmd) for kind, run_dir, cmd, _ in stages if kind == "pre-train"]
+    mid = [(run_dir, cmd) for kind, run_dir, cmd, _ in stages if kind == "mid-train"]
+    assert [d for d, _ in pre] == [os.path.join("r", "seed0", n) for n in ("wso", "wsd_a0.1")]
+    assert [d for d, _ in mid] == [os.path.join("r", "seed0", n) for n in
+                                   ("wso_mid_a1", "wso_mid_a0", "wsd_a0.1_mid_a1", "wsd_a0.1_mid_a0")]
+    for run_dir, cmd in mid:
+        source = "wso" if "wso_" in run_dir else "wsd_a0.1"
+        assert f"--init_from={os.path.join('r', 'seed0', source, 'ckpt.pt')}" in cmd
+        assert "--stage=mid" in cmd and "--max_iters=45" in cmd and "--dataset=testbed_mid" in cmd
+    assert {d for kind, d, *_ in stages if kind == "SFT"} == {d for d, _ in mid}
