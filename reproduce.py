@@ -32,7 +32,7 @@ LR). Writes, in --out_dir (default results/):
     fig3_sharpness_pretrain.png, fig3_sharpness_sft.png   sharpness during pre-training
     fig4_sharpness_vs_sft.png                    post-SFT score against final sharpness (held-out
     fig4_sharpness_train_vs_sft.png              pre-training text, as the paper; training text)
---scale=cpu sizes the testbed study for a 2-core CPU (Experiment 1: ~30 min per seed).
+--scale=cpu sizes the testbed study for a 2-core CPU (README, Results: the measured times).
 --scale=gpu is Experiment 1 at the 125m preset on FineWeb-Edu, Tulu 3 and the lm-eval tasks;
 prepare the data first (README, "At GPU scale").
 """
@@ -50,7 +50,7 @@ import torch
 from common import format_duration, parse_args
 from data.common import read_jsonl, write_atomic
 from evaluate import MT_TASKS, PT_TASKS, SCHEDULERS, SFT, ZERO_SHOT, markdown, task_average
-from schedules import plot_figures, wsd_t_stable
+from schedules import MERGE_SHAPES, plot_figures, wsd_t_stable
 from sharpness import plot_sharpness_curves, plot_sharpness_vs_score
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -60,15 +60,14 @@ EXPERIMENT_1 = [("wso", 1.0), ("wsd", 0.0), ("wsd", 0.1), ("linear", 0.0), ("lin
                 ("cosine", 0.0), ("cosine", 0.1)]
 EXPERIMENT_2 = [(1.0, 1.0), (1.0, 0.0), (0.1, 1.0), (0.1, 0.0)]
 SCALES = {
-    # the grid for one seed: ~30 min on a 2-core CPU (README, Results)
     "cpu": dict(train=dict(dataset="testbed", preset="tiny", max_iters=300, warmup_iters=30, batch_size=32,
                            seq_len=128, learning_rate=3e-3, sharpness_interval=50, compile=False),
                 mid=dict(dataset="testbed_mid", max_iters=135),
                 sft=dict(dataset="testbed", lrs="5e-4,1e-3,2e-3", epochs=5, compile=False),
                 eval=dict(tasks="val_loss,testbed_probes"), mid_eval=dict(tasks="val_loss,testbed_mid_probes")),
     # Table 6's recipe (eta_max 3e-4, AdamW, bf16) at the 125m preset for ~262M tokens a run
-    # (1000 x 2^18), Table 8's SFT on a 20k-conversation sample of Tulu 3 with 3 of its LRs:
-    # sized from an estimate (~25 min a pre-training run on one H100), not yet run
+    # (1000 x 2^18), Table 8's SFT on a 20k-conversation sample of Tulu 3 with 3 of its LRs;
+    # not yet run, so its run time is unmeasured
     "gpu": dict(train=dict(dataset="fineweb_edu", preset="125m", max_iters=1000, warmup_iters=100,
                            tokens_per_step=262144, batch_size=32, seq_len=1024, learning_rate=3e-4,
                            sharpness_interval=100, compile=True),
@@ -119,7 +118,8 @@ def flags(options):
 # --------------------------------------------------------------------- the stages
 
 def plan(cfg):
-    """Every stage of the study, in order: (kind, run_dir, command, done?)."""
+    """Every stage of the study, in order: (kind, run_dir, command, steps): steps is the
+    step a training stage's checkpoint must reach to be done (None for the others)."""
     scale = SCALES[cfg.scale]
     train = dict(scale["train"])
     if cfg.max_iters:  # the warmup keeps its share of the run
@@ -160,37 +160,37 @@ def plan(cfg):
                     {**{k: v for k, v in train.items() if k not in mid}, **mid, "stage": "mid",
                      "alpha_mid": alpha_mid, "sharpness_interval": 0, "seed": seed,
                      "init_from": os.path.join(pre_dir, "ckpt.pt"), "out_dir": run_dir})], mid["max_iters"]))
-            ckpt = os.path.join(run_dir, "ckpt.pt")
             tasks = scale["mid_eval" if alpha_mid is not None else "eval"]
-            stages.append(("evaluate", run_dir, ["evaluate.py", *flags(
-                {**tasks, "ckpt": ckpt, "out": os.path.join(run_dir, "eval.json"), "limit": cfg.eval_limit})], None))
-            stages.append(train_sharpness_stage(run_dir))
-            stages.append(("SFT", run_dir, ["sft.py", *flags(
-                {**sft, "seed": seed, "init_from": ckpt, "out_dir": os.path.join(run_dir, "sft")})], None))
-            stages += sft_eval_stage(cfg, run_dir)
+            stages += model_stages(cfg, seed, run_dir, tasks, sft)
     return stages
 
 
-def train_sharpness_stage(run_dir):
-    """Sharpness on the training text itself, where training sought its minimum (the paper
-    measures on held-out text; on the small testbed that is far from any minimum)."""
-    return ("sharpness (train)", run_dir, ["sharpness.py", f"--ckpt={os.path.join(run_dir, 'ckpt.pt')}",
-                                           "--datasets=pretrain", "--pretrain_split=train", "--num_batches=4",
-                                           "--num_samples=20", f"--out={os.path.join(run_dir, 'sharpness_train.json')}"],
-            None)
+def sharpness_stage(run_dir, split):
+    """Sharpness of run_dir/ckpt.pt: on held-out text and SFT conversations (split=val, as the
+    paper), or on the training text itself (split=train), where training sought its minimum."""
+    kind, args, out = (("sharpness", [], "sharpness.json") if split == "val" else
+                       ("sharpness (train)", ["--datasets=pretrain", "--pretrain_split=train"], "sharpness_train.json"))
+    return (kind, run_dir, ["sharpness.py", f"--ckpt={os.path.join(run_dir, 'ckpt.pt')}", *args, "--num_batches=4",
+                            "--num_samples=20", f"--out={os.path.join(run_dir, out)}"], None)
 
 
-def sft_eval_stage(cfg, run_dir):
-    """Benchmarks of the fine-tuned model at the selected LR, where the data set is not the
-    testbed (whose sweep scores its test people itself); {best_ckpt} is read at run time."""
-    tasks = SCALES[cfg.scale].get("sft_eval")
-    if not tasks:
-        return []
-    return [("SFT eval", run_dir, ["evaluate.py", *flags({**tasks, "ckpt": "{best_ckpt}", "limit": cfg.eval_limit,
-                                                          "out": os.path.join(run_dir, "sft_eval.json")})], None)]
-
-
-MERGE_SHAPES = ("linear", "cosine", "1-sqrt", "inverse-sqrt")
+def model_stages(cfg, seed, run_dir, tasks, sft):
+    """What every final model of a study goes through: evaluation, sharpness on its training
+    text, the SFT sweep and, where the data set is not the testbed (whose sweep scores its test
+    people itself), benchmarks of the fine-tuned model at the selected LR ({best_ckpt} is read
+    at run time)."""
+    ckpt = os.path.join(run_dir, "ckpt.pt")
+    stages = [("evaluate", run_dir, ["evaluate.py", *flags(
+                  {**tasks, "ckpt": ckpt, "out": os.path.join(run_dir, "eval.json"), "limit": cfg.eval_limit})], None),
+              sharpness_stage(run_dir, "train"),
+              ("SFT", run_dir, ["sft.py", *flags(
+                  {**sft, "seed": seed, "init_from": ckpt, "out_dir": os.path.join(run_dir, "sft")})], None)]
+    sft_tasks = SCALES[cfg.scale].get("sft_eval")
+    if sft_tasks:
+        stages.append(("SFT eval", run_dir, ["evaluate.py", *flags(
+            {**sft_tasks, "ckpt": "{best_ckpt}", "limit": cfg.eval_limit,
+             "out": os.path.join(run_dir, "sft_eval.json")})], None))
+    return stages
 
 
 def decay_free_plan(cfg, seed, seed_dir, train, sft, scale):
@@ -209,7 +209,7 @@ def decay_free_plan(cfg, seed, seed_dir, train, sft, scale):
         {**train, "schedule": "wso", "seed": seed, "stage": "cooldown", "alpha": 0.0, "max_iters": cool,
          "sharpness_interval": 0, "init_from": kept[0], "out_dir": cool_dir})], total))
     finals["wso_cooldown"] = cool_dir
-    for shape in MERGE_SHAPES:
+    for shape in MERGE_SHAPES:  # schedules.merge_weights' shapes
         merge_dir = os.path.join(seed_dir, f"wso_merge_{shape}")
         stages.append(("merge", merge_dir, ["merge.py", f"--ckpts={','.join(kept)}", f"--shape={shape}",
                                             f"--out={os.path.join(merge_dir, 'ckpt.pt')}"], None))
@@ -220,15 +220,8 @@ def decay_free_plan(cfg, seed, seed_dir, train, sft, scale):
     for name, run_dir in finals.items():
         if wanted and name not in wanted:
             continue
-        ckpt = os.path.join(run_dir, "ckpt.pt")
-        stages.append(("sharpness", run_dir, ["sharpness.py", f"--ckpt={ckpt}", "--num_batches=4", "--num_samples=20",
-                                              f"--out={os.path.join(run_dir, 'sharpness.json')}"], None))
-        stages.append(("evaluate", run_dir, ["evaluate.py", *flags(
-            {**scale["eval"], "ckpt": ckpt, "out": os.path.join(run_dir, "eval.json"), "limit": cfg.eval_limit})], None))
-        stages.append(train_sharpness_stage(run_dir))
-        stages.append(("SFT", run_dir, ["sft.py", *flags(
-            {**sft, "seed": seed, "init_from": ckpt, "out_dir": os.path.join(run_dir, "sft")})], None))
-        stages += sft_eval_stage(cfg, run_dir)
+        stages.append(sharpness_stage(run_dir, "val"))
+        stages += model_stages(cfg, seed, run_dir, scale["eval"], sft)
     return stages
 
 
@@ -236,7 +229,9 @@ def is_done(kind, run_dir, steps):
     """Whether a stage's output is complete: a final checkpoint, eval.json, summary.json."""
     if kind in TRAINING:
         path = os.path.join(run_dir, "ckpt.pt")
-        return os.path.isfile(path) and torch.load(path, map_location="cpu", weights_only=False)["step"] >= steps
+        # mmap: only the bytes of "step" are read, not the weights
+        return (os.path.isfile(path)
+                and torch.load(path, map_location="cpu", weights_only=False, mmap=True)["step"] >= steps)
     return os.path.isfile(os.path.join(run_dir, OUTPUT[kind]))
 
 
