@@ -2,6 +2,7 @@
 WSO extension, DDP equals one process, mid-training LR, kept checkpoints, a cooldown
 branch equal to WSD) and each bad input's error."""
 
+import contextlib
 import json
 import math
 import os
@@ -63,23 +64,33 @@ def test_lr_logged_is_the_schedule(testbed, tmp_path):
     assert [r["lr"] for r in records(tmp_path)] == want
 
 
+@contextlib.contextmanager
+def crash_at_update(monkeypatch, n):
+    """train.train_step raises KeyboardInterrupt at its n-th call inside the block (which must
+    then raise it), as a crash mid-run would; the real step is back afterwards."""
+    real_step, calls = train.train_step, []
+
+    def crashing_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", crashing_step)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        monkeypatch.setattr(train, "train_step", real_step)
+
+
 def test_resume_after_a_crash_is_bit_exact(testbed, tmp_path, monkeypatch):
     cfg = config(testbed, tmp_path / "full", schedule="cosine")
     train.main(cfg)
     full = records(tmp_path / "full")
 
-    real_step, calls = train.train_step, []
-
-    def crash_at_step_7(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 7:
-            raise KeyboardInterrupt
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(train, "train_step", crash_at_step_7)
-    with pytest.raises(KeyboardInterrupt):
+    with crash_at_update(monkeypatch, 7):
         train.main(config(testbed, tmp_path / "crash", schedule="cosine"))
-    monkeypatch.setattr(train, "train_step", real_step)
     assert load_checkpoint(str(tmp_path / "crash" / "ckpt.pt"))["step"] == 4  # the last good one
     train.main(config(testbed, tmp_path / "crash", schedule="cosine", init_from="resume"))
     resumed = records(tmp_path / "crash")
@@ -183,18 +194,8 @@ def test_cooldown_branch_is_wsd_decaying_from_the_branch_step(testbed, tmp_path,
     b = load_checkpoint(str(tmp_path / "wsd" / "ckpt.pt"))["model"]
     assert all(torch.equal(a["model"][k], b[k]) for k in b) and a["config"]["init_from"] == branch["init_from"]
 
-    real_step, calls = train.train_step, []
-
-    def crash_at_the_fourth_update(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(train, "train_step", crash_at_the_fourth_update)
-    with pytest.raises(KeyboardInterrupt):
+    with crash_at_update(monkeypatch, 4):
         train.main(config(testbed, tmp_path / "crash", **branch))
-    monkeypatch.setattr(train, "train_step", real_step)
     train.main(config(testbed, tmp_path / "crash", **{**branch, "init_from": "resume"}))
     assert [(r["step"], r["loss"], r["lr"]) for r in records(tmp_path / "crash")] == \
         [(r["step"], r["loss"], r["lr"]) for r in cool]
