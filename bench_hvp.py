@@ -7,6 +7,9 @@ as a multiple of one forward + backward with fused attention (what training pays
     sharpness.py (auto)  hutchinson_trace as model_sharpness calls it at this T: the
                          vmap width of auto_probes_per_call(tokens), 4 or 1 (one of the
                          next two rows, timed again)
+    --compile (auto)     the same with sharpness.py --compile: torch.compile(probe_chunk),
+                         gradient and vmapped HVPs of auto_probes_per_call(tokens, True)
+                         probes in one compiled call (its one-time compile is reported apart)
     vjp(grad) x1         torch.func.vjp(torch.func.grad(L)): gradient graph built once
                          per batch, reused by every probe (reverse-over-reverse)
     vmap x4              the same HVP vmapped over 4 probes at a time (probes_per_call=4)
@@ -75,16 +78,21 @@ def bench(seq_len, args, clock):
 
     few = min(args.probes, 5)  # jvp(grad) does not amortize anything: a few probes suffice
     auto = auto_probes_per_call(x.numel())  # what model_sharpness uses for this batch
-    print(f"  T={seq_len}: sharpness.py (auto) runs probes_per_call={auto}")
+    compiled = auto_probes_per_call(x.numel(), compile=True)
+    print(f"  T={seq_len}: sharpness.py (auto) runs probes_per_call={auto}, with --compile {compiled}")
     methods = {
         "sharpness.py (auto)": (args.probes, lambda n, g: hutchinson_trace(loss_fn, params, n, g, auto)),
+        "--compile (auto)": (args.probes, lambda n, g: hutchinson_trace(loss_fn, params, n, g, compiled, True)),
         "vjp(grad) x1": (args.probes, lambda n, g: hutchinson_trace(loss_fn, params, n, g, 1)),
         "vmap x4": (args.probes, lambda n, g: hutchinson_trace(loss_fn, params, n, g, 4)),
         "jvp(grad)": (few, lambda n, g: jvp_of_grad(loss_fn, params, n, g)),
         "PyHessian": (args.probes, lambda n, g: pyhessian(loss_fn, params, n, g)),
     }
-    for num_probes, run in methods.values():  # warm up: first calls pay one-time costs
-        run(min(num_probes, 4), torch.Generator().manual_seed(0))
+    for name, (num_probes, run) in methods.items():  # warm up: first calls pay one-time costs
+        start = time.perf_counter()
+        run(num_probes, torch.Generator().manual_seed(0))  # all of them: --compile compiles per chunk width
+        if name == "--compile (auto)":
+            print(f"  T={seq_len}: --compile compiled in {time.perf_counter() - start:.0f} s", flush=True)
     reference()
     ratios = {name: [] for name in methods}
     reference_seconds = []

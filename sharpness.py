@@ -10,8 +10,10 @@ E[z z^T] = I makes each z^T H z an unbiased sample of Tr(H); its variance is
 H z is a Hessian-vector product (HVP): the vector-Jacobian product of the gradient,
 torch.func.vjp(torch.func.grad(L)): the gradient and its graph are built once per batch
 and every probe back-propagates through them; on short batches torch.func.vmap sends a
-few probes through at once (auto_probes_per_call). bench_hvp.py measures this against the
-alternatives (jvp of grad per probe; vmap over probes; PyHessian's double backward).
+few probes through at once (auto_probes_per_call). With --compile, torch.compile fuses the
+gradient and a vmapped chunk of HVPs into one compiled call (probe_chunk); PyHessian's
+double backward stays eager (torch.compile does not trace torch.autograd.grad by default).
+bench_hvp.py measures these against the alternatives (jvp of grad per probe; PyHessian).
 
 Measurement (Appendix H): per batch b, t_b = Tr of the Hessian of that batch's loss,
 the mean cross-entropy over its target tokens (label != -100), from num_samples
@@ -22,6 +24,7 @@ a standard error that holds both the batch-to-batch spread and the probes' noise
 
     python sharpness.py --ckpt=out/ckpt.pt                 # pretrain val + SFT held-out
     python sharpness.py --ckpt=out/ckpt.pt --datasets=sft --num_batches=64
+    python sharpness.py --ckpt=out/ckpt.pt --compile        # long measurements: compiles once
     python sharpness.py --figures=out-wso,out-wsd,out-cos     # Figures 3-4 from runs of
                                                             # train.py --sharpness_interval=N
     python sharpness.py --help
@@ -77,7 +80,19 @@ def rademacher_like(params, generator=None):
     return {name: z.view_as(p).to(p) for (name, p), z in zip(params.items(), signs.split(sizes))}
 
 
-def hutchinson_trace(loss_fn, params, num_samples, generator=None, probes_per_call=1):
+def probe_chunk(loss_fn, params, z):
+    """z_i^T H z_i for a stack of probes z (name -> (probes, *shape)): the gradient's graph
+    is built once and the HVP vmapped over the probes, in one function torch.compile
+    traces whole (it traces torch.func transforms, not torch.autograd.grad)."""
+    _, vjp_fn = vjp(grad(loss_fn), params)
+    hz = vmap(lambda v: vjp_fn(v)[0])(z)
+    return sum((z[n].double() * hz[n].double()).flatten(1).sum(1) for n in z)
+
+
+compiled_probe_chunk = torch.compile(probe_chunk)  # compiles on first call, once per shape
+
+
+def hutchinson_trace(loss_fn, params, num_samples, generator=None, probes_per_call=1, compile=False):
     """Eq. 12: (trace, stderr) of the Hessian of loss_fn(params) from num_samples
     Rademacher probes drawn from `generator` (a torch.Generator; None draws from torch's
     global generator, as torch.randint does). z^T H z is accumulated in float64; stderr
@@ -88,36 +103,53 @@ def hutchinson_trace(loss_fn, params, num_samples, generator=None, probes_per_ca
     probes_per_call > 1 stacks that many probes and torch.func.vmap's the HVP over
     them: one batched backward pass instead of several (the last chunk takes what is
     left). The probes are drawn one by one in the same order either way, so the
-    estimate agrees with probes_per_call=1 to rounding."""
+    estimate agrees with probes_per_call=1 to rounding.
+
+    compile=True runs each chunk through torch.compile(probe_chunk): the gradient is
+    recomputed per chunk, but fused kernels make the whole faster on long sequences
+    (bench_hvp.py). It compiles once per input shape (a minute or more), so the chunks
+    are made equal: probes_per_call is then the widest, and the last chunk is padded
+    with zero probes (H 0 = 0, dropped)."""
     if num_samples < 1 or probes_per_call < 1:
         raise ValueError(f"num_samples={num_samples} and probes_per_call={probes_per_call} must be >= 1")
+    if compile:  # chunks of equal width: one compiled shape, and fewer zero probes than chunks
+        probes_per_call = math.ceil(num_samples / math.ceil(num_samples / probes_per_call))
     samples = []
     # Fused SDPA kernels have neither double backward nor forward-mode AD
     # (PyTorch issues 116350, 128971): the HVP needs the math backend.
     with sdpa_kernel(SDPBackend.MATH):
-        hvp = hessian_vector_product(loss_fn, params)
+        hvp = None if compile else hessian_vector_product(loss_fn, params)
         for start in range(0, num_samples, probes_per_call):
             probes = [rademacher_like(params, generator) for _ in range(min(probes_per_call, num_samples - start))]
             with torch.no_grad():
-                if len(probes) > 1:
+                if compile:  # a fixed width: pad with zero probes, whose z^T H z = 0 is dropped
+                    zeros = {n: torch.zeros_like(t) for n, t in params.items()}
+                    z = {n: torch.stack([p[n] for p in probes] + [zeros[n]] * (probes_per_call - len(probes)))
+                         for n in params}
+                    zhz = compiled_probe_chunk(loss_fn, params, z)[:len(probes)]
+                else:
                     z = {n: torch.stack([p[n] for p in probes]) for n in params}  # (probes, *shape)
-                    hz = vmap(hvp)(z)
-                else:  # one probe: no copy, no vmap, just a leading dimension of 1
-                    z = {n: t.unsqueeze(0) for n, t in probes[0].items()}
-                    hz = {n: t.unsqueeze(0) for n, t in hvp(probes[0]).items()}
-                # z^T H z of every probe of the chunk
-                zhz = sum((z[n].double() * hz[n].double()).flatten(1).sum(1) for n in params)
+                    if len(probes) > 1:
+                        hz = vmap(hvp)(z)
+                    else:  # one probe: no vmap, just a leading dimension of 1
+                        hz = {n: t.unsqueeze(0) for n, t in hvp(probes[0]).items()}
+                    zhz = sum((z[n].double() * hz[n].double()).flatten(1).sum(1) for n in params)  # z^T H z each
             samples.extend(zhz.tolist())
     samples = np.array(samples)
     stderr = samples.std(ddof=1) / math.sqrt(num_samples) if num_samples > 1 else float("nan")
     return float(samples.mean()), float(stderr)
 
 
-def auto_probes_per_call(tokens):
+def auto_probes_per_call(tokens, compile=False):
     """How many probes to vmap together for a batch of `tokens` positions (padding
-    included). bench_hvp.py, tiny preset on CPU: per probe, 4 vmapped probes cost 2.1x a
-    forward+backward against 2.35x one at a time at 256 tokens with 2 threads (a tie with
-    1 thread), and 8-10x against 3.8x at 1024 tokens. So: 4 up to 256 tokens, else 1."""
+    included). bench_hvp.py, tiny preset on CPU, per probe as a multiple of a
+    forward+backward: eager, 4 vmapped probes cost 2.1x against 2.35x one at a time at
+    256 tokens with 2 threads (a tie with 1 thread), and 8-10x against 3.8x at 1024
+    tokens: so 4 up to 256 tokens, else 1. Compiled, the gradient is recomputed per call
+    and wider is better while memory lasts: at 256 tokens 16 probes cost 1.3x, 2 cost
+    1.7x; at 1024 tokens 8 cost 3.2x, 2 cost 3.8x: so 8192 // tokens, from 1 to 16."""
+    if compile:
+        return min(16, max(1, 8192 // tokens))
     return 4 if tokens <= 256 else 1
 
 
@@ -148,10 +180,12 @@ def batch_loss_fn(model, x, y):
     return lambda params: functional_call(model, params, (x, y), tie_weights=True)[1]
 
 
-def model_sharpness(model, batches, num_samples, seed=0, progress=None, probes_per_call=0):
+def model_sharpness(model, batches, num_samples, seed=0, progress=None, probes_per_call=0, compile=False):
     """Tr(H) of the model's loss averaged over `batches` [(x, y), ...] (Appendix H).
     probes_per_call: probes vmapped together (hutchinson_trace); 0 picks
-    auto_probes_per_call(x.numel()) per batch. It changes the speed, not the probes.
+    auto_probes_per_call(x.numel(), compile) per batch. compile: torch.compile the HVP,
+    with every batch padded to the longest (pad_batches) so it compiles once. Both
+    change the speed, not the probes.
     The model is measured in eval mode and left in the mode it came in; its weights,
     .grad fields and torch's global RNG are not touched. progress(done, total, record)
     is called after each batch. Returns a dict of every number (see LOSS_NORMALIZATION)."""
@@ -163,13 +197,15 @@ def model_sharpness(model, batches, num_samples, seed=0, progress=None, probes_p
     was_training = model.training
     model.eval()
     start, records = time.perf_counter(), []
+    if compile:
+        batches = pad_batches(batches, max(x.shape[1] for x, _ in batches))
     try:
         for b, (x, y) in enumerate(batches):
             x, y = x.to(device), y.to(device)
             loss_fn = batch_loss_fn(model, x, y)
             generator = torch.Generator(device).manual_seed(seed + b)
-            width = probes_per_call or auto_probes_per_call(x.numel())
-            trace, stderr = hutchinson_trace(loss_fn, params, num_samples, generator, width)
+            width = probes_per_call or auto_probes_per_call(x.numel(), compile)
+            trace, stderr = hutchinson_trace(loss_fn, params, num_samples, generator, width, compile)
             with torch.no_grad():
                 loss = loss_fn(params).item()
             records.append({"trace": trace, "stderr": stderr, "loss": loss, "tokens": int((y != IGNORE).sum())})
@@ -185,6 +221,15 @@ def model_sharpness(model, batches, num_samples, seed=0, progress=None, probes_p
             "num_samples": num_samples, "seed": seed, "num_params": sum(p.numel() for p in params.values()),
             "tokens": sum(r["tokens"] for r in records), "loss_normalization": LOSS_NORMALIZATION,
             "seconds": time.perf_counter() - start, "per_batch": records}
+
+
+def pad_batches(batches, length):
+    """Every (x, y) right-padded to `length` positions, x with token 0 and y with -100.
+    The loss and its Hessian do not change: causal attention keeps a position from seeing
+    later ones, and a position without a label adds nothing to the mean."""
+    def pad(t, value):
+        return torch.nn.functional.pad(t, (0, length - t.shape[1]), value=value)
+    return [(pad(x, 0), pad(y, IGNORE)) for x, y in batches]
 
 
 def sharpness_during_training(raw_model, batches, num_samples, seed=0):
@@ -358,7 +403,8 @@ class SharpnessConfig:
     num_batches: int = 8  # batches per data set (the paper: up to 4096)
     num_samples: int = 50  # Hutchinson probes per batch (the paper: 50)
     seed: int = 0  # batch b uses probe seed seed + b
-    probes_per_call: int = 0  # probes vmapped per HVP call; 0: auto (4 for <= 256 tokens a batch, else 1)
+    probes_per_call: int = 0  # probes vmapped per HVP call; 0: auto (auto_probes_per_call)
+    compile: bool = False  # torch.compile the HVP: faster per probe, after a compile of a minute or more
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     out: str = ""  # JSON path; empty: sharpness.json next to the checkpoint
     figures: str = ""  # comma list of train.py run dirs: draw Figures 3-4 from them instead of measuring
@@ -443,7 +489,8 @@ def main(cfg):
                   f"(loss {record['loss']:.3f}, {record['tokens']} tokens) | ETA {eta(done)}", flush=True)
 
         eta(0)
-        results[name] = model_sharpness(model, batches, cfg.num_samples, cfg.seed, progress, cfg.probes_per_call)
+        results[name] = model_sharpness(model, batches, cfg.num_samples, cfg.seed, progress, cfg.probes_per_call,
+                                        cfg.compile)
         results[name]["data"] = path if name == "sft" else f"{path} ({cfg.pretrain_split} split)"
         r = results[name]
         print(f"{name}: sharpness Tr(H) = {r['trace']:.4g} +- {r['stderr']:.2g} (stderr over {r['stderr_over']}; "

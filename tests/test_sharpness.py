@@ -210,6 +210,43 @@ def test_tiny_llama_vmapped_probes_match_one_probe_at_a_time():
         assert a["trace"] == pytest.approx(b["trace"], rel=1e-5) and a["stderr"] == pytest.approx(b["stderr"], rel=1e-5)
 
 
+def labelled_batches(lengths, seed=0):
+    """(x, y) of one row each, of the given lengths, the first two labels masked (as a prompt)."""
+    g = torch.Generator().manual_seed(seed)
+    batches = [(torch.randint(0, 64, (1, t), generator=g), torch.randint(0, 64, (1, t), generator=g)) for t in lengths]
+    for _, y in batches:
+        y[:, :2] = IGNORE
+    return batches
+
+
+def test_padding_changes_neither_the_loss_nor_the_trace():
+    model = tiny_llama()
+    batches = labelled_batches([7, 4])
+    padded = sharpness.pad_batches(batches, 9)
+    assert [x.shape for x, _ in padded] == [(1, 9), (1, 9)]
+    for (x, y), (xp, yp) in zip(batches, padded):
+        assert torch.equal(xp[:, :x.shape[1]], x) and (yp[:, y.shape[1]:] == IGNORE).all()
+        params = {n: p.detach() for n, p in model.named_parameters()}
+        exact = exact_hessian(sharpness.batch_loss_fn(model, x, y), params).trace().item()
+        assert exact_hessian(sharpness.batch_loss_fn(model, xp, yp), params).trace().item() == pytest.approx(exact, rel=1e-10)
+        assert model(xp, yp)[1].item() == pytest.approx(model(x, y)[1].item(), rel=1e-12)
+
+
+def test_compiled_estimator_matches_eager_and_compiles_once():
+    """--compile: batches of different lengths are padded to one shape and the last chunk
+    of probes is padded with zero probes, so one compilation serves every call; the
+    numbers are the eager ones up to float32 rounding."""
+    model = tiny_llama(torch.float32)
+    batches = labelled_batches([8, 5, 8], seed=1)
+    eager = sharpness.model_sharpness(model, batches, num_samples=5, seed=2, probes_per_call=2)
+    torch._dynamo.reset()  # forget compilations of other tests' models
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled = sharpness.model_sharpness(model, batches, num_samples=5, seed=2, probes_per_call=2, compile=True)
+    for a, b in zip(eager["per_batch"] + [eager], compiled["per_batch"] + [compiled]):
+        assert a["trace"] == pytest.approx(b["trace"], rel=1e-4) and a["stderr"] == pytest.approx(b["stderr"], rel=1e-3)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["tokens"] == b["tokens"]
+
+
 def test_default_sdpa_backend_is_left_alone_outside_the_estimator():
     model = tiny_llama(torch.float32)
     x, y = torch.randint(0, 64, (1, 8)), torch.randint(0, 64, (1, 8))
