@@ -33,6 +33,7 @@ The paper's settings (Table 23): seq_len 1024, batch size 1, 50 probes, up to 40
 batches per data set, measured every 4000 steps. The defaults here suit the testbed.
 """
 
+import functools
 import json
 import math
 import os
@@ -89,7 +90,11 @@ def probe_chunk(loss_fn, params, z):
     return sum((z[n].double() * hz[n].double()).flatten(1).sum(1) for n in z)
 
 
-compiled_probe_chunk = torch.compile(probe_chunk)  # compiles on first call, once per shape
+@functools.cache
+def compiled_probe_chunk():
+    """torch.compile(probe_chunk), made on first use (importing the compiler takes seconds);
+    it compiles on its first call, and again for each new input shape."""
+    return torch.compile(probe_chunk)
 
 
 def hutchinson_trace(loss_fn, params, num_samples, generator=None, probes_per_call=1, compile=False):
@@ -126,7 +131,7 @@ def hutchinson_trace(loss_fn, params, num_samples, generator=None, probes_per_ca
                     zeros = {n: torch.zeros_like(t) for n, t in params.items()}
                     z = {n: torch.stack([p[n] for p in probes] + [zeros[n]] * (probes_per_call - len(probes)))
                          for n in params}
-                    zhz = compiled_probe_chunk(loss_fn, params, z)[:len(probes)]
+                    zhz = compiled_probe_chunk()(loss_fn, params, z)[:len(probes)]
                 else:
                     z = {n: torch.stack([p[n] for p in probes]) for n in params}  # (probes, *shape)
                     if len(probes) > 1:
