@@ -337,7 +337,7 @@ def sft_score(run_dir, summary):
 METRICS = [("valid_loss", "Valid Loss ↓", True, ".3f"), ("task_avg", "Task Avg", False, ".1f"),
            ("sft_task_avg", "SFT Task Avg", False, ".1f"), ("sft_val_loss", "SFT Valid Loss ↓", True, ".3f"),
            ("sharpness_pretrain", "Sharpness (PT val)", None, ".0f"), ("sharpness_sft", "Sharpness (SFT data)", None, ".0f"),
-           ("sharpness_train", "Sharpness (PT train)", None, ".0f")]
+           ("sharpness_train", "Sharpness (train text)", None, ".0f")]
 
 
 def mean_std(values, spec, sign=False):
@@ -431,7 +431,7 @@ def figures(rows, out_dir, suffix=""):
                                     stable_ratio=train["stable_ratio"])
             written[f"fig3_{data}"] = plot_sharpness_curves(curves, t_stable,
                                                             os.path.join(out_dir, f"fig3_sharpness_{data}{suffix}.png"))
-    for key, data in (("sharpness_pretrain", "pretraining val"), ("sharpness_train", "pretraining train")):
+    for key, data in (("sharpness_pretrain", "pretraining val"), ("sharpness_train", "its training text")):
         points = {}
         for n in names:
             mine = [r for r in rows if r["run"] == n and r[key] is not None and r["sft_task_avg"] is not None]
@@ -458,7 +458,7 @@ def report(cfg):
     text = (f"## {title}, {cfg.scale} scale, seeds {','.join(map(str, seeds))}\n\n"
             f"Δ from the best decay-based schedule per column and seed, then mean ± std over seeds; "
             f"best mean in bold.\n\n{relative}\n\nAbsolute values (mean ± std over seeds; task scores x 100; "
-            f"sharpness = Hessian trace of the final pre-training model):\n\n{absolute}\n")
+            f"sharpness = Hessian trace of the model that SFT starts from):\n\n{absolute}\n")
     table_path = os.path.join(cfg.out_dir, file)
     write_atomic(table_path, text.encode())
     suffix = {"pre": "", "mid": "_mid", "decay-free": "_decay_free"}[cfg.experiment]
