@@ -81,13 +81,16 @@ def rademacher_like(params, generator=None):
     return {name: z.view_as(p).to(p) for (name, p), z in zip(params.items(), signs.split(sizes))}
 
 
-def probe_chunk(loss_fn, params, z):
-    """z_i^T H z_i for a stack of probes z (name -> (probes, *shape)): the gradient's graph
-    is built once and the HVP vmapped over the probes, in one function torch.compile
-    traces whole (it traces torch.func transforms, not torch.autograd.grad)."""
-    _, vjp_fn = vjp(grad(loss_fn), params)
-    hz = vmap(lambda v: vjp_fn(v)[0])(z)
+def quadratic_forms(z, hz):
+    """z_i^T (H z_i) of every probe i of a stack (name -> (probes, *shape)), in float64."""
     return sum((z[n].double() * hz[n].double()).flatten(1).sum(1) for n in z)
+
+
+def probe_chunk(loss_fn, params, z):
+    """z_i^T H z_i for a stack of probes z: the gradient's graph is built once and the HVP
+    vmapped over the probes, in one function torch.compile traces whole (it traces
+    torch.func transforms, not torch.autograd.grad)."""
+    return quadratic_forms(z, vmap(hessian_vector_product(loss_fn, params))(z))
 
 
 @functools.cache
@@ -127,18 +130,17 @@ def hutchinson_trace(loss_fn, params, num_samples, generator=None, probes_per_ca
         for start in range(0, num_samples, probes_per_call):
             probes = [rademacher_like(params, generator) for _ in range(min(probes_per_call, num_samples - start))]
             with torch.no_grad():
-                if compile:  # a fixed width: pad with zero probes, whose z^T H z = 0 is dropped
-                    zeros = {n: torch.zeros_like(t) for n, t in params.items()}
-                    z = {n: torch.stack([p[n] for p in probes] + [zeros[n]] * (probes_per_call - len(probes)))
-                         for n in params}
+                z = {n: torch.stack([p[n] for p in probes]) for n in params}  # (probes, *shape)
+                if compile:  # zero probes up to the compiled width; their z^T H z = 0 is dropped
+                    pad = probes_per_call - len(probes)
+                    z = {n: torch.cat([t, t.new_zeros(pad, *t.shape[1:])]) for n, t in z.items()}
                     zhz = compiled_probe_chunk()(loss_fn, params, z)[:len(probes)]
                 else:
-                    z = {n: torch.stack([p[n] for p in probes]) for n in params}  # (probes, *shape)
                     if len(probes) > 1:
                         hz = vmap(hvp)(z)
                     else:  # one probe: no vmap, just a leading dimension of 1
                         hz = {n: t.unsqueeze(0) for n, t in hvp(probes[0]).items()}
-                    zhz = sum((z[n].double() * hz[n].double()).flatten(1).sum(1) for n in params)  # z^T H z each
+                    zhz = quadratic_forms(z, hz)
             samples.extend(zhz.tolist())
     samples = np.array(samples)
     stderr = samples.std(ddof=1) / math.sqrt(num_samples) if num_samples > 1 else float("nan")

@@ -224,9 +224,9 @@ def test_padding_changes_neither_the_loss_nor_the_trace():
     batches = labelled_batches([7, 4])
     padded = sharpness.pad_batches(batches, 9)
     assert [x.shape for x, _ in padded] == [(1, 9), (1, 9)]
+    params = {n: p.detach() for n, p in model.named_parameters()}
     for (x, y), (xp, yp) in zip(batches, padded):
         assert torch.equal(xp[:, :x.shape[1]], x) and (yp[:, y.shape[1]:] == IGNORE).all()
-        params = {n: p.detach() for n, p in model.named_parameters()}
         exact = exact_hessian(sharpness.batch_loss_fn(model, x, y), params).trace().item()
         assert exact_hessian(sharpness.batch_loss_fn(model, xp, yp), params).trace().item() == pytest.approx(exact, rel=1e-10)
         assert model(xp, yp)[1].item() == pytest.approx(model(x, y)[1].item(), rel=1e-12)
