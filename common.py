@@ -1,7 +1,7 @@
 """
-Plumbing shared by the training scripts (train.py, and later sft.py): `--key=value`
-configuration, atomic checkpoints, device and precision set-up, and progress lines.
-Nothing here is specific to the paper; it keeps each script about its own stage.
+Plumbing shared by every script: `--key=value` configuration, atomic checkpoints and their
+RNG states, device and precision set-up, and progress lines. Nothing here is specific to
+the paper; it keeps each script about its own stage. Nothing here runs on its own.
 """
 
 import dataclasses
@@ -98,18 +98,17 @@ def load_checkpoint(path):
 
 
 def rng_state():
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    """The generators a run draws from. Not CUDA's: nothing draws from it (weights are
+    initialized on the CPU, batches are a function of the seed, there is no dropout), and
+    saving every visible GPU's state made a resume on a node with fewer GPUs fail."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
 
 
 def set_rng_state(state):
+    """Restore rng_state(); a "cuda" entry of an older checkpoint is ignored (see rng_state)."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def append_jsonl(path, record):
