@@ -3,7 +3,7 @@ Training throughput: tokens/s and model FLOPs utilization (MFU) of one train ste
 (forward, backward, AdamW update), eager and torch.compile'd, against this machine's
 own matmul peak measured in the same run. Speed lives here, never in tests.
 
-    python bench.py                                   # the CPU reference size
+    python bench.py --dim=256 --ffn_dim=768 --vocab_size=50304   # the CPU reference size (README, Speed)
     python bench.py --preset=125m --batch_size=16 --seq_len=1024 --device=cuda
 
 MFU = flops_per_token * tokens/s / peak, with flops_per_token = 6 * (matmul weights)
@@ -17,24 +17,36 @@ from dataclasses import dataclass
 import torch
 
 from common import autocast_context, parse_args, resolve_device
-from model import Llama, build_config
+from model import PRESETS, Llama, build_config
+
+
+# The vocabulary of presets that take theirs from the data (tiny, 125m, 350m): cl100k_base's
+# 100,277 ids padded to a multiple of 64, as train.py pads them for FineWeb-Edu.
+DEFAULT_VOCAB = 100288
 
 
 @dataclass
 class BenchConfig:
-    preset: str = "tiny"  # model.PRESETS entry; the fields below override it
-    dim: int = 256
-    ffn_dim: int = 768
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int = 2
-    vocab_size: int = 50304
+    preset: str = "tiny"  # model.PRESETS entry; the size fields below override it where > 0
+    dim: int = 0  # 0: the preset's
+    ffn_dim: int = 0
+    n_layers: int = 0
+    n_heads: int = 0
+    n_kv_heads: int = 0
+    vocab_size: int = 0  # 0: the preset's, or DEFAULT_VOCAB where the preset takes the data's
     batch_size: int = 8
     seq_len: int = 256
     steps: int = 10  # timed steps (after warm-up)
     device: str = "auto"
     dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     modes: str = "eager,compiled"  # which variants to time
+
+
+def model_config(cfg):
+    """The preset's LlamaConfig with the size fields that are set (> 0)."""
+    sizes = {k: getattr(cfg, k) or None for k in ("dim", "ffn_dim", "n_layers", "n_heads", "n_kv_heads")}
+    vocab = cfg.vocab_size or PRESETS[cfg.preset]["vocab_size"] or DEFAULT_VOCAB
+    return build_config(cfg.preset, **sizes, vocab_size=vocab, max_seq_len=cfg.seq_len)
 
 
 def matmul_peak(device, dtype, n=2048, repeats=10):
@@ -61,8 +73,9 @@ def time_train_step(model, cfg, device, autocast, compiled):
     torch.manual_seed(0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.startswith("cuda"))
     step_model = torch.compile(model) if compiled else model
-    x = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.seq_len), device=device)
-    y = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.seq_len), device=device)
+    vocab = model.config.vocab_size
+    x = torch.randint(0, vocab, (cfg.batch_size, cfg.seq_len), device=device)
+    y = torch.randint(0, vocab, (cfg.batch_size, cfg.seq_len), device=device)
 
     def step():
         with autocast:
@@ -86,9 +99,7 @@ def time_train_step(model, cfg, device, autocast, compiled):
 def main(cfg):
     device = resolve_device(cfg.device)
     dtype, autocast = autocast_context(device, cfg.dtype)
-    model_cfg = build_config(cfg.preset, dim=cfg.dim, ffn_dim=cfg.ffn_dim, n_layers=cfg.n_layers,
-                             n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, vocab_size=cfg.vocab_size,
-                             max_seq_len=cfg.seq_len)
+    model_cfg = model_config(cfg)
     peak = matmul_peak(device, dtype)
     tokens = cfg.batch_size * cfg.seq_len
     print(f"device={device} dtype={dtype} threads={torch.get_num_threads()} "

@@ -1,0 +1,14 @@
+"""bench.py's model sizes (its timings are measurements, never tested)."""
+
+import bench
+from common import parse_args
+from model import build_config
+
+
+def test_preset_is_benchmarked_at_its_own_size():
+    """Defect: the size defaults overrode --preset, so --preset=125m benchmarked width 256."""
+    cfg = parse_args(bench.BenchConfig, ["--preset=125m", "--seq_len=1024"])
+    assert bench.model_config(cfg) == build_config("125m", vocab_size=100288, max_seq_len=1024)
+    reference = parse_args(bench.BenchConfig, ["--dim=256", "--ffn_dim=768", "--vocab_size=50304"])  # README's
+    assert bench.model_config(reference) == build_config("tiny", dim=256, ffn_dim=768, vocab_size=50304,
+                                                         max_seq_len=256)
