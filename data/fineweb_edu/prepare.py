@@ -103,6 +103,44 @@ class ShardWriter:
             self.write(self.buffered)
 
 
+def fill(token_chunks, val, val_tokens, train, train_tokens, eot):
+    """Write the tokenized documents: the first val_tokens to val, then, from the next
+    document's start on, up to train_tokens to train. Prints progress every 5 s."""
+    num_tokens, seeking_document_start = val_tokens + train_tokens, False
+    start = last_print = time.time()
+    for tokens in token_chunks:
+        if val.num_tokens < val_tokens:
+            take = min(val_tokens - val.num_tokens, len(tokens))
+            val.add(tokens[:take])
+            tokens = tokens[take:]
+            seeking_document_start = val.num_tokens == val_tokens
+        if seeking_document_start:  # drop the rest of the document cut by the val boundary
+            starts = np.flatnonzero(tokens == eot)
+            if len(starts) == 0:
+                continue
+            tokens, seeking_document_start = tokens[starts[0]:], False
+        train.add(tokens[:train_tokens - train.num_tokens])
+        done = val.num_tokens + train.num_tokens
+        if time.time() - last_print > 5 or train.num_tokens == train_tokens:
+            last_print = time.time()
+            rate = done / max(last_print - start, 1e-6)
+            print(f"{done:,}/{num_tokens:,} tokens ({100 * done / num_tokens:.1f}%), "
+                  f"{rate:,.0f} tokens/s, ETA {(num_tokens - done) / rate:.0f} s", flush=True)
+        if train.num_tokens == train_tokens:
+            break
+
+
+def check_filled(val, val_tokens, train, train_tokens):
+    if val.num_documents == 0:
+        raise ValueError(f"no documents with text found; expected {SCHEMA}")
+    if val.num_tokens < val_tokens or train.num_tokens == 0:
+        raise ValueError(f"the source ran out after {val.num_tokens + train.num_tokens:,} tokens: "
+                         f"not enough for {val_tokens:,} val tokens and a train split")
+    if train.num_tokens < train_tokens:
+        print(f"warning: the source ran out; train has {train.num_tokens:,} tokens, "
+              f"not {train_tokens:,}")
+
+
 def prepare(out_dir, num_tokens: int, *, data_files=None, val_tokens: int = 1_000_000,
             shard_size: int = 100_000_000, num_proc: int = os.cpu_count(),
             name: str = "sample-10BT") -> dict:
@@ -122,47 +160,18 @@ def prepare(out_dir, num_tokens: int, *, data_files=None, val_tokens: int = 1_00
     val = ShardWriter(out_dir, "val", shard_size, eot)
     train = ShardWriter(out_dir, "train", shard_size, eot)
     train_tokens = num_tokens - val_tokens
-    seeking_document_start = False
-
     chunks = batched(iter_texts(load_documents(files, name)), DOCS_PER_CHUNK)
     pool = Pool(num_proc) if num_proc > 1 else None
-    token_chunks = pool.imap(tokenize_documents, chunks) if pool else map(tokenize_documents, chunks)
-    start = last_print = time.time()
+    start = time.time()
     try:
-        for tokens in token_chunks:
-            if val.num_tokens < val_tokens:
-                take = min(val_tokens - val.num_tokens, len(tokens))
-                val.add(tokens[:take])
-                tokens = tokens[take:]
-                seeking_document_start = val.num_tokens == val_tokens
-            if seeking_document_start:  # drop the rest of the document cut by the val boundary
-                starts = np.flatnonzero(tokens == eot)
-                if len(starts) == 0:
-                    continue
-                tokens, seeking_document_start = tokens[starts[0]:], False
-            train.add(tokens[:train_tokens - train.num_tokens])
-            done = val.num_tokens + train.num_tokens
-            if time.time() - last_print > 5 or train.num_tokens == train_tokens:
-                last_print = time.time()
-                rate = done / max(last_print - start, 1e-6)
-                print(f"{done:,}/{num_tokens:,} tokens ({100 * done / num_tokens:.1f}%), "
-                      f"{rate:,.0f} tokens/s, ETA {(num_tokens - done) / rate:.0f} s", flush=True)
-            if train.num_tokens == train_tokens:
-                break
+        fill(pool.imap(tokenize_documents, chunks) if pool else map(tokenize_documents, chunks),
+             val, val_tokens, train, train_tokens, eot)
     finally:
         if pool:
             pool.terminate()
     val.close()
     train.close()
-
-    if val.num_documents == 0:
-        raise ValueError(f"no documents with text found; expected {SCHEMA}")
-    if val.num_tokens < val_tokens or train.num_tokens == 0:
-        raise ValueError(f"the source ran out after {val.num_tokens + train.num_tokens:,} tokens: "
-                         f"not enough for {val_tokens:,} val tokens and a train split")
-    if train.num_tokens < train_tokens:
-        print(f"warning: the source ran out; train has {train.num_tokens:,} tokens, "
-              f"not {train_tokens:,}")
+    check_filled(val, val_tokens, train, train_tokens)
 
     tokenizer = Tokenizer()
     meta = {
