@@ -38,7 +38,7 @@ from torch.func import functional_call, grad, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from model import Llama, build_config
-from sharpness import auto_probes_per_call, hutchinson_trace, rademacher_like
+from hessian import auto_probes_per_call, hutchinson_trace, rademacher_like
 
 
 def quadratic_form(z, hz):

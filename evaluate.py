@@ -1,6 +1,7 @@
 """
-Evaluation: the numbers behind the paper's Tables 1-4 (Sections 3.1, 3.2, 4; Appendix E),
-scored the way lm-evaluation-harness scores them (ECOSYSTEM.md), so they can be compared.
+Evaluation of one checkpoint: the numbers behind the paper's Tables 1-4 (Sections 3.1, 3.2,
+4; Appendix E), scored the way lm-evaluation-harness scores them (scoring.py), so they can
+be compared; and --compare, the tables themselves from several runs (tables.py).
 
     python evaluate.py --ckpt=out/ckpt.pt --tasks=val_loss,testbed_probes,testbed_sft_test
     python evaluate.py --ckpt=out/ckpt.pt --tasks=hellaswag,arc_easy --data_files=hellaswag=h.jsonl,arc_easy=a.parquet
@@ -10,11 +11,14 @@ scored the way lm-evaluation-harness scores them (ECOSYSTEM.md), so they can be 
 Tasks (TASKS below):
     val_loss            mean next-token loss and bits per byte on the checkpoint's val split
     testbed_probes      zero-shot 4-way probes (the analogue of "PT Task Avg"); testbed_mid_probes
-    testbed_sft_test    greedy exact match after the chat template (the "SFT Task Avg"); _select
+    testbed_sft_test    after the chat template: greedy exact match, and choice among the
+                        attribute's values by log-likelihood (the "SFT Task Avg" is their mean
+                        x100, tables.sft_task_avg); testbed_sft_select on the selection people
     arc_easy arc_challenge boolq hellaswag openbookqa piqa winogrande   zero-shot (Section 3.1)
     mmlu (5-shot), truthfulqa_mc1, truthfulqa_mc2, alpaca_eval           after SFT (Appendix E)
 Hub tasks load from the Hub id in HUB, or offline from --data_files=task=path[,task=path]
-(.jsonl/.json/.parquet in the Hub schema; MMLU's shots come from mmlu_dev=path).
+(.jsonl/.json/.parquet in the Hub schema; MMLU's shots come from mmlu_dev=path). Prompts
+and metrics follow lm-evaluation-harness's task YAMLs (lm_eval/tasks/<task>/*.yaml).
 
 Results JSON (--out, default eval.json beside the checkpoint; tasks merge into an existing
 file of the same checkpoint and step):
@@ -24,16 +28,16 @@ file of the same checkpoint and step):
      "tasks": {"val_loss": {"loss", "bpb", "tokens", "bytes", "dataset"},
                "<multiple choice>": {"acc", ["acc_norm"], "n"},          # fractions in [0, 1]
                "truthfulqa_mc2": {"acc", "n"},                           # true-answer mass
-               "testbed_sft_test": {"exact_match", "n"},
+               "testbed_sft_test": {"exact_match", "choice", "choice_chance", "n"},
                "alpaca_eval": {"win_rate": float | null, "n", ["note"]}}}
 --compare reads, per run directory:
     eval.json      the pre- or mid-training checkpoint's results:
                    PT/MT Valid Loss = tasks.val_loss.loss,
-                   PT Task Avg      = 100 x mean of ZERO_SHOT[task] over the PT_TASKS present,
+                   PT Task Avg      = 100 x mean of tables.ZERO_SHOT[task] over the PT_TASKS present,
                    MT Task Avg      = the same over MT_TASKS (for a stage "mid" checkpoint)
-    sft_eval.json  results of the fine-tuned checkpoint: SFT Task Avg = 100 x mean of SFT[task]
-                   (a null alpaca_eval is left out); if absent, sft/summary.json from
-                   `sft.py --out_dir=<run>/sft` supplies its sft_task_avg
+    sft_eval.json  results of the fine-tuned checkpoint: SFT Task Avg (tables.sft_task_avg; a null
+                   alpaca_eval is left out); if absent, sft/summary.json from
+                   `sft.py --out_dir=<run>/sft` supplies its sft_task_avg (the same definition)
     Δ columns subtract the best run that decays the LR in some stage (alpha_pre < 1 or
     alpha_mid < 1): WSO, constant throughout, is never the reference (Tables 1-4).
 """
@@ -45,97 +49,22 @@ import os
 import re
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from common import Eta, autocast_context, load_checkpoint, parse_args, resolve_device
 from data.chat import generation_prompt
 from data.common import Tokenizer, load_split, read_jsonl
-from model import Llama, LlamaConfig
-from train import resolve_dataset, validation_batches
+from data.loaders import resolve_dataset, testbed_of, validation_batches
+from runs import load_model, schedule_of, training_config
+from scoring import generate_all, score_items, testbed_sft_accuracy
+from tables import SCHEDULERS, ZERO_SHOT, paper_tables, sft_task_avg, zero_shot_avg
+from training import mean_loss
 
-# ------------------------------------------------------------------ generation (SFT)
-
-
-@torch.no_grad()
-def greedy_generate_batch(model, prompts, max_new_tokens, stop_id, vocab_size=None):
-    """Greedy continuations of equally long prompts (lists of ids), each up to (not
-    including) its stop_id. Equal lengths need no padding: the model takes no attention
-    mask, so a padded prompt would attend to pad tokens. Finished rows leave the batch.
-    vocab_size excludes the embedding's padding rows, which no tokenizer can decode."""
-    if len({len(p) for p in prompts}) != 1:
-        raise ValueError("greedy_generate_batch needs prompts of one length; group them by length")
-    model.eval()
-    device = next(model.parameters()).device
-    ids = torch.tensor(prompts, dtype=torch.long, device=device)  # (B, T)
-    outputs, active = [[] for _ in prompts], list(range(len(prompts)))
-    for _ in range(max_new_tokens):
-        logits, _ = model(ids[:, -model.config.max_seq_len:])  # the most recent tokens that fit
-        next_id = logits[:, -1, :vocab_size].argmax(dim=-1)  # (B,)
-        going = [row for row, token in enumerate(next_id.tolist()) if token != stop_id]
-        for row in going:
-            outputs[active[row]].append(int(next_id[row]))
-        if not going:
-            break
-        active = [active[row] for row in going]
-        ids = torch.cat([ids[going], next_id[going, None]], dim=1)
-    return outputs
-
-
-def greedy_generate(model, prompt_ids, max_new_tokens, stop_id, vocab_size=None):
-    """The greedy continuation of one prompt, up to (not including) stop_id."""
-    return greedy_generate_batch(model, [list(prompt_ids)], max_new_tokens, stop_id, vocab_size)[0]
-
-
-def generate_all(model, tokenizer, prompts, max_new_tokens, batch_size):
-    """Decoded greedy answers to many prompts, batched among prompts of equal length."""
-    by_length = {}
-    for i, p in enumerate(prompts):
-        by_length.setdefault(len(p), []).append(i)
-    answers = [None] * len(prompts)
-    for indices in by_length.values():
-        for start in range(0, len(indices), batch_size):
-            chunk = indices[start:start + batch_size]
-            outs = greedy_generate_batch(model, [prompts[i] for i in chunk], max_new_tokens, tokenizer.eot,
-                                         tokenizer.vocab_size)
-            for i, out in zip(chunk, outs):
-                answers[i] = tokenizer.decode(out)
-    return answers
-
-
-def testbed_sft_accuracy(model, tokenizer, jsonl_path, batch_size=64, max_new_tokens=24, limit=None):
-    """The testbed's two post-SFT tasks on its questions (the analogue of the paper's post-SFT
-    scores, Section 3.2), both after the chat template's `<|assistant|>\n`:
-      exact_match  the greedy answer, decoded and stripped, equals row["answer"];
-      choice       row["answer"] + eos (the tokens SFT supervises) has the highest log-likelihood
-                   among every answer the file gives to the same row["attribute"] (~30-50 values:
-                   a graded score where exact match sits near the floor); choice_chance is the
-                   mean 1 / (number of candidates).
-    limit: first rows only."""
-    rows = read_jsonl(jsonl_path)[:limit]
-    if not rows:
-        raise ValueError(f"{jsonl_path} has no rows")
-    prompts = [generation_prompt(row["messages"][:-1], tokenizer) for row in rows]
-    answers = generate_all(model, tokenizer, prompts, max_new_tokens, batch_size)
-    correct = sum(a.strip() == row["answer"] for a, row in zip(answers, rows))
-
-    pools = {}
-    for row in rows:
-        pools.setdefault(row.get("attribute"), set()).add(row["answer"])
-    pools = {attribute: sorted(values) for attribute, values in pools.items()}
-    requests, spans = [], []  # spans: (first request, number of candidates, index of the answer)
-    for prompt, row in zip(prompts, rows):
-        pool = pools[row.get("attribute")]
-        spans.append((len(requests), len(pool), pool.index(row["answer"])))
-        requests += [(prompt, tokenizer.encode(value) + [tokenizer.eot]) for value in pool]
-    scores = loglikelihoods(model, requests, batch_size=batch_size)
-    chosen = [np.argmax(scores[start:start + n]) == gold for start, n, gold in spans]
-    return {"exact_match": correct / len(rows), "choice": float(np.mean(chosen)),
-            "choice_chance": float(np.mean([1 / n for _, n, _ in spans])), "n": len(rows)}
+# ------------------------------------------------------------------ tasks
 
 
 class Judge(Protocol):
@@ -154,99 +83,6 @@ def alpaca_eval(model, tokenizer, rows, judge, max_new_tokens=256, batch_size=16
     wins = [judge(r["instruction"], r["output"], out.strip()) for r, out in zip(rows, outputs)]
     return {"win_rate": float(np.mean(wins)), "n": len(rows)}
 
-
-# ------------------------------------------------------------ log-likelihood scoring
-
-
-@torch.no_grad()
-def loglikelihoods(model, requests, batch_size=16, desc=None):
-    """log P(continuation | context) for each (context_ids, continuation_ids), as
-    lm-evaluation-harness computes it: the input is context + continuation without its
-    last token, cut from the left to max_seq_len; batches are right-padded (a causal model
-    never looks right, so padding changes nothing) and run longest first."""
-    model.eval()
-    device = next(model.parameters()).device
-    window = model.config.max_seq_len + 1
-    wholes = []
-    for context, continuation in requests:
-        if not context or not continuation or len(continuation) >= window:
-            raise ValueError(f"need a context and a continuation of 1..{window - 1} tokens, "
-                             f"got {len(context)} and {len(continuation)}")
-        wholes.append((list(context) + list(continuation))[-window:])
-    order = sorted(range(len(requests)), key=lambda i: -len(wholes[i]))
-    results, eta = [0.0] * len(requests), Eta(len(requests))
-    every = max(1, len(order) // batch_size // 10)  # about ten progress lines
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        x = torch.zeros(len(chunk), len(wholes[chunk[0]]) - 1, dtype=torch.long)  # (B, T), right-padded
-        for b, i in enumerate(chunk):
-            x[b, :len(wholes[i]) - 1] = torch.tensor(wholes[i][:-1])
-        logits, _ = model(x.to(device))  # (B, T, V)
-        for b, i in enumerate(chunk):
-            n, end = len(requests[i][1]), len(wholes[i]) - 1
-            logprobs = F.log_softmax(logits[b, end - n:end].float(), dim=-1)  # (n, V)
-            targets = torch.tensor(wholes[i][-n:], device=device)
-            results[i] = logprobs.gather(-1, targets[:, None]).sum().item()
-        done = start + len(chunk)
-        if desc and (done == len(order) or (start // batch_size) % every == 0):
-            print(f"  {desc}: {done}/{len(order)} requests | ETA {eta(done)}", flush=True)
-    return results
-
-
-def encode_pair(tokenizer, context, continuation):
-    """lm-evaluation-harness's context/continuation split: trailing whitespace of the
-    context moves to the continuation, and the continuation's ids are those of the whole
-    string after the context's, so both tokenize as they would in running text."""
-    n_spaces = len(context) - len(context.rstrip())
-    if n_spaces:
-        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-    whole = tokenizer.encode(context + continuation)
-    context_ids = tokenizer.encode(context)
-    # lm-eval scores an empty context after the end-of-text token
-    return (context_ids or [tokenizer.eot]), whole[len(context_ids):]
-
-
-def requests_of(item):
-    """The (context, continuation) strings of one item, target delimiter " ". Winogrande
-    items have one context per option and a shared continuation (partial scoring)."""
-    if "contexts" in item:
-        return [(c, " " + item["continuation"]) for c in item["contexts"]]
-    return [(item["context"], " " + choice) for choice in item["choices"]]
-
-
-def item_metrics(item, scores, metrics):
-    """acc: the highest log-likelihood is gold; acc_norm: the same per character of the
-    choice; mc2: TruthfulQA's probability mass on the true answers (the first n_true).
-    np.argmax breaks ties to the first index, as lm-eval does."""
-    scores = np.asarray(scores, dtype=np.float64)
-    out = {}
-    if "acc" in metrics:
-        out["acc"] = float(np.argmax(scores) == item["gold"])
-    if "acc_norm" in metrics:
-        lengths = np.array([len(choice) for choice in item["choices"]], dtype=np.float64)
-        out["acc_norm"] = float(np.argmax(scores / lengths) == item["gold"])
-    if "mc2" in metrics:
-        p = np.exp(scores - scores.max())  # lm-eval's exp(scores), normalized; shifted so it cannot underflow to 0/0
-        out["acc"] = float(p[:item["n_true"]].sum() / p.sum())
-    return out
-
-
-def score_items(model, tokenizer, items, metrics, batch_size=16, desc=None):
-    """Mean of each metric over multiple-choice items, plus their count n."""
-    if not items:
-        raise ValueError("no items to score")
-    pairs = [requests_of(item) for item in items]
-    flat = [encode_pair(tokenizer, c, k) for item_pairs in pairs for c, k in item_pairs]
-    scores = loglikelihoods(model, flat, batch_size, desc)
-    per_item, start = [], 0
-    for item, item_pairs in zip(items, pairs):
-        per_item.append(item_metrics(item, scores[start:start + len(item_pairs)], metrics))
-        start += len(item_pairs)
-    means = {name: float(np.mean([m[name] for m in per_item])) for name in per_item[0]}
-    return {**means, "n": len(items)}
-
-
-# ------------------------------------------------------------------ task formats
 
 
 def hellaswag_preprocess(text):
@@ -337,7 +173,8 @@ def truthfulqa_item(doc, targets):
             "gold": 0, "n_true": labels.index(0)}
 
 
-# Hub id, config, split of each lm-eval data set (ECOSYSTEM.md).
+# Hub id, config, split of each lm-eval data set (the dataset_path, dataset_name and test or
+# validation split of lm_eval/tasks/<task>/*.yaml).
 HUB = {
     "hellaswag": ("Rowan/hellaswag", None, "validation"),
     "arc_easy": ("allenai/ai2_arc", "ARC-Easy", "test"),
@@ -391,38 +228,28 @@ MC_METRICS = {
     "testbed_probes": ("acc", "acc_norm"), "testbed_mid_probes": ("acc", "acc_norm"),
 }
 # The score each task contributes to a table's average (--compare), x 100.
-ZERO_SHOT = {"arc_easy": "acc", "arc_challenge": "acc_norm", "boolq": "acc", "hellaswag": "acc_norm",
-             "openbookqa": "acc_norm", "piqa": "acc_norm", "winogrande": "acc",
-             "testbed_probes": "acc", "testbed_mid_probes": "acc"}
-PT_TASKS = ["arc_easy", "arc_challenge", "boolq", "hellaswag", "openbookqa", "piqa", "winogrande",
-            "testbed_probes"]  # Section 3.1
-MT_TASKS = ["arc_challenge", "hellaswag", "winogrande", "testbed_mid_probes"]  # Section 4.1 (no DROP, GSM8K)
-SFT = {"alpaca_eval": "win_rate", "truthfulqa_mc2": "acc", "mmlu": "acc", "testbed_sft_test": "exact_match"}
 TASKS = ["val_loss", *MC_METRICS, "testbed_sft_test", "testbed_sft_select", "alpaca_eval"]
 
 
 # ------------------------------------------------------------------ validation loss
 
 
-@torch.no_grad()
 def validation_loss(model, tokenizer, shards, seq_len, eval_tokens, batch_size=16):
-    """Mean next-token loss on fixed held-out tokens (train.validation_batches) and bits
-    per byte: total nats / ln 2 / UTF-8 bytes of the target tokens, which compares across
-    tokenizers. The end-of-text separator stands for no text: 0 bytes."""
-    model.eval()
+    """Mean next-token loss on fixed held-out tokens (data.loaders.validation_batches, the
+    same as train.py's val_loss) and bits per byte: total nats / ln 2 / UTF-8 bytes of the
+    target tokens, which compares across tokenizers. The end-of-text separator stands for
+    no text: 0 bytes."""
     device = next(model.parameters()).device
     batches = validation_batches(shards, seq_len, eval_tokens, batch_size)
-    ids = np.unique(np.concatenate([y.numpy().ravel() for _, y in batches]))
+    targets = np.concatenate([y.numpy().ravel() for _, y in batches])
+    ids, counts = np.unique(targets, return_counts=True)
     cl100k = ids if tokenizer.compact_vocab is None else np.asarray(tokenizer.compact_vocab)[ids]
-    n_bytes = {int(i): 0 if i == tokenizer.eot else len(tokenizer.enc.decode_single_token_bytes(int(c)))
-               for i, c in zip(ids, cl100k)}
-    nats, tokens, total_bytes = 0.0, 0, 0
-    for x, y in batches:
-        logits, _ = model(x.to(device))
-        nats += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten().to(device), reduction="sum").item()
-        tokens += y.numel()
-        total_bytes += sum(n_bytes[i] for i in y.flatten().tolist())
-    return {"loss": nats / tokens, "bpb": nats / math.log(2) / total_bytes, "tokens": tokens, "bytes": total_bytes}
+    n_bytes = [0 if i == tokenizer.eot else len(tokenizer.enc.decode_single_token_bytes(int(c)))
+               for i, c in zip(ids, cl100k)]
+    total_bytes = int(np.dot(n_bytes, counts))
+    loss = mean_loss(model, batches, device, nullcontext())  # main runs every task inside autocast
+    return {"loss": loss, "bpb": loss * len(targets) / math.log(2) / total_bytes, "tokens": len(targets),
+            "bytes": total_bytes}
 
 
 # ------------------------------------------------------------------ one checkpoint
@@ -441,44 +268,14 @@ class EvalConfig:
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, else fp32) | float32 | bfloat16
 
 
-def training_config(ckpt):
-    """The pre- or mid-training config behind a checkpoint (for sft.py's, the one it fine-tuned)."""
-    config = ckpt.get("config", {})
-    return ckpt.get("init_config", {}) if config.get("stage") == "sft" else config
-
-
-def testbed_dir(ckpt):
+def testbed_folder(ckpt):
     """The testbed the checkpoint was trained on (probes and SFT files sit in its root,
     beside pretrain/ and mid/), else data/testbed."""
     for config in (ckpt.get("config", {}), training_config(ckpt)):
-        dataset = os.path.abspath(config.get("dataset", "testbed"))
-        for directory in (dataset, os.path.dirname(dataset)):
-            if os.path.isfile(os.path.join(directory, "probes.jsonl")):
-                return directory
-    return os.path.dirname(resolve_dataset("testbed"))
-
-
-def schedule_of(ckpt):
-    """(schedule, alpha_pre, alpha_mid) of the run behind a checkpoint. A mid-training
-    run's schedule and alpha_pre are those of the pre-training run it continued, read from
-    the config.json that train.py wrote beside that run's checkpoint (None if it is gone).
-    A merge (merge.py) is ("wso+merge <shape>", None, None); a cooldown branched from a
-    WSO checkpoint (train.py --stage=cooldown) is ("wso+cooldown", its alpha, None)."""
-    if "merge" in ckpt:
-        return f"wso+merge {ckpt['merge']['shape']}", None, None
-    pre, alpha_mid = training_config(ckpt), None
-    if pre.get("stage") == "cooldown":
-        return "wso+cooldown", pre.get("alpha"), None
-    if pre.get("stage") == "mid":
-        alpha_mid = pre.get("alpha_mid")
-        path = os.path.join(os.path.dirname(pre.get("init_from", "")), "config.json")
-        pre = {}
-        if os.path.isfile(path):
-            with open(path) as f:
-                pre = json.load(f).get("train", {})
-    if pre.get("stage") != "pre":
-        return None, None, alpha_mid
-    return pre["schedule"], 1.0 if pre["schedule"] == "wso" else pre["alpha"], alpha_mid
+        testbed = testbed_of(config.get("dataset", "testbed"))
+        if testbed:
+            return testbed
+    return testbed_of("testbed")
 
 
 def parse_data_files(text):
@@ -513,7 +310,7 @@ def run_task(task, model, tokenizer, ckpt, cfg, data_files):
         return {**result, "dataset": dataset}
     if task.startswith("testbed_"):
         name = {"testbed_probes": "probes", "testbed_mid_probes": "mid_probes"}.get(task, task[len("testbed_"):])
-        path = data_files.get(task) or os.path.join(testbed_dir(ckpt), f"{name}.jsonl")
+        path = data_files.get(task) or os.path.join(testbed_folder(ckpt), f"{name}.jsonl")
         if not os.path.isfile(path):
             raise SystemExit(f"error: {task} needs {path}, which does not exist; run python data/testbed/prepare.py")
         if task.startswith("testbed_sft"):
@@ -536,9 +333,7 @@ def main(cfg: EvalConfig):
     ckpt = load_checkpoint(cfg.ckpt)
     device = resolve_device(cfg.device)
     _, autocast = autocast_context(device, cfg.dtype)
-    model = Llama(LlamaConfig.from_dict(ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
-    model.to(device)
+    model = load_model(ckpt, device)
     tokenizer = Tokenizer.from_dict(ckpt["tokenizer"])
     schedule, alpha_pre, alpha_mid = schedule_of(ckpt)
     out = cfg.out or os.path.join(os.path.dirname(os.path.abspath(cfg.ckpt)), "eval.json")
@@ -570,90 +365,42 @@ def main(cfg: EvalConfig):
 
 # ------------------------------------------------------------------ the paper's tables
 
-SCHEDULERS = {"wso": "WSO", "wsd": "WSD", "linear": "Linear", "cosine": "Cosine", "wso+cooldown": "WSO + cooldown"}
-# (key, lower is better, format) of the three compared metrics
-METRICS = [("valid_loss", True, "+.3f"), ("task_avg", False, "+.1f"), ("sft_task_avg", False, "+.1f")]
-
-
-def task_average(tasks, score_of):
-    """100 x the mean score of the tasks present (score_of: task -> its metric)."""
-    values = [tasks[t][m] for t, m in score_of.items() if t in tasks and tasks[t].get(m) is not None]
-    return 100 * float(np.mean(values)) if values else None
-
-
 def load_run(run_dir):
+    """A row of tables.paper_tables from a run directory's eval.json and its SFT results."""
     path = os.path.join(run_dir, "eval.json")
     if not os.path.isfile(path):
         raise SystemExit(f"error: {path} not found; run python evaluate.py --ckpt={run_dir}/ckpt.pt first")
     with open(path) as f:
         ev = json.load(f)
-    task_set = MT_TASKS if ev["stage"] == "mid" else PT_TASKS
     sft_eval, summary = os.path.join(run_dir, "sft_eval.json"), os.path.join(run_dir, "sft", "summary.json")
-    sft_task_avg = None
+    sft_avg = None
     if os.path.isfile(sft_eval):
         with open(sft_eval) as f:
-            sft_task_avg = task_average(json.load(f)["tasks"], SFT)
+            sft_avg = sft_task_avg(json.load(f)["tasks"])
     elif os.path.isfile(summary):
         with open(summary) as f:
-            sft_task_avg = json.load(f)["sft_task_avg"]
-    return {"stage": ev["stage"], "schedule": ev["schedule"], "alpha_pre": ev["alpha_pre"],
-            "alpha_mid": ev["alpha_mid"], "valid_loss": ev["tasks"].get("val_loss", {}).get("loss"),
-            "task_avg": task_average(ev["tasks"], {t: ZERO_SHOT[t] for t in task_set}), "sft_task_avg": sft_task_avg,
-            "scores": {t: 100 * ev["tasks"][t][m] for t, m in ZERO_SHOT.items() if t in ev["tasks"]}}
-
-
-def constant_lr(run):
-    """WSO: no decay in any stage. The reference of each column is the best of the others."""
-    return run["alpha_pre"] == 1.0 and run["alpha_mid"] in (None, 1.0)
-
-
-def markdown(header, rows):
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
-
-
-def fmt(value, spec):
-    return "n/a" if value is None else format(value, spec)
-
-
-def tables(runs, mid):
-    """Table 1/3 (mid=False) or Table 2/4 (mid=True) layout: differences from the best
-    decay-based run per metric, best in bold; then the absolute values."""
-    prefix = "MT" if mid else "PT"
-    runs = sorted(runs, key=lambda r: (list(SCHEDULERS).index(r["schedule"]) if r["schedule"] in SCHEDULERS else 9,
-                                       -(r["alpha_pre"] or 0), -(r["alpha_mid"] or 0)))
-    labels = [[SCHEDULERS.get(r["schedule"], r["schedule"] or "?"), fmt(r["alpha_pre"], ".1f")]
-              + ([fmt(r["alpha_mid"], ".1f")] if mid else []) for r in runs]
-    names = [f"{prefix} Valid Loss ↓", f"{prefix} Task Avg", "SFT Task Avg"]
-    columns = []
-    for key, lower, spec in METRICS:
-        reference = [r[key] for r in runs if not constant_lr(r) and r[key] is not None]
-        if not reference:
-            columns.append(["n/a"] * len(runs))
-            continue
-        ref = min(reference) if lower else max(reference)
-        deltas = [None if r[key] is None else r[key] - ref for r in runs]
-        best = (min if lower else max)(d for d in deltas if d is not None)
-        columns.append([fmt(d, spec) if d != best else f"**{d:{spec}}**" for d in deltas])
-    label_header = ["Scheduler", "α_pre"] + (["α_mid"] if mid else [])
-    relative = markdown(label_header + [n + " Δ" for n in names],
-                        [label + [col[i] for col in columns] for i, label in enumerate(labels)])
-    tasks = [t for t in ZERO_SHOT if any(t in r["scores"] for r in runs)]
-    absolute = markdown(label_header + names + tasks,
-                        [label + [fmt(r["valid_loss"], ".3f"), fmt(r["task_avg"], ".1f"), fmt(r["sft_task_avg"], ".1f")]
-                         + [fmt(r["scores"].get(t), ".1f") for t in tasks] for label, r in zip(labels, runs)])
-    return relative, absolute
+            sft_avg = json.load(f)["sft_task_avg"]
+    row = {"run": run_dir, "seed": 0, "stage": ev["stage"], "schedule": ev["schedule"], "alpha_pre": ev["alpha_pre"],
+           "alpha_mid": ev["alpha_mid"], "valid_loss": ev["tasks"].get("val_loss", {}).get("loss"),
+           "task_avg": zero_shot_avg(ev["tasks"], ev["stage"]), "sft_task_avg": sft_avg}
+    return {**row, **{t: 100 * ev["tasks"][t][m] for t, m in ZERO_SHOT.items() if t in ev["tasks"]}}
 
 
 def compare(run_dirs):
-    """Markdown of the paper's tables for pre-training runs and for mid-training runs."""
-    runs = [load_run(d) for d in run_dirs]
+    """Markdown of the paper's tables for pre-training runs and for mid-training runs: rows in
+    the paper's order (scheduler, then alpha_pre and alpha_mid from high to low), each task's
+    score beside the averages."""
+    order = list(SCHEDULERS)
+    runs = sorted((load_run(d) for d in run_dirs),
+                  key=lambda r: (order.index(r["schedule"]) if r["schedule"] in order else len(order),
+                                 -(r["alpha_pre"] or 0), -(r["alpha_mid"] or 0)))
     out = []
     for mid, title in ((False, "Pre-training -> SFT (Table 1/3 layout)"),
                        (True, "Mid-training -> SFT (Table 2/4 layout)")):
         chosen = [r for r in runs if (r["stage"] == "mid") == mid]
         if chosen:
-            relative, absolute = tables(chosen, mid)
+            tasks = [(t, t, ".1f") for t in ZERO_SHOT if any(t in r for r in chosen)]
+            relative, absolute = paper_tables(chosen, mid, absolute=tasks)
             out += [f"### {title}: Δ from the best decay-based run per column, best in bold", "", relative, "",
                     "Absolute values (task scores x 100):", "", absolute, ""]
     return "\n".join(out)

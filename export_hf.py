@@ -1,6 +1,7 @@
 """
 Export a checkpoint as a Hugging Face `LlamaForCausalLM` directory, so transformers,
-lm-evaluation-harness and vLLM can load the paper's models (ECOSYSTEM.md).
+lm-evaluation-harness and vLLM can load the paper's models (transformers'
+LlamaConfig and modeling_llama.py name the keys written here).
 
     python export_hf.py --ckpt=out/ckpt.pt --out_dir=hf/
     python -c "from transformers import LlamaForCausalLM; LlamaForCausalLM.from_pretrained('hf/')"

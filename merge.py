@@ -24,7 +24,7 @@ import torch
 
 import schedules
 from common import load_checkpoint, parse_args, save_checkpoint
-from train import RESUMABLE_CHANGES
+from training import RESUMABLE_CHANGES
 
 
 @dataclass
@@ -79,22 +79,23 @@ def weights_of(cfg, k):
     return weights
 
 
-def run_of(ckpt):
+def trajectory_of(ckpt):
     """What every point of one training trajectory shares. WSO's max_iters may grow when a
     run is extended; a decaying schedule's LR, and so its trajectory, depends on it."""
     config = ckpt["config"]
     constant = config["stage"] == "pre" and config["schedule"] == "wso"
     ignored = RESUMABLE_CHANGES if constant else RESUMABLE_CHANGES - {"max_iters"}
     return {"config": {k: v for k, v in config.items() if k not in ignored}, "model_config": ckpt["model_config"],
-            "tokenizer": ckpt["tokenizer"], "mid": ckpt.get("mid")}
+            "tokenizer": ckpt["tokenizer"], "branch": ckpt.get("branch", ckpt.get("mid"))}  # "mid": older name
 
 
-def check_same_run(path, run, first_path, first_run):
-    if run == first_run:
+def refuse_other_trajectories(path, trajectory, first_path, first_trajectory):
+    if trajectory == first_trajectory:
         return
-    a, b = first_run["config"], run["config"]
+    a, b = first_trajectory["config"], trajectory["config"]
     lines = [f"  --{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-    lines += [f"  {key} differs" for key in ("model_config", "tokenizer", "mid") if first_run[key] != run[key]]
+    lines += [f"  {key} differs" for key in ("model_config", "tokenizer", "branch")
+              if first_trajectory[key] != trajectory[key]]
     raise SystemExit(f"error: {path} is not from the same run as {first_path}:\n" + "\n".join(lines) +
                      "\nmerge checkpoints kept by one train.py run (--keep_every)")
 
@@ -108,9 +109,9 @@ def merge(paths, weights):
         if "merge" in ckpt:
             raise SystemExit(f"error: {path} is itself a merge; merge the checkpoints train.py kept")
         if j == 0:
-            first_run = run_of(ckpt)
+            first_trajectory = trajectory_of(ckpt)
             total = {name: torch.zeros_like(v, dtype=torch.float64) for name, v in ckpt["model"].items()}
-        check_same_run(path, run_of(ckpt), paths[0], first_run)
+        refuse_other_trajectories(path, trajectory_of(ckpt), paths[0], first_trajectory)
         if steps and ckpt["step"] <= steps[-1]:
             raise SystemExit(f"error: {path} is at step {ckpt['step']}, not after {steps[-1]}; list the "
                              f"checkpoints in strictly increasing step order")

@@ -49,9 +49,9 @@ import torch
 
 from common import format_duration, parse_args
 from data.common import read_jsonl, write_atomic
-from evaluate import MT_TASKS, PT_TASKS, SCHEDULERS, SFT, ZERO_SHOT, markdown, task_average
+from figures import plot_sharpness_curves, plot_sharpness_vs_score
 from schedules import MERGE_SHAPES, plot_figures, wsd_t_stable
-from sharpness import plot_sharpness_curves, plot_sharpness_vs_score
+from tables import COMPARED, MT_TASKS, PT_TASKS, paper_tables, scheduler_label, sft_task_avg, zero_shot_avg
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # (schedule, alpha_pre) of Table 1, and (alpha_pre, alpha_mid) of Table 2 (WSD pre-training;
@@ -59,10 +59,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 EXPERIMENT_1 = [("wso", 1.0), ("wsd", 0.0), ("wsd", 0.1), ("linear", 0.0), ("linear", 0.1),
                 ("cosine", 0.0), ("cosine", 0.1)]
 EXPERIMENT_2 = [(1.0, 1.0), (1.0, 0.0), (0.1, 1.0), (0.1, 0.0)]
+# Mid-training is 0.45 of pre-training's steps at every scale: Table 21's 36k mid-training
+# steps after Table 6's 80k pre-training steps.
+MID_FRACTION = 36_000 / 80_000
 SCALES = {
     "cpu": dict(train=dict(dataset="testbed", preset="tiny", max_iters=300, warmup_iters=30, batch_size=32,
                            seq_len=128, learning_rate=3e-3, sharpness_interval=50, compile=False),
-                mid=dict(dataset="testbed_mid", max_iters=135),
+                mid=dict(dataset="testbed_mid", max_iters=round(MID_FRACTION * 300)),
+                # sharpness.py of each final model: 4 x 20 probes take seconds on the tiny model
+                sharpness=dict(num_batches=4, num_samples=20),
                 sft=dict(dataset="testbed", lrs="5e-4,1e-3,2e-3", epochs=5, compile=False),
                 eval=dict(tasks="val_loss,testbed_probes"), mid_eval=dict(tasks="val_loss,testbed_mid_probes")),
     # Table 6's recipe (eta_max 3e-4, AdamW, bf16) at the 125m preset for ~262M tokens a run
@@ -71,7 +76,10 @@ SCALES = {
     "gpu": dict(train=dict(dataset="fineweb_edu", preset="125m", max_iters=1000, warmup_iters=100,
                            tokens_per_step=262144, batch_size=32, seq_len=1024, learning_rate=3e-4,
                            sharpness_interval=100, compile=True),
-                mid=dict(dataset="fineweb_edu", max_iters=450),
+                mid=dict(dataset="fineweb_edu", max_iters=round(MID_FRACTION * 1000)),
+                # Table 23: sequences of 1024 tokens, batch size 1, 50 probes, up to 4096 batches
+                # (about 3 HVPs of a forward+backward each, bench_hvp.py: ~2x a run's pre-training)
+                sharpness=dict(num_batches=4096, num_samples=50, seq_len=1024, batch_size=1, compile=True),
                 sft=dict(dataset="tulu3", lrs="5e-5,1e-4,5e-4", epochs=1, global_batch_size=128, batch_size=16,
                          warmup_iters=10, max_train=20000, max_val=2000, compile=True),
                 eval=dict(tasks="val_loss," + ",".join(t for t in PT_TASKS if not t.startswith("testbed"))),
@@ -89,7 +97,7 @@ class ReproduceConfig:
     schedules: str = ""  # a subset of the grid, e.g. wso,wsd_a0.1 (run names); empty: all
     out_dir: str = "results"  # tables, figures, results.json
     runs_dir: str = "runs"  # checkpoints and logs of every stage: runs_dir/seed<k>/<run>/
-    max_iters: int = 0  # pre-training steps instead of the scale's (mid-training: 0.45x of it)
+    max_iters: int = 0  # pre-training steps instead of the scale's (mid-training: MID_FRACTION of it)
     sft_lrs: str = ""  # the SFT sweep instead of the scale's
     sft_epochs: int = 0  # SFT epochs instead of the scale's
     eval_limit: int = 0  # score only the first N items of each evaluation task (0: all)
@@ -155,7 +163,7 @@ def plan(cfg):
             run_dir = pre_dir
             if alpha_mid is not None:
                 run_dir = os.path.join(seed_dir, name)
-                mid = {**scale["mid"], **({"max_iters": round(0.45 * cfg.max_iters)} if cfg.max_iters else {})}
+                mid = {**scale["mid"], **({"max_iters": round(MID_FRACTION * cfg.max_iters)} if cfg.max_iters else {})}
                 stages.append(("mid-train", run_dir, ["train.py", *flags(
                     {**{k: v for k, v in train.items() if k not in mid}, **mid, "stage": "mid",
                      "alpha_mid": alpha_mid, "sharpness_interval": 0, "seed": seed,
@@ -165,13 +173,14 @@ def plan(cfg):
     return stages
 
 
-def sharpness_stage(run_dir, split):
-    """Sharpness of run_dir/ckpt.pt: on held-out text and SFT conversations (split=val, as the
-    paper), or on the training text itself (split=train), where training sought its minimum."""
+def sharpness_stage(cfg, run_dir, split):
+    """Sharpness of run_dir/ckpt.pt with the scale's settings: on held-out text and SFT
+    conversations (split=val, as the paper), or on the training text itself (split=train),
+    where training sought its minimum."""
     kind, args, out = (("sharpness", [], "sharpness.json") if split == "val" else
                        ("sharpness (train)", ["--datasets=pretrain", "--pretrain_split=train"], "sharpness_train.json"))
-    return (kind, run_dir, ["sharpness.py", f"--ckpt={os.path.join(run_dir, 'ckpt.pt')}", *args, "--num_batches=4",
-                            "--num_samples=20", f"--out={os.path.join(run_dir, out)}"], None)
+    return (kind, run_dir, ["sharpness.py", f"--ckpt={os.path.join(run_dir, 'ckpt.pt')}", *args,
+                            *flags(SCALES[cfg.scale]["sharpness"]), f"--out={os.path.join(run_dir, out)}"], None)
 
 
 def model_stages(cfg, seed, run_dir, tasks, sft):
@@ -182,7 +191,7 @@ def model_stages(cfg, seed, run_dir, tasks, sft):
     ckpt = os.path.join(run_dir, "ckpt.pt")
     stages = [("evaluate", run_dir, ["evaluate.py", *flags(
                   {**tasks, "ckpt": ckpt, "out": os.path.join(run_dir, "eval.json"), "limit": cfg.eval_limit})], None),
-              sharpness_stage(run_dir, "train"),
+              sharpness_stage(cfg, run_dir, "train"),
               ("SFT", run_dir, ["sft.py", *flags(
                   {**sft, "seed": seed, "init_from": ckpt, "out_dir": os.path.join(run_dir, "sft")})], None)]
     sft_tasks = SCALES[cfg.scale].get("sft_eval")
@@ -220,7 +229,7 @@ def decay_free_plan(cfg, seed, seed_dir, train, sft, scale):
     for name, run_dir in finals.items():
         if wanted and name not in wanted:
             continue
-        stages.append(sharpness_stage(run_dir, "val"))
+        stages.append(sharpness_stage(cfg, run_dir, "val"))
         stages += model_stages(cfg, seed, run_dir, scale["eval"], sft)
     return stages
 
@@ -303,7 +312,6 @@ def collect(cfg):
             with open(measured) as f:
                 results = json.load(f)["results"]
             sharp = [{"step": None, **{f"sharpness_{k}": v["trace"] for k, v in results.items()}}]
-        tasks = MT_TASKS if ev["stage"] == "mid" else PT_TASKS
         seed, name = run_dir.split(os.sep)[-2:]
         best = next((r for r in sft["runs"] if r["lr"] == sft["best_lr"]), {})
         with open(os.path.join(run_dir, "sharpness_train.json")) as f:
@@ -311,7 +319,7 @@ def collect(cfg):
         rows.append({
             "run": name, "seed": int(seed[len("seed"):]), "schedule": ev["schedule"], "alpha_pre": ev["alpha_pre"],
             "alpha_mid": ev["alpha_mid"], "valid_loss": ev["tasks"]["val_loss"]["loss"],
-            "task_avg": task_average(ev["tasks"], {t: ZERO_SHOT[t] for t in tasks}),
+            "task_avg": zero_shot_avg(ev["tasks"], ev["stage"]),
             "sft_task_avg": sft_score(run_dir, sft), "sft_best_lr": sft["best_lr"],
             "sft_test_exact_match": best.get("sft_test_exact_match"), "sft_test_choice": best.get("sft_test_choice"),
             "sft_val_loss": best.get("val_loss"),
@@ -330,77 +338,15 @@ def sft_score(run_dir, summary):
     path = os.path.join(run_dir, "sft_eval.json")
     if os.path.isfile(path):
         with open(path) as f:
-            return task_average(json.load(f)["tasks"], SFT)
+            return sft_task_avg(json.load(f)["tasks"])
     return summary["sft_task_avg"]
 
 
-METRICS = [("valid_loss", "Valid Loss ↓", True, ".3f"), ("task_avg", "Task Avg", False, ".1f"),
-           ("sft_task_avg", "SFT Task Avg", False, ".1f"), ("sft_val_loss", "SFT Valid Loss ↓", True, ".3f"),
-           ("sharpness_pretrain", "Sharpness (PT val)", None, ".0f"), ("sharpness_sft", "Sharpness (SFT data)", None, ".0f"),
-           ("sharpness_train", "Sharpness (train text)", None, ".0f")]
-
-
-def mean_std(values, spec, sign=False):
-    values = [v for v in values if v is not None]
-    if not values:
-        return "n/a"
-    spec = ("+" if sign else "") + spec
-    text = format(float(np.mean(values)), spec)
-    return text + (f" ± {np.std(values, ddof=1):{spec.lstrip('+')}}" if len(values) > 1 else "")
-
-
-def scheduler(schedule):
-    if schedule.startswith("wso+merge "):
-        return f"WSO + merge ({schedule.split(' ', 1)[1]})"
-    return SCHEDULERS.get(schedule, schedule)
-
-
-def fmt_alpha(alpha):
-    return "–" if alpha is None else f"{alpha:.1f}"
-
-
-def table(rows, mid):
-    """The paper's layout: per metric, each run's difference from the best decay-based run
-    (computed per seed, then mean +- std over seeds), best in bold; then absolute values."""
-    prefix = "MT" if mid else "PT"
-    names = sorted({r["run"] for r in rows}, key=lambda n: [r["run"] for r in rows].index(n))
-    by = {(r["run"], r["seed"]): r for r in rows}
-    seeds = sorted({r["seed"] for r in rows})
-    label = lambda r: [scheduler(r["schedule"]), fmt_alpha(r["alpha_pre"])] + (  # noqa: E731
-        [fmt_alpha(r["alpha_mid"])] if mid else [])
-    header = ["Scheduler", "α_pre"] + (["α_mid"] if mid else [])
-    constant = lambda r: (r["schedule"] == "wso" or r["alpha_pre"] == 1.0) and r["alpha_mid"] in (None, 1.0)  # noqa: E731
-    compared = METRICS[:4]
-    deltas = {}
-    for key, _, lower, _ in compared:
-        for seed in seeds:
-            decayed = [by[n, seed][key] for n in names if (n, seed) in by and not constant(by[n, seed])
-                       and by[n, seed][key] is not None]
-            if not decayed:
-                continue
-            ref = min(decayed) if lower else max(decayed)
-            for n in names:
-                if (n, seed) in by and by[n, seed][key] is not None:
-                    deltas.setdefault((n, key), []).append(by[n, seed][key] - ref)
-    relative_rows = []
-    for n in names:
-        first = next(by[n, s] for s in seeds if (n, s) in by)
-        relative_rows.append(label(first) + [mean_std(deltas.get((n, key), []), spec, sign=True)
-                                             for key, _, _, spec in compared])
-    for j, (key, _, lower, _) in enumerate(compared):  # bold the best mean difference
-        means = [np.mean(deltas[n, key]) if deltas.get((n, key)) else None for n in names]
-        if any(m is not None for m in means):
-            best = (min if lower else max)(m for m in means if m is not None)
-            i = means.index(best)
-            relative_rows[i][len(header) + j] = f"**{relative_rows[i][len(header) + j]}**"
-    relative = markdown(header + [f"{prefix} {t} Δ" if k in ("valid_loss", "task_avg") else f"{t} Δ"
-                                  for k, t, _, _ in compared], relative_rows)
-    absolute = markdown(header + [f"{prefix} {t}" if k in ("valid_loss", "task_avg") else t for k, t, _, _ in METRICS]
-                        + ["SFT LR (per seed)"],
-                        [label(by[n, next(s for s in seeds if (n, s) in by)])
-                         + [mean_std([by[n, s][key] for s in seeds if (n, s) in by], spec) for key, _, _, spec in METRICS]
-                         + [",".join(f"{by[n, s]['sft_best_lr']:g}" for s in seeds if (n, s) in by)] for n in names])
-    return relative, absolute
+# The Δ table compares the paper's three columns and the SFT validation loss; the absolute
+# table adds the sharpness of the model SFT starts from and the LR each seed's sweep chose.
+COMPARED_HERE = [*COMPARED, ("sft_val_loss", "SFT Valid Loss ↓", True, ".3f")]
+ABSOLUTE = [("sharpness_pretrain", "Sharpness (PT val)", ".0f"), ("sharpness_sft", "Sharpness (SFT data)", ".0f"),
+            ("sharpness_train", "Sharpness (train text)", ".0f"), ("sft_best_lr", "SFT LR (per seed)", "per seed")]
 
 
 def figures(rows, out_dir, suffix=""):
@@ -409,7 +355,7 @@ def figures(rows, out_dir, suffix=""):
     against final pre-training sharpness, one point per run averaged over seeds)."""
     written = dict(zip(("fig1", "fig2"), plot_figures(out_dir)))
     names = list(dict.fromkeys(r["run"] for r in rows))
-    label = {n: next(scheduler(r["schedule"]) + (f" a={r['alpha_pre']:g}" if r["alpha_pre"] is not None else "")
+    label = {n: next(scheduler_label(r["schedule"]) + (f" a={r['alpha_pre']:g}" if r["alpha_pre"] is not None else "")
                      + (f" mid a={r['alpha_mid']:g}" if r["alpha_mid"] is not None else "") for r in rows if r["run"] == n)
              for n in names}
     for column, data in ((1, "pretrain"), (2, "sft")):
@@ -449,7 +395,7 @@ def report(cfg):
     rows = collect(cfg)
     os.makedirs(cfg.out_dir, exist_ok=True)
     mid = cfg.experiment == "mid"
-    relative, absolute = table(rows, mid)
+    relative, absolute = paper_tables(rows, mid, COMPARED_HERE, ABSOLUTE)
     seeds = sorted({r["seed"] for r in rows})
     title, file = {"pre": ("Table 1 analogue (pre-training -> SFT)", "table1.md"),
                    "mid": ("Table 2 analogue (mid-training -> SFT)", "table2.md"),

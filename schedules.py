@@ -86,6 +86,20 @@ def validate_pretrain(schedule, *, warmup_iters, max_iters, alpha, stable_ratio=
                  "the WSD stable fraction of the post-warmup updates (rho in the paper)")
 
 
+def validate_cooldown(*, alpha, cooldown_iters, cooldown="linear"):
+    """Raise ValueError, naming the parameter, unless cooldown_lr accepts these settings."""
+    _check_choice("cooldown", cooldown, COOLDOWNS)
+    _check_range("alpha", alpha, 0, 1, "the minimum-LR factor the cooldown decays to (alpha_pre in the paper)")
+    _check_count("cooldown_iters", cooldown_iters, "the number of cooldown updates (M; train.py's --max_iters)")
+
+
+def validate_midtrain(*, alpha_mid, mid_iters):
+    """Raise ValueError, naming the parameter, unless midtrain_lr accepts these settings."""
+    _check_range("alpha_mid", alpha_mid, 0, 1, "the mid-training minimum-LR factor (alpha_mid in the paper)")
+    _check_count("mid_iters", mid_iters,
+                 "the number of mid-training updates (T_mid in the paper; train.py's --max_iters)")
+
+
 def wsd_t_stable(*, warmup_iters, max_iters, stable_ratio):
     """T_stable, the last update at eta_max before WSD decays (Table 6: rho of the post-warmup updates).
 
@@ -129,9 +143,7 @@ def cooldown_lr(t, *, lr_max, t_stable, cooldown_iters, alpha, cooldown="linear"
     stable phase at n. It ends at exactly alpha * lr_max.
     """
     _check_lr_max(lr_max)
-    _check_choice("cooldown", cooldown, COOLDOWNS)
-    _check_range("alpha", alpha, 0, 1, "the minimum-LR factor the cooldown decays to (alpha_pre in the paper)")
-    _check_count("cooldown_iters", cooldown_iters, "the number of cooldown updates")
+    validate_cooldown(alpha=alpha, cooldown_iters=cooldown_iters, cooldown=cooldown)
     if t_stable < 0:
         raise ValueError(f"t_stable={t_stable!r} must be >= 0; t_stable is the last update at lr_max "
                          "before the cooldown")
@@ -147,9 +159,8 @@ def midtrain_lr(t, *, lr_end_of_pretraining, pretrain_iters, mid_iters, alpha_mi
     Mid-training continues from the final pre-training LR, lr_end_of_pretraining =
     pretrain_lr(T_pre, ...); alpha_mid = 0 decays it linearly to 0 at T_pre + T_mid, alpha_mid = 1 keeps it constant.
     """
-    _check_range("alpha_mid", alpha_mid, 0, 1, "the mid-training minimum-LR factor (alpha_mid in the paper)")
+    validate_midtrain(alpha_mid=alpha_mid, mid_iters=mid_iters)
     _check_count("pretrain_iters", pretrain_iters, "the number of pre-training updates (T_pre in the paper)")
-    _check_count("mid_iters", mid_iters, "the number of mid-training updates (T_mid in the paper)")
     if not lr_end_of_pretraining >= 0:  # 0 is fine: pre-training may decay to zero
         raise ValueError(f"lr_end_of_pretraining={lr_end_of_pretraining!r} must be >= 0; "
                          "it is the pre-training LR at T_pre, pretrain_lr(T_pre, ...)")

@@ -16,8 +16,9 @@ over the supervised tokens of each global batch. Micro-batches are padded to the
 conversation (labels -100 on padding), not packed: no conversation ever sees another.
 Data sets:
     testbed    train on sft_train.jsonl; the task average on sft_select.jsonl chooses the LR;
-               the task average on sft_test.jsonl (people never seen in SFT) is the score: the
-               mean of exact match and choice (evaluate.testbed_sft_accuracy), x100
+               the task average on sft_test.jsonl (people never seen in SFT) is the score:
+               SFT Task Avg as tables.sft_task_avg defines it, 100 x the mean of exact match
+               and choice (scoring.testbed_sft_accuracy)
     tulu3      allenai/tulu-3-sft-olmo-2-mixture (train split), split 9:1 (seeded) into
                train and validation as the paper does; the LR is chosen by validation loss
                (the paper chose by AlpacaEval, which needs an LLM judge)
@@ -27,7 +28,7 @@ Data sets:
 Writes out_dir/lr_<lr>/{ckpt.pt, log.jsonl, result.json} per LR (result.json last: an LR
 that has it is skipped when the sweep is rerun), out_dir/config.json, and out_dir/summary.json:
     dataset, init_from, init {schedule, alpha_pre, alpha_mid, stage, step}: what was fine-tuned
-               (evaluate.schedule_of: alpha_pre is 1.0 for WSO, alpha_mid null before mid-training)
+               (runs.schedule_of: alpha_pre is 1.0 for WSO, alpha_mid null before mid-training)
     select_by, higher_is_better: the metric that chose the LR
     best_lr, best_ckpt: the chosen LR and its fine-tuned checkpoint
     sft_task_avg: sft_test_task_avg of the chosen LR (testbed; null for other data)
@@ -49,13 +50,14 @@ import torch
 from datasets import load_dataset
 
 import schedules
-from common import (Eta, append_jsonl, autocast_context, load_checkpoint, parse_args, resolve_device,
-                    rng_state, save_checkpoint)
+from common import Eta, append_jsonl, load_checkpoint, parse_args, rng_state, save_checkpoint
 from data.chat import IGNORE, has_supervision, render
 from data.common import Tokenizer, load_meta, read_jsonl, write_atomic
-from evaluate import schedule_of, testbed_sft_accuracy
-from model import Llama, LlamaConfig
-from train import DATA_DIR, make_optimizer
+from data.loaders import pad_collate, testbed_of
+from runs import load_model, schedule_of
+from scoring import testbed_sft_accuracy
+from tables import sft_task_avg
+from training import Runtime, make_optimizer, mean_loss, optimizer_step, set_lr, setup_distributed
 
 TULU3 = "allenai/tulu-3-sft-olmo-2-mixture"
 LR_GRIDS = {
@@ -139,19 +141,6 @@ def sweep_lrs(cfg):
 
 # ---------------------------------------------------------------------------- data
 
-def testbed_dir(name):
-    """The testbed folder of --dataset, or None when the data set is not a testbed."""
-    if name == "testbed":
-        from data.testbed.prepare import is_prepared, prepare
-        path = os.path.join(DATA_DIR, "testbed")
-        if not is_prepared(path):
-            prepare(path)
-        return path
-    if os.path.isdir(name) and os.path.exists(os.path.join(name, "sft_train.jsonl")):
-        return name
-    return None
-
-
 def load_messages(name):
     """The `messages` column of Tulu 3 or a local file, through Hugging Face `datasets`."""
     kinds = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -185,7 +174,7 @@ def load_data(cfg, tokenizer):
     """(train conversations, val conversations, testbed folder or None). Tulu 3 or a file may be
     any text: the checkpoint's tokenizer encodes it (a compact one spells unknown tokens in bytes).
     A testbed must have been tokenized with the checkpoint's own vocabulary."""
-    testbed = testbed_dir(cfg.dataset)
+    testbed = testbed_of(cfg.dataset)
     if testbed is None:
         conversations = load_messages(cfg.dataset)
         if not conversations:
@@ -230,21 +219,9 @@ def update_batches(num_examples, cfg):
     return [order[i:i + cfg.global_batch_size].tolist() for i in range(0, len(order), cfg.global_batch_size)]
 
 
-def collate(examples, pad_id):
-    """Right-padded (x, y) with y = next token's label, -100 on padding. The causal mask keeps
-    real tokens from attending to the padding after them, so no attention mask is needed."""
-    T = max(len(ids) for ids, _ in examples) - 1
-    x = torch.full((len(examples), T), pad_id, dtype=torch.long)
-    y = torch.full((len(examples), T), IGNORE, dtype=torch.long)
-    for row, (ids, labels) in enumerate(examples):
-        x[row, :len(ids) - 1] = torch.from_numpy(ids[:-1])
-        y[row, :len(ids) - 1] = torch.from_numpy(labels[1:])
-    return x, y
-
-
 # ------------------------------------------------------------------ training parts
 
-def train_step(model, optimizer, micro_batches, cfg, ctx):
+def train_step(model, optimizer, micro_batches, cfg, rt: Runtime):
     """One update over the micro-batches; returns (loss, grad_norm, supervised tokens) or raises
     FloatingPointError before touching the weights. The loss is the mean over every supervised
     token of the global batch (each micro-batch's mean weighted by its token share), so short and
@@ -252,94 +229,109 @@ def train_step(model, optimizer, micro_batches, cfg, ctx):
     supervised = sum(int((y != IGNORE).sum()) for _, y in micro_batches)
     loss_sum = 0.0
     for x, y in micro_batches:
-        with ctx["autocast"]:
-            _, loss = model(x.to(ctx["device"]), y.to(ctx["device"]))
+        with rt.autocast:
+            _, loss = model(x.to(rt.device), y.to(rt.device))
         loss = loss * (int((y != IGNORE).sum()) / supervised)
         loss.backward()
         loss_sum += loss.item()
-    clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
-    if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
-        optimizer.zero_grad(set_to_none=True)
-        raise FloatingPointError(f"loss={loss_sum}, grad_norm={grad_norm}")
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss_sum, grad_norm, supervised
+    return loss_sum, optimizer_step(model, optimizer, cfg.grad_clip, loss_sum), supervised
 
 
-@torch.no_grad()
-def val_loss(model, examples, cfg, ctx):
+@dataclass
+class Examples:
+    """The tokenized conversations of a sweep, the same for every LR."""
+    train: list  # [(ids, labels)] int32 arrays
+    val: list
+    batches: list  # the example indices of each update (update_batches)
+    counts: dict  # conversations read and left without supervision, updates per LR: for the log
+
+
+@dataclass
+class Sweep:
+    """What every LR of the sweep fine-tunes from and with."""
+    cfg: SFTConfig
+    rt: Runtime
+    model: torch.nn.Module  # uncompiled: evaluation and checkpoints
+    step_model: torch.nn.Module  # what the update runs (compiled with --compile)
+    examples: Examples
+    init_weights: dict  # the checkpoint's weights: every LR starts from them
+    init_config: dict  # the checkpoint's training config
+    tokenizer: Tokenizer
+    eta: Eta  # of the whole sweep, in updates
+    updates_done: int = 0
+
+
+def micro_batches(sweep, batch):
+    """The update's examples, padded per micro-batch of cfg.batch_size."""
+    size, pad_id = sweep.cfg.batch_size, sweep.tokenizer.eot
+    return [pad_collate([sweep.examples.train[i] for i in batch[j:j + size]], pad_id) for j in range(0, len(batch), size)]
+
+
+def val_loss(sweep):
     """Mean loss over every supervised token of the validation conversations (in file order)."""
-    model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(examples), cfg.batch_size):
-        x, y = collate(examples[i:i + cfg.batch_size], ctx["pad_id"])
-        with ctx["autocast"]:
-            _, loss = model(x.to(ctx["device"]), y.to(ctx["device"]))
-        n = int((y != IGNORE).sum())
-        total, count = total + loss.item() * n, count + n
-    model.train()
-    return total / count
+    val, size = sweep.examples.val, sweep.cfg.batch_size
+    batches = [pad_collate(val[i:i + size], sweep.tokenizer.eot) for i in range(0, len(val), size)]
+    return mean_loss(sweep.model, batches, sweep.rt.device, sweep.rt.autocast)
 
 
-def finetune(lr, run_dir, model, raw_model, data, cfg, ctx):
+def finetune(lr, run_dir, sweep):
     """Fine-tune from the initial weights at peak LR `lr`; returns this LR's result record."""
-    raw_model.load_state_dict(ctx["init_weights"])
-    raw_model.train()  # evaluation of the previous LR left it in eval mode
-    optimizer = make_optimizer(raw_model, cfg, ctx["device"])  # fresh: SFT starts a new optimization
-    batches, log_path = data["batches"], os.path.join(run_dir, "log.jsonl")
+    cfg, model, batches = sweep.cfg, sweep.model, sweep.examples.batches
+    model.load_state_dict(sweep.init_weights)
+    model.train()  # evaluation of the previous LR left it in eval mode
+    optimizer = make_optimizer(model, cfg, sweep.rt.device)  # fresh: SFT starts a new optimization
+    log_path = os.path.join(run_dir, "log.jsonl")
     os.makedirs(run_dir, exist_ok=True)
     if os.path.exists(log_path):  # an unfinished earlier attempt: start this LR over
         os.remove(log_path)
-    append_jsonl(log_path, {"step": 0, **data["counts"]})
+    append_jsonl(log_path, {"step": 0, **sweep.examples.counts})
     losses, result = [], {"lr": lr, "run_dir": run_dir, "steps": len(batches), "diverged_at_step": None}
     eta, last_time, tokens = Eta(len(batches)), time.perf_counter(), 0
     for step, batch in enumerate(batches, start=1):
         lr_now = schedules.sft_lr(step, lr_max=lr, warmup_iters=cfg.warmup_iters, max_iters=len(batches))
-        for group in optimizer.param_groups:
-            group["lr"] = lr_now
-        micro_batches = [collate([data["train"][i] for i in batch[j:j + cfg.batch_size]], ctx["pad_id"])
-                         for j in range(0, len(batch), cfg.batch_size)]
+        set_lr(optimizer, lr_now)
         try:
-            loss, grad_norm, supervised = train_step(model, optimizer, micro_batches, cfg, ctx)
+            loss, grad_norm, supervised = train_step(sweep.step_model, optimizer, micro_batches(sweep, batch), cfg,
+                                                     sweep.rt)
         except FloatingPointError as e:  # a too-large LR: this point of the sweep failed, not the sweep
             print(f"[lr {lr:g}] non-finite values at step {step} ({e}); this LR is marked diverged")
             result.update(diverged_at_step=step, final_train_loss=None, val_loss=None)
             return result
         losses.append(loss)
         tokens += supervised
-        ctx["sweep_done"] += 1
+        sweep.updates_done += 1
         if step % cfg.log_interval == 0 or step == len(batches):
             now = time.perf_counter()
             tokens_per_sec, last_time, tokens = tokens / (now - last_time), now, 0
             print(f"[lr {lr:g}] step {step}/{len(batches)} | loss {loss:.4f} | lr {lr_now:.2e} | "
                   f"grad_norm {grad_norm:.3f} | {tokens_per_sec:,.0f} supervised tok/s | "
-                  f"ETA {eta(step)} (sweep {ctx['sweep_eta'](ctx['sweep_done'])})")
+                  f"ETA {eta(step)} (sweep {sweep.eta(sweep.updates_done)})")
             append_jsonl(log_path, {"step": step, "lr": lr_now, "loss": loss, "grad_norm": grad_norm,
                                     "supervised_tokens": supervised, "tokens_per_sec": tokens_per_sec})
     # No optimizer state: an unfinished LR is rerun whole, and a 1B model's AdamW state is 8 GB.
     save_checkpoint(os.path.join(run_dir, "ckpt.pt"), {
-        "model": raw_model.state_dict(), "model_config": raw_model.config.to_dict(),
-        "tokenizer": ctx["tokenizer"].to_dict(), "config": {**asdict(cfg), "learning_rate": lr, "stage": "sft"},
-        "init_config": ctx["init_config"], "step": len(batches), "rng": rng_state()})
-    result.update(final_train_loss=float(np.mean(losses[-FINAL_LOSS_STEPS:])),
-                  val_loss=val_loss(raw_model, data["val"], cfg, ctx))
+        "model": model.state_dict(), "model_config": model.config.to_dict(),
+        "tokenizer": sweep.tokenizer.to_dict(), "config": {**asdict(cfg), "learning_rate": lr, "stage": "sft"},
+        "init_config": sweep.init_config, "step": len(batches), "rng": rng_state()})
+    result.update(final_train_loss=float(np.mean(losses[-FINAL_LOSS_STEPS:])), val_loss=val_loss(sweep))
     return result
 
 
-def score(result, raw_model, testbed, ctx):
-    """The testbed's two tasks (exact match, choice: evaluate.testbed_sft_accuracy) on the
-    selection and test people; each split's task average is their mean, x100."""
+def testbed_scores(model, tokenizer, testbed):
+    """The testbed's two tasks (exact match, choice: scoring.testbed_sft_accuracy) on the
+    selection and test people, and each split's SFT Task Avg (tables.sft_task_avg); all None
+    without a testbed (testbed=None) or for a diverged run (model=None)."""
+    scores = {}
     for split in ("sft_select", "sft_test"):
-        scores = {"exact_match": None, "choice": None}
-        if testbed and result["diverged_at_step"] is None:
-            scores = testbed_sft_accuracy(raw_model, ctx["tokenizer"], os.path.join(testbed, f"{split}.jsonl"))
+        result = {"exact_match": None, "choice": None}
+        if testbed and model is not None:
+            result = testbed_sft_accuracy(model, tokenizer, os.path.join(testbed, f"{split}.jsonl"))
         for task in ("exact_match", "choice"):
-            result[f"{split}_{task}"] = scores[task]
-        result[f"{split}_task_avg"] = (None if scores["choice"] is None else
-                                       round(50 * (scores["exact_match"] + scores["choice"]), 4))
-    result["sft_task_avg"] = result["sft_test_task_avg"]  # the paper's "SFT Task Avg" analogue
-    return result
+            scores[f"{split}_{task}"] = result[task]
+        avg = None if result["choice"] is None else sft_task_avg({"testbed_sft_test": result})
+        scores[f"{split}_task_avg"] = None if avg is None else round(avg, 4)
+    scores["sft_task_avg"] = scores["sft_test_task_avg"]  # the paper's "SFT Task Avg" analogue
+    return scores
 
 
 def select(runs, metric):
@@ -382,7 +374,7 @@ def prepare_examples(cfg, tokenizer, train_chats, val_chats):
               f"schedules.sft_lr shortens the warmup to {len(batches) - 1}")
     counts = {"train": len(train_chats), "val": len(val_chats), "train_without_supervision": train_cut,
               "val_without_supervision": val_cut, "updates_per_lr": len(batches)}
-    return dict(train=train, val=val, batches=batches, counts=counts)
+    return Examples(train, val, batches, counts)
 
 
 def finished_runs(cfg, lrs, identity):
@@ -403,49 +395,52 @@ def finished_runs(cfg, lrs, identity):
     return runs, todo
 
 
-def main(cfg: SFTConfig):
+def set_up(cfg):
+    """(the Sweep, what was fine-tuned, the testbed folder or None, the selection metric)."""
     if not cfg.init_from:
         raise SystemExit("error: pass --init_from=<checkpoint to fine-tune> (e.g. out/ckpt.pt from train.py)")
-    device = resolve_device(cfg.device)
-    dtype, autocast = autocast_context(device, cfg.dtype)
+    rt = setup_distributed(cfg.device, cfg.dtype)
     ckpt = load_checkpoint(cfg.init_from)
     tokenizer = Tokenizer.from_dict(ckpt["tokenizer"])
     train_chats, val_chats, testbed = load_data(cfg, tokenizer)
     metric = cfg.select_by if cfg.select_by != "auto" else "sft_select_task_avg" if testbed else "val_loss"
     if metric.startswith("sft_select") and not testbed:
         raise SystemExit(f"error: --select_by={metric} needs a testbed; use --select_by=val_loss")
-    model_cfg = LlamaConfig.from_dict(ckpt["model_config"])
-    if cfg.seq_len > model_cfg.max_seq_len:
-        raise SystemExit(f"error: seq_len={cfg.seq_len} > the model's max_seq_len={model_cfg.max_seq_len}")
-    data = prepare_examples(cfg, tokenizer, train_chats, val_chats)
-
+    max_seq_len = ckpt["model_config"]["max_seq_len"]
+    if cfg.seq_len > max_seq_len:
+        raise SystemExit(f"error: seq_len={cfg.seq_len} > the model's max_seq_len={max_seq_len}")
+    examples = prepare_examples(cfg, tokenizer, train_chats, val_chats)
     torch.manual_seed(cfg.seed)
-    model = Llama(model_cfg).to(device)
-    raw_model = model  # uncompiled: for evaluation and checkpoints
-    if cfg.compile:
-        model = torch.compile(model, dynamic=True)  # padded lengths differ from batch to batch
+    model = load_model(ckpt, rt.device)
+    # padded lengths differ from batch to batch: dynamic shapes
+    step_model = torch.compile(model, dynamic=True) if cfg.compile else model
     init = dict(zip(("schedule", "alpha_pre", "alpha_mid"), schedule_of(ckpt)), stage=ckpt["config"].get("stage"),
                 step=ckpt["step"])
-    ctx = dict(device=device, autocast=autocast, pad_id=tokenizer.eot, tokenizer=tokenizer,
-               init_weights=ckpt["model"], init_config=ckpt["config"], sweep_done=0)
-    del ckpt
+    sweep = Sweep(cfg, rt, model, step_model, examples, ckpt["model"], ckpt["config"], tokenizer, Eta(0))
+    return sweep, init, testbed, metric
 
+
+def main(cfg: SFTConfig):
+    sweep, init, testbed, metric = set_up(cfg)
     os.makedirs(cfg.out_dir, exist_ok=True)
     with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-        json.dump({"sft": asdict(cfg), "model": model_cfg.to_dict(), "init_config": ctx["init_config"]}, f, indent=2)
-    lrs = sweep_lrs(cfg)
-    print(f"SFT of {cfg.init_from} ({raw_model.num_params():,} parameters) on {cfg.dataset}: "
-          f"{len(data['train'])} training conversations, {len(data['batches'])} updates of {cfg.global_batch_size} "
+        json.dump({"sft": asdict(cfg), "model": sweep.model.config.to_dict(), "init_config": sweep.init_config}, f,
+                  indent=2)
+    lrs, updates = sweep_lrs(cfg), len(sweep.examples.batches)
+    print(f"SFT of {cfg.init_from} ({sweep.model.num_params():,} parameters) on {cfg.dataset}: "
+          f"{len(sweep.examples.train)} training conversations, {updates} updates of {cfg.global_batch_size} "
           f"per LR (grad_accum={cfg.global_batch_size // cfg.batch_size}), LRs {[f'{lr:g}' for lr in lrs]}, "
-          f"select by {metric}, device={device}, dtype={dtype}, compile={cfg.compile}")
+          f"select by {metric}, device={sweep.rt.device}, dtype={sweep.rt.dtype}, compile={cfg.compile}")
 
     # A finished LR is reused only if it was made from the same settings and checkpoint.
     identity = {**{k: v for k, v in asdict(cfg).items() if k not in RERUN_CHANGES}, "init": init}
     runs, todo = finished_runs(cfg, lrs, identity)
-    ctx["sweep_eta"] = Eta(len(todo) * len(data["batches"]))
+    sweep.eta = Eta(len(todo) * updates)
     for lr in todo:
         run_dir = os.path.join(cfg.out_dir, f"lr_{lr:g}")
-        result = score(finetune(lr, run_dir, model, raw_model, data, cfg, ctx), raw_model, testbed, ctx)
+        result = finetune(lr, run_dir, sweep)
+        result.update(testbed_scores(sweep.model if result["diverged_at_step"] is None else None, sweep.tokenizer,
+                                     testbed))
         append_jsonl(os.path.join(run_dir, "log.jsonl"), {"step": result["steps"], **{
             k: result[k] for k in ("val_loss", "sft_select_task_avg", "sft_test_task_avg")}})
         write_atomic(os.path.join(run_dir, "result.json"),
@@ -457,7 +452,7 @@ def main(cfg: SFTConfig):
     summary = {"dataset": cfg.dataset, "init_from": cfg.init_from, "init": init,
                "select_by": metric, "higher_is_better": HIGHER_IS_BETTER[metric], "best_lr": best["lr"],
                "best_ckpt": best["run_dir"] and os.path.join(best["run_dir"], "ckpt.pt"),
-               "sft_task_avg": best["sft_task_avg"], "data": data["counts"], "runs": runs}
+               "sft_task_avg": best["sft_task_avg"], "data": sweep.examples.counts, "runs": runs}
     write_atomic(os.path.join(cfg.out_dir, "summary.json"), (json.dumps(summary, indent=1) + "\n").encode())
     print_table(summary)
     return summary

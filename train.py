@@ -16,6 +16,9 @@ Writes out_dir/ckpt.pt (weights, optimizer, RNG states, data position, config) a
 out_dir/log.jsonl (one JSON object per logged step; eval records carry val_loss).
 With --keep_every=N it also keeps out_dir/ckpt_<step:06d>.pt every N steps: full
 checkpoints, to merge (merge.py) or to branch a cooldown from (stage=cooldown).
+
+Reading order: TrainConfig (every option), starting_point (scratch, resume, mid-training,
+cooldown), train_step (one update), main (set-up, then the loop).
 """
 
 import json
@@ -25,18 +28,18 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import schedules
-from common import (Eta, append_jsonl, autocast_context, load_checkpoint, parse_args, resolve_device,
-                    rng_state, save_checkpoint, set_rng_state, truncate_log)
+from common import Eta, append_jsonl, load_checkpoint, parse_args, rng_state, save_checkpoint, set_rng_state, truncate_log
 from data.common import Tokenizer, load_meta, load_split
+from data.loaders import TokenWindows, pretrain_batches, resolve_dataset, sft_batches, testbed_of, validation_batches
+from hessian import sharpness_during_training
 from model import PRESETS, Llama, LlamaConfig, build_config
-
-DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+from training import (RESUMABLE_CHANGES, Runtime, load_optimizer_state, make_optimizer, mean_loss, optimizer_step,
+                      set_lr, setup_distributed)
 
 
 @dataclass
@@ -88,20 +91,15 @@ class TrainConfig:
             raise ValueError(f"preset={self.preset!r} is unknown; choose one of {sorted(PRESETS)}")
         if self.stage not in ("pre", "mid", "cooldown"):
             raise ValueError(f"stage={self.stage!r}; choose pre, mid or cooldown")
+        if self.stage != "pre" and self.init_from == "scratch":
+            raise ValueError(f"stage={self.stage} continues a pre-training run: pass --init_from=<its checkpoint>")
         if self.stage == "pre":
             schedules.validate_pretrain(self.schedule, warmup_iters=self.warmup_iters, max_iters=self.max_iters,
                                         alpha=self.alpha, stable_ratio=self.stable_ratio, cooldown=self.cooldown)
+        elif self.stage == "mid":
+            schedules.validate_midtrain(alpha_mid=self.alpha_mid, mid_iters=self.max_iters)
         else:
-            if self.init_from == "scratch":
-                raise ValueError(f"stage={self.stage} continues a pre-training run: pass --init_from=<its checkpoint>")
-            if not 0.0 <= self.alpha_mid <= 1.0:
-                raise ValueError(f"alpha_mid={self.alpha_mid} is outside [0, 1]")
-            if not 0.0 <= self.alpha <= 1.0:
-                raise ValueError(f"alpha={self.alpha} is outside [0, 1]")
-            if self.cooldown not in schedules.COOLDOWNS:
-                raise ValueError(f"cooldown={self.cooldown!r} is not one of {schedules.COOLDOWNS}")
-            if self.max_iters < 1:
-                raise ValueError(f"max_iters={self.max_iters} must be >= 1 (T_mid, or the cooldown length)")
+            schedules.validate_cooldown(alpha=self.alpha, cooldown_iters=self.max_iters, cooldown=self.cooldown)
         for name in ("sharpness_interval", "keep_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0 (0 turns it off)")
@@ -113,163 +111,110 @@ class TrainConfig:
             raise ValueError(f"learning_rate={self.learning_rate} must be > 0")
 
 
-# Fields that may differ when resuming: they change what is printed or where, not the
-# training trajectory. max_iters may grow: for WSO that extends a finished run exactly.
-RESUMABLE_CHANGES = {"out_dir", "init_from", "log_interval", "eval_interval", "eval_tokens",
-                     "checkpoint_interval", "keep_every", "compile", "max_iters", "sharpness_interval",
-                     "sharpness_batches", "sharpness_samples"}
-# A cooldown branch continues the run of its checkpoint: beyond those, only its stage and
-# decay (shape and alpha) differ, and max_iters becomes its length M.
+# A cooldown branch continues the run of its checkpoint: beyond what a resume may change
+# (training.RESUMABLE_CHANGES), only its stage and decay (shape and alpha) differ, and
+# max_iters becomes its length M.
 BRANCH_CHANGES = RESUMABLE_CHANGES | {"stage", "cooldown", "alpha"}
 
 
-# ---------------------------------------------------------------------------- data
+# ------------------------------------------------------------ where a run starts
 
-def resolve_dataset(name):
-    """A data set name -> its prepared directory; the testbed is generated on first use."""
-    named = {"testbed": "testbed/pretrain", "testbed_mid": "testbed/mid", "fineweb_edu": "fineweb_edu"}
-    if name in named:
-        path = os.path.join(DATA_DIR, named[name])
-        if name.startswith("testbed"):
-            from data.testbed.prepare import is_prepared, prepare
-            if not is_prepared(os.path.join(DATA_DIR, "testbed")):
-                prepare(os.path.join(DATA_DIR, "testbed"))
-        if not os.path.exists(os.path.join(path, "meta.json")):
-            raise SystemExit(f"error: data set {name!r} is not prepared; run python data/{name}/prepare.py --help")
-        return path
-    if os.path.exists(os.path.join(name, "meta.json")):
-        return name
-    raise SystemExit(f"error: unknown data set {name!r}: use one of {sorted(named)} "
-                     f"or a directory holding a prepared meta.json")
+@dataclass
+class Branch:
+    """Where stage=mid or stage=cooldown leaves the pre-training run: its step n (T_pre of
+    Eq. 11, T_stable of the cooldown) and its LR eta(n) there."""
+    pretrain_iters: int
+    lr_end_of_pretraining: float
 
 
-class TokenWindows:
-    """Training batches: the token stream cut into windows of seq_len + 1 tokens, each
-    epoch in a new seeded order (and a seeded shift of the window grid, so boundaries
-    move). Sample k is a pure function of (seed, k): the data position is just the
-    number of samples consumed, which makes resuming and DDP splitting exact."""
-
-    def __init__(self, shards, seq_len, seed):
-        self.shards, self.seq_len, self.seed = shards, seq_len, seed
-        # (len - T) // T windows fit in a shard whatever the shift in [0, T).
-        counts = np.array([max((len(s) - seq_len) // seq_len, 0) for s in shards])
-        self.first_window = np.concatenate([[0], np.cumsum(counts)])
-        self.num_windows = int(counts.sum())
-        if self.num_windows == 0:
-            total = sum(len(s) for s in shards)
-            raise SystemExit(f"error: the training split has {total} tokens, too few for one window of "
-                             f"seq_len={seq_len} (need >= {2 * seq_len}); lower --seq_len or prepare more data")
-        self._epoch, self._order, self._shift = None, None, None
-
-    def _start_epoch(self, epoch):
-        rng = np.random.default_rng([self.seed, epoch])
-        self._epoch, self._order, self._shift = epoch, rng.permutation(self.num_windows), int(rng.integers(self.seq_len))
-
-    def batch(self, first_sample, batch_size):
-        rows = []
-        for k in range(first_sample, first_sample + batch_size):
-            epoch, i = divmod(k, self.num_windows)
-            if epoch != self._epoch:
-                self._start_epoch(epoch)
-            w = int(self._order[i])
-            shard = int(np.searchsorted(self.first_window, w, side="right")) - 1
-            start = self._shift + (w - self.first_window[shard]) * self.seq_len
-            rows.append(self.shards[shard][start:start + self.seq_len + 1])
-        xy = torch.from_numpy(np.stack(rows).astype(np.int64))
-        return xy[:, :-1], xy[:, 1:]
+@dataclass
+class Counters:
+    """How far a run is: optimizer updates (numbered globally across stages), training
+    samples consumed (the data position) and tokens seen."""
+    step: int = 0
+    samples_seen: int = 0
+    tokens_seen: int = 0
 
 
-def validation_batches(shards, seq_len, eval_tokens, batch_size):
-    """Fixed held-out tokens: the first eval_tokens of the val split, in order."""
-    tokens = np.concatenate([np.asarray(s[:eval_tokens + 1]) for s in shards])[:eval_tokens + 1]
-    n = (len(tokens) - 1) // seq_len
-    if n == 0:
-        raise SystemExit(f"error: the val split has {len(tokens)} tokens, fewer than seq_len+1={seq_len + 1}")
-    x = torch.from_numpy(tokens[:n * seq_len].astype(np.int64)).view(n, seq_len)
-    y = torch.from_numpy(tokens[1:n * seq_len + 1].astype(np.int64)).view(n, seq_len)
-    return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, n, batch_size)]
+@dataclass
+class Start:
+    """What starting_point returns: the model to build and the state to load into it."""
+    model_config: LlamaConfig
+    model_state: dict | None  # None: a fresh initialization
+    optimizer_state: dict | None  # None: a fresh AdamW
+    rng: dict | None  # restored when the same run continues (resume, cooldown)
+    counters: Counters
+    branch: Branch | None
+    run_config: dict  # saved with every checkpoint: this run's config, init_from as the run began
+    last_step: int
 
 
-def sharpness_data(cfg, data_dir, tokenizer):
-    """{data set: fixed batches} on which train.py measures sharpness: held-out pre-training
-    tokens, and the SFT selection conversations when the data set is a testbed corpus."""
-    import sharpness
-    sets = {"pretrain": sharpness.pretrain_batches(data_dir, cfg.seq_len, 1, cfg.sharpness_batches)}
-    sft_path = os.path.join(os.path.dirname(os.path.normpath(data_dir)), "sft_select.jsonl")
-    if os.path.isfile(sft_path):
-        sets["sft"] = sharpness.sft_batches(sft_path, tokenizer, cfg.seq_len, 1, cfg.sharpness_batches)
-    return sets
-
-
-# ------------------------------------------------------------------ training parts
-
-def make_optimizer(model, cfg, device):
-    """AdamW (Table 6). Weight decay on matrices only: RMSNorm gains are scales that
-    the following normalization makes scale-free, and decaying them to 0 fights that
-    (nanoGPT, OLMo and Llama recipes do the same)."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = device.startswith("cuda")
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
-
-
-def lr_at(step, cfg, mid):
+def lr_of_update(step, cfg, branch):
     """The learning rate of update `step` (1-based, global across stages)."""
     if cfg.stage == "pre":
         return schedules.pretrain_lr(step, cfg.schedule, lr_max=cfg.learning_rate, warmup_iters=cfg.warmup_iters,
                                      max_iters=cfg.max_iters, alpha=cfg.alpha, stable_ratio=cfg.stable_ratio,
                                      cooldown=cfg.cooldown)
     if cfg.stage == "cooldown":
-        return schedules.cooldown_lr(step, lr_max=mid["lr_end_of_pretraining"], t_stable=mid["pretrain_iters"],
+        return schedules.cooldown_lr(step, lr_max=branch.lr_end_of_pretraining, t_stable=branch.pretrain_iters,
                                      cooldown_iters=cfg.max_iters, alpha=cfg.alpha, cooldown=cfg.cooldown)
-    return schedules.midtrain_lr(step, lr_end_of_pretraining=mid["lr_end_of_pretraining"],
-                                 pretrain_iters=mid["pretrain_iters"], mid_iters=cfg.max_iters, alpha_mid=cfg.alpha_mid)
+    return schedules.midtrain_lr(step, lr_end_of_pretraining=branch.lr_end_of_pretraining,
+                                 pretrain_iters=branch.pretrain_iters, mid_iters=cfg.max_iters, alpha_mid=cfg.alpha_mid)
 
 
-@torch.no_grad()
-def evaluate(model, batches, device, autocast):
-    """Mean next-token loss over the fixed validation tokens."""
-    model.eval()
-    total, count = 0.0, 0
-    for x, y in batches:
-        with autocast:
-            _, loss = model(x.to(device), y.to(device))
-        total += loss.item() * y.numel()
-        count += y.numel()
-    model.train()
-    return total / count
+def starting_point(cfg, tokenizer, world_size):
+    """Where this run starts: from scratch; resumed from out_dir/ckpt.pt; mid-training from a
+    pre-training checkpoint (its weights and optimizer, Eq. 11 from its step and LR, new data);
+    or a cooldown branched from a constant-LR checkpoint (the same run continued, decaying)."""
+    if cfg.init_from == "scratch":
+        # Presets without a vocab_size take the data's, padded to a multiple of 64 (faster matmuls).
+        vocab = PRESETS[cfg.preset]["vocab_size"] or math.ceil(tokenizer.vocab_size / 64) * 64
+        model_cfg = build_config(cfg.preset, vocab_size=vocab, max_seq_len=max(cfg.seq_len, 2048))
+        if model_cfg.vocab_size < tokenizer.vocab_size:
+            raise SystemExit(f"error: preset {cfg.preset} has vocab_size {model_cfg.vocab_size} < the data's "
+                             f"{tokenizer.vocab_size}")
+        return Start(model_cfg, None, None, None, Counters(), None, asdict(cfg), cfg.max_iters)
+    resume = cfg.init_from == "resume"
+    ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt") if resume else cfg.init_from)
+    if resume:
+        check_resume(ckpt, cfg, world_size)
+        branch = ckpt.get("branch", ckpt.get("mid"))  # "mid": the key's name before 2026-12
+        branch = Branch(**branch) if branch else None
+    else:
+        branch = branch_point(ckpt, cfg)
+    if Tokenizer.from_dict(ckpt["tokenizer"]) != tokenizer:
+        raise SystemExit(f"error: {cfg.dataset} uses a different tokenizer/vocabulary than the checkpoint; "
+                         f"prepare it with the checkpoint's tokenizer")
+    same_run = resume or cfg.stage == "cooldown"
+    if same_run:
+        counters = Counters(ckpt["step"], ckpt["samples_seen"], ckpt["tokens_seen"])
+    elif cfg.stage == "mid":  # new data from its start; steps and tokens count on
+        counters = Counters(branch.pretrain_iters, 0, ckpt["tokens_seen"])
+    else:  # stage=pre from a checkpoint's weights: a new run
+        counters = Counters()
+    # Keep where the run started (a mid-training run's pre-training checkpoint), not "resume".
+    run_config = {**asdict(cfg), "init_from": ckpt["config"]["init_from"] if resume else cfg.init_from}
+    first_step = branch.pretrain_iters + 1 if branch else 1
+    return Start(LlamaConfig.from_dict(ckpt["model_config"]), ckpt["model"],
+                 ckpt["optimizer"] if resume or cfg.stage != "pre" else None, ckpt["rng"] if same_run else None,
+                 counters, branch, run_config, first_step + cfg.max_iters - 1)
 
 
-def train_step(model, optimizer, data, first_sample, cfg, ctx):
-    """One optimizer update: grad_accum micro-batches, clip, AdamW. Returns (loss, grad_norm)
-    before the update, or raises FloatingPointError leaving the model untouched."""
-    loss_sum = torch.zeros((), device=ctx["device"])
-    for micro in range(ctx["grad_accum"]):
-        sample = first_sample + (micro * ctx["world_size"] + ctx["rank"]) * cfg.batch_size
-        x, y = data.batch(sample, cfg.batch_size)
-        x, y = x.to(ctx["device"], non_blocking=True), y.to(ctx["device"], non_blocking=True)
-        last = micro == ctx["grad_accum"] - 1
-        sync = model.no_sync() if ctx["ddp"] and not last else nullcontext()
-        with sync, ctx["autocast"]:
-            _, loss = model(x, y)
-            loss = loss / ctx["grad_accum"]
-            loss.backward()
-        loss_sum += loss.detach()
-    if ctx["ddp"]:
-        dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-    clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-    loss_value, grad_norm = loss_sum.item(), grad_norm.item()
-    if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
-        optimizer.zero_grad(set_to_none=True)
-        raise FloatingPointError(f"loss={loss_value}, grad_norm={grad_norm}")
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss_value, grad_norm
+def branch_point(ckpt, cfg):
+    """The Branch of a mid-training run or a cooldown from checkpoint `ckpt` (None for stage=pre)."""
+    if cfg.stage == "pre":
+        return None
+    if ckpt["config"]["stage"] != "pre":
+        raise SystemExit(f"error: {cfg.init_from} is a stage={ckpt['config']['stage']} checkpoint; "
+                         f"{'mid-training' if cfg.stage == 'mid' else 'a cooldown'} starts from a pre-training one")
+    pre = TrainConfig(**{**ckpt["config"], "init_from": "scratch", "stage": "pre"})
+    branch = Branch(ckpt["step"], lr_of_update(ckpt["step"], pre, None))
+    if cfg.stage == "cooldown":
+        check_cooldown_branch(ckpt, cfg, branch.lr_end_of_pretraining)
+    return branch
 
 
-def check_same_run(saved, cfg, may_differ, action):
+def refuse_config_changes(saved, cfg, may_differ, action):
     mismatched = {k: (saved[k], v) for k, v in asdict(cfg).items()
                   if k not in may_differ and k in saved and saved[k] != v}
     if mismatched:
@@ -278,18 +223,29 @@ def check_same_run(saved, cfg, may_differ, action):
                          f"pass the checkpoint's values (or start a new run in another --out_dir)")
 
 
-def check_resume_config(saved, cfg):
-    check_same_run(saved, cfg, RESUMABLE_CHANGES, "resume")
-    decay = "the cooldown" if cfg.stage == "cooldown" else f"schedule={cfg.schedule}"
-    decays_over_max_iters = cfg.stage == "cooldown" or (cfg.stage == "pre" and cfg.schedule != "wso")
+def check_resume(ckpt, cfg, world_size):
+    saved = ckpt["config"]
+    refuse_config_changes(saved, cfg, RESUMABLE_CHANGES, "resume")
+    saved_world = ckpt.get("world_size", world_size)  # older checkpoints do not say
+    if cfg.tokens_per_step == 0 and saved_world != world_size:
+        raise SystemExit(f"error: cannot resume: the checkpoint was trained by {saved_world} processes and this run "
+                         f"has {world_size}; with tokens_per_step=0 (one micro-batch per process) that changes the "
+                         f"global batch. Resume with {saved_world} processes, or fix the global batch with "
+                         f"--tokens_per_step in a new run")
+    if cfg.stage == "cooldown":
+        decay, decays_over_max_iters = "the cooldown", True
+    elif cfg.stage == "mid":
+        decay, decays_over_max_iters = f"Eq. 11 with alpha_mid={cfg.alpha_mid}", cfg.alpha_mid < 1
+    else:
+        decay, decays_over_max_iters = f"schedule={cfg.schedule}", cfg.schedule != "wso"
     if cfg.max_iters < saved["max_iters"] or (decays_over_max_iters and cfg.max_iters != saved["max_iters"]):
         print(f"warning: max_iters {saved['max_iters']} -> {cfg.max_iters} changes the LR of steps already "
-              f"taken for {decay}; only WSO extends a run exactly")
+              f"taken for {decay}; only a constant LR (WSO, or alpha_mid=1) extends a run exactly")
 
 
 def check_cooldown_branch(ckpt, cfg, lr_at_branch):
     """A cooldown continues the checkpoint's run from a point where its LR was constant at eta_max."""
-    check_same_run(ckpt["config"], cfg, BRANCH_CHANGES, "branch a cooldown")
+    refuse_config_changes(ckpt["config"], cfg, BRANCH_CHANGES, "branch a cooldown")
     if "merge" in ckpt:
         raise SystemExit(f"error: {cfg.init_from} is a merge (merge.py), which already emulates a decay; "
                          f"branch the cooldown from one of the checkpoints it merged")
@@ -300,184 +256,229 @@ def check_cooldown_branch(ckpt, cfg, lr_at_branch):
                          f"(or a WSD one before T_stable)")
 
 
-def format_bytes(n):
-    return f"{n / 1e9:,.2f} GB" if n >= 1e9 else f"{n / 1e6:,.1f} MB"
+# ------------------------------------------------------------------ training parts
+
+def load_data(cfg):
+    """(data dir, tokenizer, train shards, val shards) of --dataset."""
+    data_dir = resolve_dataset(cfg.dataset)
+    try:
+        tokenizer = Tokenizer.from_dict(load_meta(data_dir)["tokenizer"])
+        return data_dir, tokenizer, load_split(data_dir, "train"), load_split(data_dir, "val")
+    except (OSError, ValueError, KeyError) as e:  # missing, empty or inconsistent data files
+        raise SystemExit(f"error: cannot use data set {cfg.dataset!r}: {e}") from None
 
 
-# --------------------------------------------------------------------------- main
+def sharpness_data(cfg, data_dir, tokenizer):
+    """{data set: fixed batches} on which train.py measures sharpness: held-out pre-training
+    tokens, and the SFT selection conversations when the data set belongs to a testbed."""
+    sets = {"pretrain": pretrain_batches(data_dir, cfg.seq_len, 1, cfg.sharpness_batches)}
+    testbed = testbed_of(data_dir)
+    if testbed:
+        sets["sft"] = sft_batches(os.path.join(testbed, "sft_select.jsonl"), tokenizer, cfg.seq_len, 1,
+                                  cfg.sharpness_batches)
+    return sets
 
-def main(cfg: TrainConfig):
-    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    device = resolve_device(cfg.device)
-    if ddp:
-        if device.startswith("cuda"):
-            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    master = rank == 0
-    log = print if master else (lambda *a, **k: None)
-    dtype, autocast = autocast_context(device, cfg.dtype)
-    if device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
 
+def grad_accumulation(cfg, world_size):
+    """Micro-batches per update, so that an update holds tokens_per_step tokens (0: one)."""
     micro_tokens = cfg.batch_size * cfg.seq_len * world_size
     grad_accum = 1 if cfg.tokens_per_step == 0 else cfg.tokens_per_step // micro_tokens
     if cfg.tokens_per_step and (cfg.tokens_per_step % micro_tokens or grad_accum < 1):
         raise SystemExit(f"error: tokens_per_step={cfg.tokens_per_step} is not a multiple of batch_size*seq_len*"
                          f"world_size={micro_tokens}; pick e.g. {max(1, round(cfg.tokens_per_step / micro_tokens)) * micro_tokens}")
-    tokens_per_update = micro_tokens * grad_accum
+    return grad_accum
 
-    # Where do we start from?
-    # mid: where stage=mid or stage=cooldown leaves the pre-training run,
-    # {"pretrain_iters": n, "lr_end_of_pretraining": eta(n)}
-    ckpt, mid, run_config = None, None, asdict(cfg)
-    if cfg.init_from == "resume":
-        ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
-        check_resume_config(ckpt["config"], cfg)
-        mid = ckpt.get("mid")
-        # Keep where the run started (a mid-training run's pre-training checkpoint), not "resume".
-        run_config["init_from"] = ckpt["config"]["init_from"]
-    elif cfg.init_from != "scratch":
-        ckpt = load_checkpoint(cfg.init_from)
-        if cfg.stage != "pre" and ckpt["config"]["stage"] != "pre":
-            raise SystemExit(f"error: {cfg.init_from} is a stage={ckpt['config']['stage']} checkpoint; "
-                             f"{'mid-training' if cfg.stage == 'mid' else 'a cooldown'} starts from a pre-training one")
-        if cfg.stage != "pre":  # Eq. 11 and the cooldown continue from eta(n) of the pre-training run at its step n
-            pre = TrainConfig(**{**ckpt["config"], "init_from": "scratch", "stage": "pre"})
-            mid = {"pretrain_iters": ckpt["step"], "lr_end_of_pretraining": lr_at(ckpt["step"], pre, None)}
-        if cfg.stage == "cooldown":
-            check_cooldown_branch(ckpt, cfg, mid["lr_end_of_pretraining"])
 
-    data_dir = resolve_dataset(cfg.dataset)
-    try:
-        tokenizer = Tokenizer.from_dict(load_meta(data_dir)["tokenizer"])
-        train_shards, val_shards = load_split(data_dir, "train"), load_split(data_dir, "val")
-    except (OSError, ValueError, KeyError) as e:  # missing, empty or inconsistent data files
-        raise SystemExit(f"error: cannot use data set {cfg.dataset!r}: {e}") from None
-    if ckpt is not None and Tokenizer.from_dict(ckpt["tokenizer"]) != tokenizer:
-        raise SystemExit(f"error: {cfg.dataset} uses a different tokenizer/vocabulary than the checkpoint; "
-                         f"prepare it with the checkpoint's tokenizer")
+def train_step(model, optimizer, data, first_sample, cfg, grad_accum, rt: Runtime):
+    """One optimizer update: grad_accum micro-batches, clip, AdamW. Returns (loss, grad_norm)
+    before the update, or raises FloatingPointError leaving the model untouched."""
+    loss_sum = torch.zeros((), device=rt.device)
+    for micro in range(grad_accum):
+        sample = first_sample + (micro * rt.world_size + rt.rank) * cfg.batch_size
+        x, y = data.batch(sample, cfg.batch_size)
+        x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+        last = micro == grad_accum - 1
+        sync = model.no_sync() if rt.distributed and not last else nullcontext()
+        with sync, rt.autocast:
+            _, loss = model(x, y)
+            loss = loss / grad_accum
+            loss.backward()
+        loss_sum += loss.detach()
+    if rt.distributed:
+        dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+    loss = loss_sum.item()
+    return loss, optimizer_step(model, optimizer, cfg.grad_clip, loss)
 
-    if ckpt is not None:
-        model_cfg = LlamaConfig.from_dict(ckpt["model_config"])
-    else:
-        # Presets without a vocab_size take the data's, padded to a multiple of 64 (faster matmuls).
-        vocab = PRESETS[cfg.preset]["vocab_size"] or math.ceil(tokenizer.vocab_size / 64) * 64
-        model_cfg = build_config(cfg.preset, vocab_size=vocab, max_seq_len=max(cfg.seq_len, 2048))
-        if model_cfg.vocab_size < tokenizer.vocab_size:
-            raise SystemExit(f"error: preset {cfg.preset} has vocab_size {model_cfg.vocab_size} < the data's "
-                             f"{tokenizer.vocab_size}")
-    if cfg.seq_len > model_cfg.max_seq_len:
-        raise SystemExit(f"error: seq_len={cfg.seq_len} > the model's max_seq_len={model_cfg.max_seq_len}")
 
+def format_bytes(n):
+    return f"{n / 1e9:,.2f} GB" if n >= 1e9 else f"{n / 1e6:,.1f} MB"
+
+
+def build_model(start, cfg, rt):
+    """The model and AdamW of `start` on this process's device, seeded by --seed."""
     torch.manual_seed(cfg.seed)
-    model = Llama(model_cfg).to(device)
-    optimizer = make_optimizer(model, cfg, device)
-    step, samples_seen, tokens_seen = 0, 0, 0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        if cfg.init_from == "resume" or cfg.stage != "pre":
-            optimizer.load_state_dict(ckpt["optimizer"])
-        if cfg.init_from == "resume" or cfg.stage == "cooldown":  # the same run, continued
-            step, samples_seen, tokens_seen = ckpt["step"], ckpt["samples_seen"], ckpt["tokens_seen"]
-            set_rng_state(ckpt["rng"])
-        elif cfg.stage == "mid":
-            step, tokens_seen = mid["pretrain_iters"], ckpt["tokens_seen"]
-    first_step = mid["pretrain_iters"] + 1 if mid else 1
-    last_step = first_step + cfg.max_iters - 1
-    del ckpt
+    model = Llama(start.model_config).to(rt.device)
+    optimizer = make_optimizer(model, cfg, rt.device)
+    if start.model_state is not None:
+        model.load_state_dict(start.model_state)
+    if start.optimizer_state is not None:
+        load_optimizer_state(optimizer, start.optimizer_state)  # this run's AdamW settings win
+    if start.rng is not None:
+        set_rng_state(start.rng)
+    return model, optimizer
 
-    train_data = TokenWindows(train_shards, cfg.seq_len, cfg.seed)
-    val_batches = validation_batches(val_shards, cfg.seq_len, cfg.eval_tokens, cfg.batch_size)
 
-    raw_model = model  # uncompiled, unwrapped: for eval and checkpoints
-    if cfg.compile:
-        model = torch.compile(model)
-    if ddp:
-        model = DDP(model, device_ids=[int(os.environ["LOCAL_RANK"])] if device.startswith("cuda") else None)
-    ctx = dict(device=device, autocast=autocast, grad_accum=grad_accum, world_size=world_size, rank=rank, ddp=ddp)
+def log_record(run, record):
+    if run.rt.master:
+        append_jsonl(run.log_path, record)
 
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    log_path, ckpt_path = os.path.join(cfg.out_dir, "log.jsonl"), os.path.join(cfg.out_dir, "ckpt.pt")
-    if master:
+
+def checkpoint(run, path):
+    """Write everything a resume needs (the master only; atomic, see common.save_checkpoint)."""
+    if run.rt.master:
+        counters = run.start.counters
+        save_checkpoint(path, {
+            "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "config": run.start.run_config,
+            "model_config": run.start.model_config.to_dict(), "tokenizer": run.tokenizer.to_dict(),
+            "step": counters.step, "samples_seen": counters.samples_seen, "tokens_seen": counters.tokens_seen,
+            "rng": rng_state(), "branch": run.start.branch and asdict(run.start.branch),
+            "world_size": run.rt.world_size})
+
+
+def measure_sharpness(run):
+    """In-training sharpness on each fixed data set, printed and appended to log.jsonl."""
+    counters, cfg = run.start.counters, run.cfg
+    record = {"step": counters.step, "tokens": counters.tokens_seen}
+    for name, batches in run.sharpness_sets.items():
+        result = sharpness_during_training(run.model, batches, cfg.sharpness_samples, seed=cfg.seed)
+        record[f"sharpness_{name}"], record[f"sharpness_{name}_stderr"] = result["sharpness"], result["sharpness_stderr"]
+        run.rt.log(f"step {counters.step}: sharpness ({name}) {result['sharpness']:.2f} +- "
+                   f"{result['sharpness_stderr']:.2f}")
+    log_record(run, record)
+
+
+class Pace:
+    """Training tokens per second since the previous call."""
+
+    def __init__(self, tokens_seen):
+        self.time, self.tokens = time.perf_counter(), tokens_seen
+
+    def __call__(self, tokens_seen):
+        now = time.perf_counter()
+        rate = (tokens_seen - self.tokens) / (now - self.time)
+        self.time, self.tokens = now, tokens_seen
+        return rate
+
+
+def start_log(cfg, start, model, data_dir, tokens_per_update, grad_accum, rt):
+    """Reset log.jsonl (a resume keeps the steps its checkpoint holds), write config.json,
+    and print what this run does."""
+    log_path = os.path.join(cfg.out_dir, "log.jsonl")
+    if rt.master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
         if cfg.init_from == "resume":
-            truncate_log(log_path, step)
+            truncate_log(log_path, start.counters.step)
         elif os.path.exists(log_path):
             os.remove(log_path)
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            json.dump({"train": run_config, "model": model_cfg.to_dict(), "data_dir": data_dir}, f, indent=2)
+            json.dump({"train": start.run_config, "model": start.model_config.to_dict(), "data_dir": data_dir}, f,
+                      indent=2)
     schedule = {"pre": cfg.schedule, "mid": f"mid alpha_mid={cfg.alpha_mid}",
                 "cooldown": f"{cfg.cooldown} cooldown to alpha={cfg.alpha}"}[cfg.stage]
-    log(f"{cfg.stage}-training {cfg.preset} ({raw_model.num_params():,} parameters) on {cfg.dataset}: "
-        f"steps {step + 1}..{last_step}, {tokens_per_update:,} tokens/update (grad_accum={grad_accum}, "
-        f"world_size={world_size}), schedule={schedule}, device={device}, dtype={dtype}, compile={cfg.compile}")
+    rt.log(f"{cfg.stage}-training {cfg.preset} ({model.num_params():,} parameters) on {cfg.dataset}: "
+           f"steps {start.counters.step + 1}..{start.last_step}, {tokens_per_update:,} tokens/update (grad_accum="
+           f"{grad_accum}, world_size={rt.world_size}), schedule={schedule}, device={rt.device}, dtype={rt.dtype}, "
+           f"compile={cfg.compile}")
     if cfg.keep_every:
-        kept = last_step // cfg.keep_every - step // cfg.keep_every
+        kept = start.last_step // cfg.keep_every - start.counters.step // cfg.keep_every
         # weights and AdamW's two moments, each the size of the parameters
-        per_checkpoint = 3 * sum(p.numel() * p.element_size() for p in raw_model.parameters())
-        log(f"keeping {cfg.out_dir}/ckpt_<step>.pt every {cfg.keep_every} steps: {kept} checkpoints of "
-            f"~{format_bytes(per_checkpoint)}, ~{format_bytes(kept * per_checkpoint)} in all")
+        per_checkpoint = 3 * sum(p.numel() * p.element_size() for p in model.parameters())
+        rt.log(f"keeping {cfg.out_dir}/ckpt_<step>.pt every {cfg.keep_every} steps: {kept} checkpoints of "
+               f"~{format_bytes(per_checkpoint)}, ~{format_bytes(kept * per_checkpoint)} in all")
+    return log_path
 
-    def checkpoint(path=ckpt_path):
-        if master:
-            save_checkpoint(path, {
-                "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "config": run_config,
-                "model_config": model_cfg.to_dict(), "tokenizer": tokenizer.to_dict(), "step": step,
-                "samples_seen": samples_seen, "tokens_seen": tokens_seen, "rng": rng_state(), "mid": mid})
 
-    def run_eval():
-        val_loss = evaluate(raw_model, val_batches, device, autocast)
-        log(f"step {step}: val_loss {val_loss:.4f}")
-        if master:
-            append_jsonl(log_path, {"step": step, "tokens": tokens_seen, "val_loss": val_loss})
+@dataclass
+class Run:
+    """Everything the training loop reads; only `counters` (and the model) change."""
+    cfg: TrainConfig
+    rt: Runtime
+    start: Start
+    tokenizer: Tokenizer
+    model: Llama  # uncompiled, unwrapped: evaluation, sharpness and checkpoints use it
+    step_model: torch.nn.Module  # what the update runs: model, compiled and/or wrapped in DDP
+    optimizer: torch.optim.Optimizer
+    train_data: TokenWindows
+    val_batches: list
+    sharpness_sets: dict
+    grad_accum: int
+    log_path: str
 
-    def run_sharpness():
-        from sharpness import sharpness_during_training
-        record = {"step": step, "tokens": tokens_seen}
-        for name, batches in sharpness_sets.items():
-            result = sharpness_during_training(raw_model, batches, cfg.sharpness_samples, seed=cfg.seed)
-            record[f"sharpness_{name}"], record[f"sharpness_{name}_stderr"] = result["sharpness"], result["sharpness_stderr"]
-            log(f"step {step}: sharpness ({name}) {result['sharpness']:.2f} +- {result['sharpness_stderr']:.2f}")
-        append_jsonl(log_path, record)
 
-    sharpness_sets = sharpness_data(cfg, data_dir, tokenizer) if cfg.sharpness_interval and master else {}
-    checkpoint_interval = cfg.checkpoint_interval or cfg.eval_interval
-    eta, last_time, last_tokens = Eta(last_step, step), time.perf_counter(), tokens_seen
-    while step < last_step:
-        lr = lr_at(step + 1, cfg, mid)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+def set_up(cfg):
+    """The Run of `cfg`: processes, data, where it starts, the model; config.json and the
+    log's first lines are written."""
+    rt = setup_distributed(cfg.device, cfg.dtype, tf32=True)
+    grad_accum = grad_accumulation(cfg, rt.world_size)
+    data_dir, tokenizer, train_shards, val_shards = load_data(cfg)
+    start = starting_point(cfg, tokenizer, rt.world_size)
+    if cfg.seq_len > start.model_config.max_seq_len:
+        raise SystemExit(f"error: seq_len={cfg.seq_len} > the model's max_seq_len={start.model_config.max_seq_len}")
+    model, optimizer = build_model(start, cfg, rt)
+    train_data = TokenWindows(train_shards, cfg.seq_len, cfg.seed)
+    val_batches = validation_batches(val_shards, cfg.seq_len, cfg.eval_tokens, cfg.batch_size)
+    step_model = torch.compile(model) if cfg.compile else model
+    if rt.distributed:
+        step_model = DDP(step_model, device_ids=[int(os.environ["LOCAL_RANK"])] if rt.device.startswith("cuda") else None)
+    tokens_per_update = cfg.batch_size * cfg.seq_len * rt.world_size * grad_accum
+    log_path = start_log(cfg, start, model, data_dir, tokens_per_update, grad_accum, rt)
+    sharpness_sets = sharpness_data(cfg, data_dir, tokenizer) if cfg.sharpness_interval and rt.master else {}
+    return Run(cfg, rt, start, tokenizer, model, step_model, optimizer, train_data, val_batches, sharpness_sets,
+               grad_accum, log_path)
+
+
+def due(step, interval, last_step):
+    """Whether something done every `interval` steps (and at the end) is due after `step`."""
+    return step % interval == 0 or step == last_step
+
+
+def main(cfg: TrainConfig):
+    run = set_up(cfg)
+    rt, counters, last_step = run.rt, run.start.counters, run.start.last_step
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    eta, pace = Eta(last_step, counters.step), Pace(counters.tokens_seen)
+    for step in range(counters.step + 1, last_step + 1):
+        lr = lr_of_update(step, cfg, run.start.branch)
+        set_lr(run.optimizer, lr)
         try:
-            loss, grad_norm = train_step(model, optimizer, train_data, samples_seen, cfg, ctx)
+            loss, grad_norm = train_step(run.step_model, run.optimizer, run.train_data, counters.samples_seen, cfg,
+                                         run.grad_accum, rt)
         except FloatingPointError as e:
-            raise SystemExit(f"error: non-finite training values at step {step + 1} ({e}); stopped without updating. "
-                             f"The last good checkpoint ({ckpt_path}) is kept: lower --learning_rate or check the data, "
-                             f"then --init_from=resume") from None
-        step += 1
-        samples_seen += cfg.batch_size * grad_accum * world_size
-        tokens_seen += tokens_per_update
-        if step % cfg.log_interval == 0 or step == last_step:
-            now = time.perf_counter()
-            tokens_per_sec = (tokens_seen - last_tokens) / (now - last_time)
-            last_time, last_tokens = now, tokens_seen
-            log(f"step {step}/{last_step} | loss {loss:.4f} | lr {lr:.2e} | grad_norm {grad_norm:.3f} | "
-                f"{tokens_per_sec:,.0f} tok/s | ETA {eta(step)}")
-            if master:
-                append_jsonl(log_path, {"step": step, "lr": lr, "loss": loss, "grad_norm": grad_norm,
-                                        "tokens": tokens_seen, "tokens_per_sec": tokens_per_sec})
-        if step % cfg.eval_interval == 0 or step == last_step:
-            run_eval()
-        if sharpness_sets and (step % cfg.sharpness_interval == 0 or step == last_step):
-            run_sharpness()  # the master measures; other ranks wait at their next all-reduce
-        if step % checkpoint_interval == 0 or step == last_step:
-            checkpoint()
+            raise SystemExit(f"error: non-finite training values at step {step} ({e}); stopped without "
+                             f"updating. The last good checkpoint ({ckpt_path}) is kept: lower --learning_rate or "
+                             f"check the data, then --init_from=resume") from None
+        counters.step = step
+        counters.samples_seen += cfg.batch_size * run.grad_accum * rt.world_size
+        counters.tokens_seen += cfg.batch_size * cfg.seq_len * run.grad_accum * rt.world_size
+        if due(step, cfg.log_interval, last_step):
+            record = {"step": step, "lr": lr, "loss": loss, "grad_norm": grad_norm, "tokens": counters.tokens_seen,
+                      "tokens_per_sec": pace(counters.tokens_seen)}
+            rt.log(f"step {step}/{last_step} | loss {loss:.4f} | lr {lr:.2e} | grad_norm {grad_norm:.3f} | "
+                   f"{record['tokens_per_sec']:,.0f} tok/s | ETA {eta(step)}")
+            log_record(run, record)
+        if due(step, cfg.eval_interval, last_step):
+            val_loss = mean_loss(run.model, run.val_batches, rt.device, rt.autocast)
+            rt.log(f"step {step}: val_loss {val_loss:.4f}")
+            log_record(run, {"step": step, "tokens": counters.tokens_seen, "val_loss": val_loss})
+        if run.sharpness_sets and due(step, cfg.sharpness_interval, last_step):
+            measure_sharpness(run)  # on the master; the other ranks wait at their next all-reduce
+        if due(step, cfg.checkpoint_interval or cfg.eval_interval, last_step):
+            checkpoint(run, ckpt_path)
         if cfg.keep_every and step % cfg.keep_every == 0:
-            checkpoint(os.path.join(cfg.out_dir, f"ckpt_{step:06d}.pt"))
-    if ddp:
+            checkpoint(run, os.path.join(cfg.out_dir, f"ckpt_{step:06d}.pt"))
+    if rt.distributed:
         dist.destroy_process_group()
-    return raw_model
+    return run.model
 
 
 if __name__ == "__main__":

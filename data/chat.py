@@ -1,4 +1,5 @@
-"""The open-instruct "tulu" chat template and the SFT loss mask (ECOSYSTEM.md; Section 3.2).
+"""The open-instruct "tulu" chat template and the SFT loss mask (Section 3.2; open-instruct's
+open_instruct/dataset_transformation.py, CHAT_TEMPLATES["tulu"]).
 
     <|system|>\\n{content}\\n
     <|user|>\\n{content}\\n

@@ -10,7 +10,13 @@ import torch
 import torch.nn as nn
 
 import evaluate
+import runs
+import scoring
+import sft
+import tables
+import training
 from common import load_checkpoint
+from data import loaders
 from data.chat import generation_prompt
 from data.common import Tokenizer, read_jsonl, write_jsonl
 from model import Llama, LlamaConfig
@@ -79,15 +85,15 @@ def test_sft_accuracy_scores_gold_1_and_other_0(tokenizer, tmp_path):
     path = tmp_path / "sft.jsonl"
     write_jsonl(path, SFT_ROWS)
     for batch_size in (1, 64):
-        gold = evaluate.testbed_sft_accuracy(scripted(tokenizer, lambda r: r["answer"]), tokenizer, path,
+        gold = scoring.testbed_sft_accuracy(scripted(tokenizer, lambda r: r["answer"]), tokenizer, path,
                                              batch_size=batch_size)
         assert (gold["exact_match"], gold["n"]) == (1.0, 3)
     wrong = scripted(tokenizer, lambda r: "Lisbon" if r["answer"] != "Lisbon" else "Dublin")
-    assert evaluate.testbed_sft_accuracy(wrong, tokenizer, path)["exact_match"] == 0.0
+    assert scoring.testbed_sft_accuracy(wrong, tokenizer, path)["exact_match"] == 0.0
     # one right of three; answers longer than max_new_tokens are cut (only "Paris" is one token)
-    assert evaluate.testbed_sft_accuracy(scripted(tokenizer, lambda r: "Lisbon"), tokenizer, path)["exact_match"] \
+    assert scoring.testbed_sft_accuracy(scripted(tokenizer, lambda r: "Lisbon"), tokenizer, path)["exact_match"] \
         == pytest.approx(1 / 3)
-    assert evaluate.testbed_sft_accuracy(scripted(tokenizer, lambda r: r["answer"]), tokenizer, path,
+    assert scoring.testbed_sft_accuracy(scripted(tokenizer, lambda r: r["answer"]), tokenizer, path,
                                          max_new_tokens=1)["exact_match"] == pytest.approx(1 / 3)
 
 
@@ -99,7 +105,7 @@ def test_sft_choice_ranks_each_answer_among_its_attributes_answers(tiny, tokeniz
                  "answer": "May 1", "attribute": "date"})
     path = tmp_path / "sft.jsonl"
     write_jsonl(path, rows)
-    result = evaluate.testbed_sft_accuracy(tiny, tokenizer, path)
+    result = scoring.testbed_sft_accuracy(tiny, tokenizer, path)
     pools = {"date": ["May 1", "October 2, 1995"], "city": ["Lisbon", "Paris"]}
     chosen = []
     for row in rows:
@@ -124,12 +130,12 @@ def test_greedy_generate_is_argmax_decoding(tiny, tokenizer):
             ids.append(int(tiny(torch.tensor([ids]))[0][0, -1].argmax()))
     stop = ids[len(prompt) + 3]
     want = ids[len(prompt):ids.index(stop, len(prompt))]
-    assert evaluate.greedy_generate(tiny, prompt, 5, stop_id=stop) == want
-    assert evaluate.greedy_generate(tiny, prompt, 5, stop_id=-1) == ids[len(prompt):]
+    assert scoring.greedy_generate(tiny, prompt, 5, stop_id=stop) == want
+    assert scoring.greedy_generate(tiny, prompt, 5, stop_id=-1) == ids[len(prompt):]
     # a batch of equal-length prompts gives each row its own greedy continuation
     other = tokenizer.encode("Where was Alice born?")[:len(prompt)]
-    batch = evaluate.greedy_generate_batch(tiny, [prompt, other], 5, stop_id=-1)
-    assert batch == [ids[len(prompt):], evaluate.greedy_generate(tiny, other, 5, stop_id=-1)]
+    batch = scoring.greedy_generate_batch(tiny, [prompt, other], 5, stop_id=-1)
+    assert batch == [ids[len(prompt):], scoring.greedy_generate(tiny, other, 5, stop_id=-1)]
 
 
 def test_alpaca_eval_has_no_number_without_a_judge(tokenizer):
@@ -165,7 +171,7 @@ def test_hellaswag_format():
         # " [title]" -> ". ", brackets dropped, "  " -> " "; lm-eval strips before dropping "[substeps]"
         {"context": "Home and Garden: How to clean a grill. Heat the grill.",
          "choices": [" Scrape the grates.", "Let it cool down.", "Paint the lid.", "Sell the grill."], "gold": 0}]
-    assert evaluate.requests_of(got[1])[0] == ("Home and Garden: How to clean a grill. Heat the grill.",
+    assert scoring.requests_of(got[1])[0] == ("Home and Garden: How to clean a grill. Heat the grill.",
                                                "  Scrape the grates.")
 
 
@@ -180,7 +186,7 @@ def test_arc_piqa_boolq_openbookqa_formats():
     piqa = items("piqa", piqa="piqa.jsonl")
     assert piqa[1] == {"context": "Question: To cool a drink quickly,\nAnswer:",
                        "choices": ["put it in the oven.", "put it in the freezer."], "gold": 1}
-    assert evaluate.requests_of(piqa[1]) == [("Question: To cool a drink quickly,\nAnswer:", " put it in the oven."),
+    assert scoring.requests_of(piqa[1]) == [("Question: To cool a drink quickly,\nAnswer:", " put it in the oven."),
                                              ("Question: To cool a drink quickly,\nAnswer:", " put it in the freezer.")]
     boolq = items("boolq", boolq="boolq.jsonl")
     assert boolq == [
@@ -201,7 +207,7 @@ def test_winogrande_partial_scoring_format():
     assert got[0] == {"contexts": ["Sarah was a much better surgeon than Maria so Sarah",
                                    "Sarah was a much better surgeon than Maria so Maria"],
                       "continuation": "always got the harder cases.", "gold": 0}
-    assert evaluate.requests_of(got[1]) == [
+    assert scoring.requests_of(got[1]) == [
         ("The trophy doesn't fit into the brown suitcase because the trophy", " is too large."),
         ("The trophy doesn't fit into the brown suitcase because the suitcase", " is too large.")]
 
@@ -221,7 +227,7 @@ def test_mmlu_five_shot_format():
         "The following are multiple choice questions (with answers) about virology.\n\n"
         "Other subject?\nA. a\nB. b\nC. c\nD. d\nAnswer: D\n\n"
         "Which virus causes flu?\nA. influenza\nB. rabies\nC. HIV\nD. polio\nAnswer:")
-    assert [c for _, c in evaluate.requests_of(got[1])] == [" A", " B", " C", " D"]
+    assert [c for _, c in scoring.requests_of(got[1])] == [" A", " B", " C", " D"]
 
 
 def test_truthfulqa_mc1_mc2_format():
@@ -241,18 +247,18 @@ def test_truthfulqa_mc1_mc2_format():
                                  "Because deoxygenated blood is blue."] and mc1[1]["gold"] == 0
     assert [m["n_true"] for m in mc2] == [2, 1] and len(mc2[0]["choices"]) == 4
     # MC2 is the normalized probability mass on the true answers
-    got = evaluate.item_metrics(mc2[0], np.log([0.2, 0.1, 0.3, 0.4]), ("mc2",))
+    got = scoring.item_metrics(mc2[0], np.log([0.2, 0.1, 0.3, 0.4]), ("mc2",))
     assert got["acc"] == pytest.approx(0.3)
     # log-likelihoods far below exp's range still give a mass (not 0/0)
-    got = evaluate.item_metrics(mc2[1], [-2000.0, -2001.0, -3000.0], ("mc2",))
+    got = scoring.item_metrics(mc2[1], [-2000.0, -2001.0, -3000.0], ("mc2",))
     assert got["acc"] == pytest.approx(1 / (1 + np.exp(-1.0)))
 
 
 def test_encode_pair_moves_trailing_space_and_splits_whole(tokenizer):
-    ctx, cont = evaluate.encode_pair(tokenizer, "Alice a ", "October")
+    ctx, cont = scoring.encode_pair(tokenizer, "Alice a ", "October")
     assert tokenizer.decode(ctx) == "Alice a" and tokenizer.decode(cont) == " October"
     assert ctx + cont == tokenizer.encode("Alice a October") and len(cont) == 1
-    assert evaluate.encode_pair(tokenizer, "", "Alice")[0] == [tokenizer.eot]
+    assert scoring.encode_pair(tokenizer, "", "Alice")[0] == [tokenizer.eot]
 
 
 # ------------------------------------------------------------------ scoring
@@ -260,11 +266,11 @@ def test_encode_pair_moves_trailing_space_and_splits_whole(tokenizer):
 def test_acc_and_acc_norm_disagree_and_ties_go_first():
     item = {"context": "c", "choices": ["ab", "abcdefgh"], "gold": 1}
     # totals: -10 > -12, so acc picks 0; per character: -5 < -1.5, so acc_norm picks 1
-    assert evaluate.item_metrics(item, [-10.0, -12.0], ("acc", "acc_norm")) == {"acc": 0.0, "acc_norm": 1.0}
-    assert evaluate.item_metrics({**item, "gold": 0}, [-3.0, -3.0], ("acc",)) == {"acc": 1.0}
+    assert scoring.item_metrics(item, [-10.0, -12.0], ("acc", "acc_norm")) == {"acc": 0.0, "acc_norm": 1.0}
+    assert scoring.item_metrics({**item, "gold": 0}, [-3.0, -3.0], ("acc",)) == {"acc": 1.0}
     # lengths count the choice without the leading " ": -4/1 < -9/3 (with it, -4/2 > -9/4)
     short = {"context": "c", "choices": ["a", "abc"], "gold": 1}
-    assert evaluate.item_metrics(short, [-4.0, -9.0], ("acc_norm",)) == {"acc_norm": 1.0}
+    assert scoring.item_metrics(short, [-4.0, -9.0], ("acc_norm",)) == {"acc_norm": 1.0}
 
 
 class UniformModel(nn.Module):
@@ -284,11 +290,11 @@ def test_score_items_end_to_end_with_controlled_logprobs(tokenizer):
     # " a" and " October" are one token each: equal totals (acc takes the first choice),
     # but " October" spreads its log-prob over 7 characters (acc_norm takes it)
     item = {"context": "Alice", "choices": ["a", "October"], "gold": 1}
-    assert [len(evaluate.encode_pair(tokenizer, c, k)[1]) for c, k in evaluate.requests_of(item)] == [1, 1]
-    result = evaluate.score_items(UniformModel(tokenizer.vocab_size), tokenizer, [item, {**item, "gold": 0}],
+    assert [len(scoring.encode_pair(tokenizer, c, k)[1]) for c, k in scoring.requests_of(item)] == [1, 1]
+    result = scoring.score_items(UniformModel(tokenizer.vocab_size), tokenizer, [item, {**item, "gold": 0}],
                                   ("acc", "acc_norm"))
     assert result == {"acc": 0.5, "acc_norm": 0.5, "n": 2}
-    one = evaluate.score_items(UniformModel(tokenizer.vocab_size), tokenizer, [item], ("acc", "acc_norm"))
+    one = scoring.score_items(UniformModel(tokenizer.vocab_size), tokenizer, [item], ("acc", "acc_norm"))
     assert one == {"acc": 0.0, "acc_norm": 1.0, "n": 1}
 
 
@@ -307,10 +313,10 @@ def test_loglikelihoods_match_direct_computation_for_any_batching(tiny, tokenize
                 (text[:80], text[80:84])]  # the last one is longer than max_seq_len=64: cut from the left
     want = [direct_loglikelihood(tiny, c, k) for c, k in requests]
     for batch_size in (1, 3, 16):
-        got = evaluate.loglikelihoods(tiny, requests, batch_size=batch_size)
+        got = scoring.loglikelihoods(tiny, requests, batch_size=batch_size)
         assert got == pytest.approx(want, abs=1e-4)
     with pytest.raises(ValueError):
-        evaluate.loglikelihoods(tiny, [(text[:3], [])])
+        scoring.loglikelihoods(tiny, [(text[:3], [])])
 
 
 # ------------------------------------------------------------------ a real checkpoint
@@ -330,7 +336,6 @@ def trained(tmp_path_factory):
 
 
 def test_cli_evaluates_a_trained_checkpoint(trained, tmp_path):
-    import train
     from contextlib import nullcontext
     root, ckpt_path = trained
     results = evaluate.main(evaluate.EvalConfig(ckpt=str(ckpt_path), tasks="val_loss,testbed_probes,testbed_sft_test",
@@ -351,9 +356,9 @@ def test_cli_evaluates_a_trained_checkpoint(trained, tmp_path):
     model.load_state_dict(ckpt["model"])
     tokenizer = Tokenizer.from_dict(ckpt["tokenizer"])
     shards = evaluate.load_split(str(root / "pretrain"), "val")
-    batches = train.validation_batches(shards, 64, 1024, 16)
+    batches = loaders.validation_batches(shards, 64, 1024, 16)
     val = results["tasks"]["val_loss"]
-    assert val["loss"] == pytest.approx(train.evaluate(model, batches, "cpu", nullcontext()), rel=1e-5)
+    assert val["loss"] == pytest.approx(training.mean_loss(model, batches, "cpu", nullcontext()), rel=1e-5)
     targets = [t for _, y in batches for t in y.flatten().tolist()]
     text_bytes = len(tokenizer.decode([t for t in targets if t != tokenizer.eot]).encode())
     assert (val["tokens"], val["bytes"]) == (len(targets), text_bytes)
@@ -380,20 +385,20 @@ def test_clear_errors(trained, tmp_path):
 
 def test_schedule_of_pre_mid_and_sft_checkpoints(tmp_path):
     cosine = {"stage": "pre", "schedule": "cosine", "alpha": 0.0}
-    assert evaluate.schedule_of({"config": cosine}) == ("cosine", 0.0, None)
-    assert evaluate.schedule_of({"config": {"stage": "pre", "schedule": "wso", "alpha": 0.1}}) == ("wso", 1.0, None)
+    assert runs.schedule_of({"config": cosine}) == ("cosine", 0.0, None)
+    assert runs.schedule_of({"config": {"stage": "pre", "schedule": "wso", "alpha": 0.1}}) == ("wso", 1.0, None)
     (tmp_path / "pre").mkdir()
     with open(tmp_path / "pre" / "config.json", "w") as f:
         json.dump({"train": {"stage": "pre", "schedule": "wsd", "alpha": 0.1}}, f)
     mid = {"stage": "mid", "schedule": "wso", "alpha": 0.1, "alpha_mid": 0.0,
            "init_from": str(tmp_path / "pre" / "ckpt.pt")}
-    assert evaluate.schedule_of({"config": mid}) == ("wsd", 0.1, 0.0)
-    assert evaluate.schedule_of({"config": {"stage": "sft"}, "init_config": mid}) == ("wsd", 0.1, 0.0)
+    assert runs.schedule_of({"config": mid}) == ("wsd", 0.1, 0.0)
+    assert runs.schedule_of({"config": {"stage": "sft"}, "init_config": mid}) == ("wsd", 0.1, 0.0)
     gone = {**mid, "init_from": str(tmp_path / "elsewhere" / "ckpt.pt")}
-    assert evaluate.schedule_of({"config": gone}) == (None, None, 0.0)
+    assert runs.schedule_of({"config": gone}) == (None, None, 0.0)
     wso = {"stage": "pre", "schedule": "wso", "alpha": 0.1}  # merge.py keeps the newest source's config
-    assert evaluate.schedule_of({"config": wso, "merge": {"shape": "1-sqrt"}}) == ("wso+merge 1-sqrt", None, None)
-    assert evaluate.schedule_of({"config": {**wso, "stage": "cooldown", "alpha": 0.0}}) == ("wso+cooldown", 0.0, None)
+    assert runs.schedule_of({"config": wso, "merge": {"shape": "1-sqrt"}}) == ("wso+merge 1-sqrt", None, None)
+    assert runs.schedule_of({"config": {**wso, "stage": "cooldown", "alpha": 0.0}}) == ("wso+cooldown", 0.0, None)
 
 
 def test_judge_is_loaded_from_module_and_name():
@@ -428,10 +433,10 @@ def test_compare_table1_deltas_from_best_decay_run(tmp_path):
         write_run(tmp_path / "cos0", "cosine", 0.0, None, 2.376, zero_shot(0.60, 0.70)),
         write_run(tmp_path / "wso", "wso", 1.0, None, 2.431,
                   {**zero_shot(0.50, 0.70), "testbed_mid_probes": {"acc": 0.99}},  # not a PT task
-                  sft={"testbed_sft_test": {"exact_match": 0.60}, "alpaca_eval": {"win_rate": None}}),
+                  sft={"testbed_sft_test": {"exact_match": 0.50, "choice": 0.70}, "alpaca_eval": {"win_rate": None}}),
         write_run(tmp_path / "wsd0", "wsd", 0.0, None, 2.360, zero_shot(0.55, 0.71), summary=52.0),
         write_run(tmp_path / "wsd1", "wsd", 0.1, None, 2.364, zero_shot(0.52, 0.72),
-                  sft={"testbed_sft_test": {"exact_match": 0.55}}),
+                  sft={"testbed_sft_test": {"exact_match": 0.55, "choice": 0.55}}),
     ]
     # references (WSO excluded): loss 2.360 (WSD 0.0), task avg 65.0 (Cosine), SFT 55.0 (WSD 0.1)
     lines = evaluate.compare(runs).splitlines()
@@ -450,7 +455,7 @@ def test_compare_table1_deltas_from_best_decay_run(tmp_path):
 
 def test_compare_table2_counts_decay_in_either_stage(tmp_path):
     probes = lambda acc: {"testbed_mid_probes": {"acc": acc}}  # noqa: E731
-    sft = lambda em: {"testbed_sft_test": {"exact_match": em}}  # noqa: E731
+    sft = lambda em: {"testbed_sft_test": {"exact_match": em, "choice": em}}  # noqa: E731
     runs = [write_run(tmp_path / "a", "linear", 0.1, 1.0, 2.45, probes(0.42), sft(0.66)),
             write_run(tmp_path / "b", "wso", 1.0, 0.0, 2.40, probes(0.45), sft(0.65)),
             write_run(tmp_path / "c", "wso", 1.0, 1.0, 2.50, probes(0.40), sft(0.70))]
@@ -461,3 +466,18 @@ def test_compare_table2_counts_decay_in_either_stage(tmp_path):
         "| WSO | 1.0 | 1.0 | +0.100 | -5.0 | **+4.0** |",
         "| WSO | 1.0 | 0.0 | **+0.000** | **+0.0** | -1.0 |",
         "| Linear | 0.1 | 1.0 | +0.050 | -3.0 | +0.0 |"]
+
+
+def test_sft_task_avg_has_one_definition(tmp_path, monkeypatch):
+    """Defect: sft_eval.json's testbed_sft_test counted exact match only, sft.py's summary the
+    mean of exact match and choice, so one table could mix both."""
+    result = {"exact_match": 0.2, "choice": 0.6, "n": 50}
+    assert tables.sft_task_avg({"testbed_sft_test": result}) == pytest.approx(40.0)
+    monkeypatch.setattr(sft, "testbed_sft_accuracy", lambda model, tokenizer, path: result)
+    scores = sft.testbed_scores(object(), None, str(tmp_path))
+    assert scores["sft_test_task_avg"] == scores["sft_task_avg"] == pytest.approx(40.0)
+    loss = {"val_loss": {"loss": 2.0}}
+    from_eval = write_run(tmp_path / "a", "wso", 1.0, None, 2.0, loss, sft={"testbed_sft_test": result})
+    from_summary = write_run(tmp_path / "b", "wsd", 0.0, None, 2.0, loss, summary=40.0)
+    assert evaluate.load_run(from_eval)["sft_task_avg"] == pytest.approx(40.0)
+    assert evaluate.load_run(from_summary)["sft_task_avg"] == 40.0

@@ -101,3 +101,17 @@ def test_experiment_2_plan_shares_each_pre_training_run():
         assert f"--init_from={os.path.join('r', 'seed0', source, 'ckpt.pt')}" in cmd
         assert "--stage=mid" in cmd and "--max_iters=45" in cmd and "--dataset=testbed_mid" in cmd
     assert {d for kind, d, *_ in stages if kind == "SFT"} == {d for d, _ in mid}
+
+
+def test_sharpness_sizes_and_mid_training_length_come_from_the_scale():
+    """Defect: sharpness.py ran with 4 batches x 20 probes at every scale, GPU included."""
+    for scale, want in (("cpu", {"--num_batches=4", "--num_samples=20"}),
+                        ("gpu", {"--num_batches=4096", "--num_samples=50", "--seq_len=1024", "--batch_size=1"})):
+        commands = [command for kind, _, command, _ in reproduce.plan(ReproduceConfig(scale=scale, schedules="wso"))
+                    if kind.startswith("sharpness")]
+        assert commands and all(want <= set(command) for command in commands), (scale, commands)
+    for scale, max_iters, mid_iters in (("cpu", 0, 135), ("cpu", 200, 90), ("gpu", 0, 450)):
+        stages = reproduce.plan(ReproduceConfig(scale=scale, experiment="mid", max_iters=max_iters))
+        mid_stages = [(command, steps) for kind, _, command, steps in stages if kind == "mid-train"]
+        assert mid_stages and all(steps == mid_iters and f"--max_iters={mid_iters}" in command
+                                  for command, steps in mid_stages)  # Table 21's 36k after Table 6's 80k

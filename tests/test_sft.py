@@ -14,12 +14,14 @@ import torch
 import schedules
 import sft
 import train
+from data import loaders
 from data.chat import IGNORE, render
 from data.common import Tokenizer, read_jsonl, write_jsonl
 from data.testbed.prepare import prepare as prepare_testbed
 from model import Llama, LlamaConfig
 from sft import SFTConfig
 from train import TrainConfig
+from training import Runtime
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TULU_SAMPLE = os.path.join(REPO, "tests", "fixtures", "tulu_sample.jsonl")
@@ -107,7 +109,7 @@ def test_collate_shifts_labels_and_pads_with_ignore(testbed):
     tokenizer = Tokenizer.from_dict(json.load(open(testbed / "meta.json"))["tokenizer"])
     rows = read_jsonl(testbed / "sft_train.jsonl")[:3]
     examples, cut = sft.tokenize([r["messages"] for r in rows], tokenizer, 2048, "train")
-    x, y = sft.collate(examples, tokenizer.eot)
+    x, y = loaders.pad_collate(examples, tokenizer.eot)
     for row, r in enumerate(rows):
         ids, labels = render(r["messages"], tokenizer)
         assert x[row, :len(ids) - 1].tolist() == ids[:-1] and y[row, :len(ids) - 1].tolist() == labels[1:]
@@ -125,15 +127,15 @@ def test_gradient_accumulation_equals_one_big_batch(testbed, pretrained):
     rows = read_jsonl(testbed / "sft_train.jsonl")
     examples, _ = sft.tokenize([r["messages"] for r in rows[:12]], tokenizer, 2048, "train")
     cfg = SFTConfig(init_from=pretrained, global_batch_size=12, batch_size=4)
-    ctx = dict(device="cpu", autocast=contextlib.nullcontext())
+    rt = Runtime(rank=0, world_size=1, device="cpu", dtype="float32", autocast=contextlib.nullcontext())
     weights = []
     for sizes in ((12,), (4, 4, 4), (2, 10)):
         model = Llama(LlamaConfig.from_dict(ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # the update is the (clipped) gradient itself
         starts = [sum(sizes[:k]) for k in range(len(sizes))]
-        micro = [sft.collate(examples[s:s + n], tokenizer.eot) for s, n in zip(starts, sizes)]
-        loss, _, supervised = sft.train_step(model, optimizer, micro, cfg, ctx)
+        micro = [loaders.pad_collate(examples[s:s + n], tokenizer.eot) for s, n in zip(starts, sizes)]
+        loss, _, supervised = sft.train_step(model, optimizer, micro, cfg, rt)
         weights.append((loss, supervised, [p.detach().clone() for p in model.parameters()]))
     for loss, supervised, params in weights[1:]:
         assert loss == pytest.approx(weights[0][0], rel=1e-5) and supervised == weights[0][1]

@@ -16,9 +16,12 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import figures
+import hessian
 import sharpness
 import train
 from common import parse_args
+from data import loaders
 from data.chat import IGNORE, render
 from data.common import Tokenizer, load_meta, load_split, read_jsonl
 from data.testbed.prepare import prepare as prepare_testbed
@@ -78,7 +81,7 @@ def test_hvp_equals_explicit_hessian_double_backward_and_finite_differences():
     v_flat = torch.cat([t.flatten() for t in v.values()])
     H = exact_hessian(loss_fn, params)
     with sdpa_kernel(SDPBackend.MATH):
-        hv = sharpness.hessian_vector_product(loss_fn, params)(v)
+        hv = hessian.hessian_vector_product(loss_fn, params)(v)
     hv_flat = torch.cat([hv[n].flatten() for n in params])
     scale = (H @ v_flat).abs().max().item()
     assert scale > 1e-3  # a non-trivial product
@@ -110,10 +113,10 @@ def quadratic(A):
 def test_diagonal_hessian_gives_the_exact_trace_with_one_probe():
     params = {"a": torch.zeros(7, dtype=torch.float64), "b": torch.zeros(3, 4, dtype=torch.float64)}
     diag = torch.linspace(-2.0, 5.0, 19, dtype=torch.float64)
-    trace, stderr = sharpness.hutchinson_trace(quadratic(torch.diag(diag)), params, 1,
+    trace, stderr = hessian.hutchinson_trace(quadratic(torch.diag(diag)), params, 1,
                                                torch.Generator().manual_seed(3))
     assert trace == pytest.approx(diag.sum().item(), rel=1e-12) and math.isnan(stderr)
-    trace, stderr = sharpness.hutchinson_trace(quadratic(torch.diag(diag)), params, 5,
+    trace, stderr = hessian.hutchinson_trace(quadratic(torch.diag(diag)), params, 5,
                                                torch.Generator().manual_seed(3))
     assert trace == pytest.approx(diag.sum().item(), rel=1e-12) and stderr == pytest.approx(0, abs=1e-12)
 
@@ -126,7 +129,7 @@ def test_dense_hessian_estimate_and_its_standard_error_match_theory():
     A = B + B.T + torch.diag(torch.linspace(1, 20, d, dtype=torch.float64))
     params = {"a": torch.zeros(10, dtype=torch.float64), "b": torch.zeros(5, 6, dtype=torch.float64)}
     n = 3000
-    trace, stderr = sharpness.hutchinson_trace(quadratic(A), params, n, torch.Generator().manual_seed(0))
+    trace, stderr = hessian.hutchinson_trace(quadratic(A), params, n, torch.Generator().manual_seed(0))
     exact = A.trace().item()
     variance = 2 * ((A ** 2).sum() - (A.diag() ** 2).sum()).item()  # of z^T A z, z Rademacher
     assert abs(trace - exact) < 4 * stderr
@@ -137,12 +140,12 @@ def test_dense_hessian_estimate_and_its_standard_error_match_theory():
 
 def test_probes_are_rademacher_and_seeded():
     params = {"a": torch.zeros(1000), "b": torch.zeros(33, 7, dtype=torch.float64)}
-    z = sharpness.rademacher_like(params, torch.Generator().manual_seed(0))
+    z = hessian.rademacher_like(params, torch.Generator().manual_seed(0))
     assert z["a"].dtype == torch.float32 and z["b"].dtype == torch.float64 and z["b"].shape == (33, 7)
     flat = torch.cat([t.flatten().double() for t in z.values()])
     assert set(flat.tolist()) == {-1.0, 1.0} and abs(flat.mean().item()) < 4 / math.sqrt(flat.numel())
-    again = sharpness.rademacher_like(params, torch.Generator().manual_seed(0))
-    other = sharpness.rademacher_like(params, torch.Generator().manual_seed(1))
+    again = hessian.rademacher_like(params, torch.Generator().manual_seed(0))
+    other = hessian.rademacher_like(params, torch.Generator().manual_seed(1))
     assert all(torch.equal(z[n], again[n]) for n in z) and not torch.equal(z["a"], other["a"])
 
 
@@ -151,13 +154,13 @@ def test_vmapped_probes_match_one_probe_at_a_time():
     torch.manual_seed(1)
     B = torch.randn(30, 30, dtype=torch.float64)
     params = {"a": torch.zeros(10, dtype=torch.float64), "b": torch.zeros(4, 5, dtype=torch.float64)}
-    one = sharpness.hutchinson_trace(quadratic(B + B.T), params, 11, torch.Generator().manual_seed(5))
+    one = hessian.hutchinson_trace(quadratic(B + B.T), params, 11, torch.Generator().manual_seed(5))
     for width in (3, 4, 11, 20):  # 11 = 3+3+3+2 = 4+4+3: remainder chunks of 2 and 3
-        vmapped = sharpness.hutchinson_trace(quadratic(B + B.T), params, 11, torch.Generator().manual_seed(5),
+        vmapped = hessian.hutchinson_trace(quadratic(B + B.T), params, 11, torch.Generator().manual_seed(5),
                                              probes_per_call=width)
         assert vmapped == pytest.approx(one, rel=1e-10, abs=1e-10)
     with pytest.raises(ValueError, match="probes_per_call"):
-        sharpness.hutchinson_trace(quadratic(B), params, 2, probes_per_call=0)
+        hessian.hutchinson_trace(quadratic(B), params, 2, probes_per_call=0)
 
 
 # ------------------------------------------------------------------ model level
@@ -174,7 +177,7 @@ def test_tiny_llama_matches_the_exact_trace_and_counts_tied_weights_once():
     x, y = torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 8))
     params = {n: p.detach() for n, p in model.named_parameters()}
     assert "output.weight" not in params and sum(p.numel() for p in params.values()) == model.num_params()
-    loss_fn = sharpness.batch_loss_fn(model, x, y)
+    loss_fn = hessian.batch_loss_fn(model, x, y)
     H = exact_hessian(loss_fn, params)  # over the deduplicated parameter vector
     exact = H.trace().item()
 
@@ -182,12 +185,12 @@ def test_tiny_llama_matches_the_exact_trace_and_counts_tied_weights_once():
     # and its loss in float32, hence the tolerance).
     v = {n: torch.randn_like(p) for n, p in params.items()}
     with sdpa_kernel(SDPBackend.MATH):
-        hv = sharpness.hessian_vector_product(loss_fn, params)(v)
+        hv = hessian.hessian_vector_product(loss_fn, params)(v)
     hv_exact = H @ torch.cat([t.flatten() for t in v.values()])
     torch.testing.assert_close(torch.cat([hv[n].flatten() for n in params]), hv_exact,
                                rtol=1e-5, atol=1e-5 * hv_exact.abs().max().item())
 
-    result = sharpness.model_sharpness(model, [(x, y)], num_samples=1000, seed=0)
+    result = hessian.model_sharpness(model, [(x, y)], num_samples=1000, seed=0)
     assert result["num_params"] == model.num_params() and result["stderr_over"] == "probes"
     assert abs(result["trace"] - exact) < 4 * result["stderr"], (result["trace"], result["stderr"], exact)
 
@@ -203,9 +206,9 @@ def test_tiny_llama_matches_the_exact_trace_and_counts_tied_weights_once():
 def test_tiny_llama_vmapped_probes_match_one_probe_at_a_time():
     model = tiny_llama(torch.float32)
     batches = [(torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 8))) for _ in range(2)]
-    assert sharpness.auto_probes_per_call(16) == 4 and sharpness.auto_probes_per_call(1024) == 1
-    one = sharpness.model_sharpness(model, batches, num_samples=6, seed=3, probes_per_call=1)
-    auto = sharpness.model_sharpness(model, batches, num_samples=6, seed=3)  # 16 tokens: chunks of 4 + 2
+    assert hessian.auto_probes_per_call(16) == 4 and hessian.auto_probes_per_call(1024) == 1
+    one = hessian.model_sharpness(model, batches, num_samples=6, seed=3, probes_per_call=1)
+    auto = hessian.model_sharpness(model, batches, num_samples=6, seed=3)  # 16 tokens: chunks of 4 + 2
     for a, b in zip(one["per_batch"] + [one], auto["per_batch"] + [auto]):
         assert a["trace"] == pytest.approx(b["trace"], rel=1e-5) and a["stderr"] == pytest.approx(b["stderr"], rel=1e-5)
 
@@ -222,13 +225,13 @@ def labelled_batches(lengths, seed=0):
 def test_padding_changes_neither_the_loss_nor_the_trace():
     model = tiny_llama()
     batches = labelled_batches([7, 4])
-    padded = sharpness.pad_batches(batches, 9)
+    padded = hessian.pad_batches(batches, 9)
     assert [x.shape for x, _ in padded] == [(1, 9), (1, 9)]
     params = {n: p.detach() for n, p in model.named_parameters()}
     for (x, y), (xp, yp) in zip(batches, padded):
         assert torch.equal(xp[:, :x.shape[1]], x) and (yp[:, y.shape[1]:] == IGNORE).all()
-        exact = exact_hessian(sharpness.batch_loss_fn(model, x, y), params).trace().item()
-        assert exact_hessian(sharpness.batch_loss_fn(model, xp, yp), params).trace().item() == pytest.approx(exact, rel=1e-10)
+        exact = exact_hessian(hessian.batch_loss_fn(model, x, y), params).trace().item()
+        assert exact_hessian(hessian.batch_loss_fn(model, xp, yp), params).trace().item() == pytest.approx(exact, rel=1e-10)
         assert model(xp, yp)[1].item() == pytest.approx(model(x, y)[1].item(), rel=1e-12)
 
 
@@ -238,10 +241,10 @@ def test_compiled_estimator_matches_eager_and_compiles_once():
     numbers are the eager ones up to float32 rounding."""
     model = tiny_llama(torch.float32)
     batches = labelled_batches([8, 5, 8], seed=1)
-    eager = sharpness.model_sharpness(model, batches, num_samples=5, seed=2, probes_per_call=2)
+    eager = hessian.model_sharpness(model, batches, num_samples=5, seed=2, probes_per_call=2)
     torch._dynamo.reset()  # forget compilations of other tests' models
     with torch._dynamo.config.patch(error_on_recompile=True):
-        compiled = sharpness.model_sharpness(model, batches, num_samples=5, seed=2, probes_per_call=2, compile=True)
+        compiled = hessian.model_sharpness(model, batches, num_samples=5, seed=2, probes_per_call=2, compile=True)
     for a, b in zip(eager["per_batch"] + [eager], compiled["per_batch"] + [compiled]):
         assert a["trace"] == pytest.approx(b["trace"], rel=1e-4) and a["stderr"] == pytest.approx(b["stderr"], rel=1e-3)
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["tokens"] == b["tokens"]
@@ -251,12 +254,12 @@ def test_default_sdpa_backend_is_left_alone_outside_the_estimator():
     model = tiny_llama(torch.float32)
     x, y = torch.randint(0, 64, (1, 8)), torch.randint(0, 64, (1, 8))
     params = {n: p.detach() for n, p in model.named_parameters()}
-    loss_fn = sharpness.batch_loss_fn(model, x, y)
-    result = sharpness.model_sharpness(model, [(x, y)], num_samples=3, seed=0)
+    loss_fn = hessian.batch_loss_fn(model, x, y)
+    result = hessian.model_sharpness(model, [(x, y)], num_samples=3, seed=0)
     assert math.isfinite(result["trace"])
     # afterwards the fused CPU kernel is selected again: it has no double backward ...
     with pytest.raises((RuntimeError, NotImplementedError)):
-        sharpness.hessian_vector_product(loss_fn, params)(params)
+        hessian.hessian_vector_product(loss_fn, params)(params)
     # ... and an ordinary training step works
     _, loss = model(x, y)
     loss.backward()
@@ -272,12 +275,38 @@ def test_measurement_leaves_training_undisturbed():
     grads = [p.grad.clone() for p in model.parameters()]
     weights = [p.detach().clone() for p in model.parameters()]
     rng = torch.get_rng_state()
-    out = sharpness.sharpness_during_training(model, batches, num_samples=4, seed=0)
+    out = hessian.sharpness_during_training(model, batches, num_samples=4, seed=0)
     assert set(out) == {"sharpness", "sharpness_stderr"} and math.isfinite(out["sharpness"])
     assert model.training
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
     assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+
+
+def test_the_estimator_runs_in_true_float32_whatever_the_caller_set(monkeypatch):
+    """Defect: train.py turns TF32 on for the whole process (and a caller may hold autocast),
+    so in-training sharpness ran its HVPs in TF32 while sharpness.py ran true fp32."""
+    model = tiny_llama(torch.float32)
+    batches = labelled_batches([8, 6], seed=3)
+    plain = hessian.model_sharpness(model, batches, num_samples=4, seed=0)
+    seen, real = [], hessian.hutchinson_trace
+
+    def spy(*args, **kwargs):
+        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+                     torch.is_autocast_enabled("cpu")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hessian, "hutchinson_trace", spy)
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train.py sets them
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            inside = hessian.model_sharpness(model, batches, num_samples=4, seed=0)
+        assert seen == [(False, False, False)] * 2
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32  # restored
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    assert [b["trace"] for b in inside["per_batch"]] == [b["trace"] for b in plain["per_batch"]]
 
 
 def test_dropout_in_training_mode_and_low_precision_are_refused():
@@ -286,11 +315,11 @@ def test_dropout_in_training_mode_and_low_precision_are_refused():
     x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
     model.train()
     with pytest.raises(ValueError, match="dropout"):
-        sharpness.batch_loss_fn(model, x, y)
-    result = sharpness.model_sharpness(model, [(x, y)], num_samples=2, seed=0)  # measures in eval mode
+        hessian.batch_loss_fn(model, x, y)
+    result = hessian.model_sharpness(model, [(x, y)], num_samples=2, seed=0)  # measures in eval mode
     assert math.isfinite(result["trace"]) and model.training
     with pytest.raises(ValueError, match="float32"):
-        sharpness.model_sharpness(tiny_llama(torch.bfloat16), [(x, y)], num_samples=2, seed=0)
+        hessian.model_sharpness(tiny_llama(torch.bfloat16), [(x, y)], num_samples=2, seed=0)
 
 
 def test_same_seed_same_bits_other_seed_differs():
@@ -298,12 +327,12 @@ def test_same_seed_same_bits_other_seed_differs():
     batches = [(torch.randint(0, 64, (1, 8)), torch.randint(0, 64, (1, 8))) for _ in range(3)]
 
     def run(seed):
-        result = sharpness.model_sharpness(model, batches, num_samples=5, seed=seed)
+        result = hessian.model_sharpness(model, batches, num_samples=5, seed=seed)
         return [(r["trace"], r["stderr"]) for r in result["per_batch"]], result["trace"], result["stderr"]
 
     assert run(0) == run(0)
     assert run(0)[1] != run(1)[1]
-    generator_run = [sharpness.hutchinson_trace(sharpness.batch_loss_fn(model, *batches[0]),
+    generator_run = [hessian.hutchinson_trace(hessian.batch_loss_fn(model, *batches[0]),
                                                 dict(model.named_parameters()), 4,
                                                 torch.Generator().manual_seed(7)) for _ in range(2)]
     assert generator_run[0] == generator_run[1]
@@ -329,7 +358,7 @@ def checkpoint(testbed, tmp_path_factory):
 
 @pytest.mark.parametrize("split", ["val", "train"])
 def test_pretrain_batches_are_the_split_in_order(testbed, split):
-    batches = sharpness.pretrain_batches(str(testbed / "pretrain"), seq_len=16, batch_size=2, num_batches=3,
+    batches = loaders.pretrain_batches(str(testbed / "pretrain"), seq_len=16, batch_size=2, num_batches=3,
                                          split=split)
     tokens = np.concatenate([np.asarray(s) for s in load_split(str(testbed / "pretrain"), split)]).astype(np.int64)
     assert len(batches) == 3 and all(x.shape == (2, 16) and y.shape == (2, 16) for x, y in batches)
@@ -340,7 +369,7 @@ def test_pretrain_batches_are_the_split_in_order(testbed, split):
 def test_sft_batches_supervise_only_the_answers(testbed):
     tokenizer = Tokenizer.from_dict(load_meta(str(testbed))["tokenizer"])
     path = str(testbed / "sft_select.jsonl")
-    batches = sharpness.sft_batches(path, tokenizer, seq_len=64, batch_size=3, num_batches=2)
+    batches = loaders.sft_batches(path, tokenizer, seq_len=64, batch_size=3, num_batches=2)
     rows = read_jsonl(path)[:6]
     assert len(batches) == 2
     for b, (x, y) in enumerate(batches):
@@ -353,7 +382,7 @@ def test_sft_batches_supervise_only_the_answers(testbed):
             assert [t for t in y[i].tolist() if t != IGNORE] == answer
     # a cut that leaves no answer token: the conversation is skipped, and none left is an error
     with pytest.raises(ValueError, match="no conversation"):
-        sharpness.sft_batches(path, tokenizer, seq_len=4, batch_size=1, num_batches=2)
+        loaders.sft_batches(path, tokenizer, seq_len=4, batch_size=1, num_batches=2)
 
 
 def test_cli_end_to_end(checkpoint, capsys):
@@ -389,14 +418,14 @@ def test_cli_errors(checkpoint, tmp_path):
 
 def test_plots(tmp_path):
     runs = {"WSO": [(100, 1.0, 0.1), (200, 1.1, 0.1)], "WSD": [(100, 1.0, 0.1), (200, 2.5, 0.2)]}
-    path = sharpness.plot_sharpness_curves(runs, t_stable=150, path=str(tmp_path / "fig3.png"))
+    path = figures.plot_sharpness_curves(runs, t_stable=150, path=str(tmp_path / "fig3.png"))
     assert os.path.getsize(path) > 0
     points = {"WSO": (1.0, 0.6), "WSD": (2.0, 0.5), "Cosine": (3.0, 0.45), "Linear": (2.5, 0.47)}
-    r = sharpness.plot_sharpness_vs_score(points, path=str(tmp_path / "fig4.png"))
+    r = figures.plot_sharpness_vs_score(points, path=str(tmp_path / "fig4.png"))
     s, score = zip(*points.values())
     assert r == pytest.approx(np.corrcoef(s, score)[0, 1]) and r < -0.9
     assert os.path.getsize(tmp_path / "fig4.png") > 0
-    assert math.isnan(sharpness.plot_sharpness_vs_score({"WSO": (1.0, 0.6)}, path=str(tmp_path / "one.png")))
+    assert math.isnan(figures.plot_sharpness_vs_score({"WSO": (1.0, 0.6)}, path=str(tmp_path / "one.png")))
 
 
 def test_figures_3_and_4_from_training_runs(tmp_path):

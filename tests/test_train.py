@@ -283,3 +283,121 @@ def test_sharpness_is_recorded_during_training_without_disturbing_it(testbed, tm
         assert math.isfinite(r["sharpness_pretrain"]) and r["sharpness_pretrain_stderr"] >= 0
         assert "sharpness_sft" in r and "sharpness_sft_stderr" in r
     assert [r["loss"] for r in records(tmp_path / "measured")] == [r["loss"] for r in records(tmp_path / "plain")]
+
+
+# ------------------------------------------------------------ where a run starts
+
+def test_starting_point_of_scratch_resume_mid_and_cooldown(testbed, tmp_path):
+    """train.starting_point, the one place that decides what a run starts from."""
+    tokenizer = train.Tokenizer.from_dict(load_meta_of(testbed / "pretrain")["tokenizer"])
+    scratch = train.starting_point(config(testbed, tmp_path / "pre", max_iters=6, keep_every=3), tokenizer, 1)
+    assert (scratch.model_state, scratch.optimizer_state, scratch.rng, scratch.branch) == (None, None, None, None)
+    assert scratch.counters == train.Counters(0, 0, 0) and scratch.last_step == 6
+    train.main(config(testbed, tmp_path / "pre", max_iters=6, keep_every=3))
+    pre = load_checkpoint(str(tmp_path / "pre" / "ckpt.pt"))
+
+    resume = train.starting_point(config(testbed, tmp_path / "pre", max_iters=9, init_from="resume"), tokenizer, 1)
+    assert resume.counters == train.Counters(6, pre["samples_seen"], pre["tokens_seen"]) and resume.last_step == 9
+    assert resume.optimizer_state is not None and resume.rng is not None and resume.branch is None
+    assert resume.run_config["init_from"] == "scratch"  # where the run began, not "resume"
+
+    mid_cfg = config(testbed, tmp_path / "mid", stage="mid", init_from=str(tmp_path / "pre" / "ckpt.pt"),
+                     dataset=str(testbed / "mid"), max_iters=4)
+    mid = train.starting_point(mid_cfg, tokenizer, 1)
+    assert mid.branch == train.Branch(6, 3e-3) and mid.last_step == 10
+    assert mid.counters == train.Counters(6, 0, pre["tokens_seen"])  # new data from its start
+    assert mid.optimizer_state is not None and mid.rng is None
+
+    cool_cfg = config(testbed, tmp_path / "cool", stage="cooldown", init_from=str(tmp_path / "pre" / "ckpt_000003.pt"),
+                      max_iters=3, alpha=0.0)
+    cool = train.starting_point(cool_cfg, tokenizer, 1)
+    kept = load_checkpoint(str(tmp_path / "pre" / "ckpt_000003.pt"))
+    assert cool.branch == train.Branch(3, 3e-3) and cool.last_step == 6
+    assert cool.counters == train.Counters(3, kept["samples_seen"], kept["tokens_seen"])  # the same run, continued
+    assert cool.optimizer_state is not None and cool.rng is not None
+
+
+def load_meta_of(directory):
+    with open(os.path.join(directory, "meta.json")) as f:
+        return json.load(f)
+
+
+def test_mid_training_uses_its_own_adamw_settings(testbed, tmp_path):
+    """Defect: the pre-training optimizer's param_groups replaced the mid run's flags."""
+    train.main(config(testbed, tmp_path / "pre", max_iters=4))
+    train.main(config(testbed, tmp_path / "mid", stage="mid", init_from=str(tmp_path / "pre" / "ckpt.pt"),
+                      dataset=str(testbed / "mid"), max_iters=2, weight_decay=0.0, beta2=0.99, eps=1e-6))
+    groups = load_checkpoint(str(tmp_path / "mid" / "ckpt.pt"))["optimizer"]["param_groups"]
+    assert [(g["weight_decay"], tuple(g["betas"]), g["eps"]) for g in groups] == [(0.0, (0.9, 0.99), 1e-6)] * 2
+    state = load_checkpoint(str(tmp_path / "mid" / "ckpt.pt"))["optimizer"]["state"]
+    assert int(state[0]["step"]) == 6  # AdamW's moments and step count continue from pre-training
+
+
+def test_resuming_mid_training_with_another_length_warns_when_eq11_decays(testbed, tmp_path, capsys):
+    """Defect: with alpha_mid < 1 another --max_iters changes Eq. 11 for steps already taken."""
+    train.main(config(testbed, tmp_path / "pre", max_iters=4))
+    for alpha_mid, warned in ((0.0, True), (1.0, False)):
+        mid = dict(stage="mid", init_from=str(tmp_path / "pre" / "ckpt.pt"), dataset=str(testbed / "mid"),
+                   alpha_mid=alpha_mid, eval_interval=2)
+        out = tmp_path / f"mid{alpha_mid}"
+        train.main(config(testbed, out, max_iters=2, **mid))
+        capsys.readouterr()
+        train.main(config(testbed, out, max_iters=4, **{**mid, "init_from": "resume"}))
+        assert ("warning: max_iters 2 -> 4 changes the LR" in capsys.readouterr().out) == warned
+
+
+def test_resume_refuses_another_number_of_processes_without_a_fixed_global_batch(testbed, tmp_path):
+    """Defect: world_size was not saved, so resuming with tokens_per_step=0 on another number of
+    processes silently changed the global batch."""
+    from common import save_checkpoint
+    train.main(config(testbed, tmp_path, max_iters=4))
+    ckpt = load_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert ckpt["world_size"] == 1
+    save_checkpoint(str(tmp_path / "ckpt.pt"), {**ckpt, "world_size": 2})
+    with pytest.raises(SystemExit, match="trained by 2 processes and this run has 1"):
+        train.main(config(testbed, tmp_path, max_iters=8, init_from="resume"))
+    # with a fixed global batch (tokens_per_step) the batch does not depend on the processes
+    save_checkpoint(str(tmp_path / "ckpt.pt"), {**ckpt, "world_size": 2})
+    cfg = config(testbed, tmp_path / "fixed", max_iters=4, tokens_per_step=4 * 64)
+    train.main(cfg)
+    fixed = load_checkpoint(str(tmp_path / "fixed" / "ckpt.pt"))
+    save_checkpoint(str(tmp_path / "fixed" / "ckpt.pt"), {**fixed, "world_size": 2})
+    train.main(config(testbed, tmp_path / "fixed", max_iters=6, tokens_per_step=4 * 64, init_from="resume"))
+    assert load_checkpoint(str(tmp_path / "fixed" / "ckpt.pt"))["step"] == 6
+
+
+# Losses and val_losses of 8-step runs (and a mid and a cooldown branch), recorded with the
+# code before the layers were separated (nanoWSO e31934b): the refactor and what follows must
+# keep the trajectories, value for value (float rounding aside).
+PINNED = {
+    "wso": ([6.7680235, 6.554296, 6.3266716, 6.1080513, 6.0074539, 5.9874792, 5.7479973, 5.4862285],
+             [6.0108164, 5.4401838]),
+    "wsd": ([6.7680235, 6.554296, 6.3266716, 6.1080513, 6.0074539, 5.9874792, 5.7479973, 5.5458393],
+             [6.0108164, 5.5978089]),
+    "cosine": ([6.7680235, 6.554296, 6.3266716, 6.1155243, 6.0391002, 6.0644989, 5.9044995, 5.7836871],
+             [6.0460496, 5.831343]),
+    "linear": ([6.7680235, 6.554296, 6.3266716, 6.127439, 6.0591969, 6.082612, 5.9125214, 5.7729788],
+             [6.0699937, 5.8223772]),
+    "mid": ([6.3180342, 6.1487017, 6.5911713, 6.6665139],
+             [5.621308]),
+    "cool": ([6.0074539, 6.0136967, 5.8267708, 5.6810632],
+             [5.7520208]),
+}
+
+
+def test_trajectories_are_pinned(testbed, tmp_path):
+    def losses(out):
+        return [r["loss"] for r in records(out)], [r["val_loss"] for r in records(out, "val_loss")]
+
+    got = {}
+    for schedule in ("wso", "wsd", "cosine", "linear"):
+        train.main(config(testbed, tmp_path / schedule, schedule=schedule, alpha=0.1, max_iters=8, keep_every=4))
+        got[schedule] = losses(tmp_path / schedule)
+    train.main(config(testbed, tmp_path / "mid", stage="mid", init_from=str(tmp_path / "wsd" / "ckpt.pt"),
+                      dataset=str(testbed / "mid"), alpha=0.1, alpha_mid=0.0, max_iters=4))
+    train.main(config(testbed, tmp_path / "cool", stage="cooldown", init_from=str(tmp_path / "wso" / "ckpt_000004.pt"),
+                      alpha=0.0, max_iters=4))
+    got["mid"], got["cool"] = losses(tmp_path / "mid"), losses(tmp_path / "cool")
+    for run, (loss, val_loss) in PINNED.items():
+        assert got[run][0] == pytest.approx(loss, rel=1e-5, abs=0), run
+        assert got[run][1] == pytest.approx(val_loss, rel=1e-5, abs=0), run

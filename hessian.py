@@ -1,0 +1,260 @@
+"""
+Loss-landscape sharpness: the trace of the Hessian by Hutchinson's estimator
+(Section 6, Definition 6.1; Appendix H, Eq. 12 and Table 23).
+
+    Sharpness(theta_t) = Tr(H(theta_t)),   H = d^2 L(theta_t; D) / d theta^2      (6)
+    Tr(H) ~ (1/N) sum_i z_i^T H z_i,       z_i Rademacher (+-1 entries)        (12)
+
+E[z z^T] = I makes each z^T H z an unbiased sample of Tr(H); its variance is
+2 (||H||_F^2 - sum_i H_ii^2), so we report the mean with its standard error.
+H z is a Hessian-vector product (HVP): the vector-Jacobian product of the gradient,
+torch.func.vjp(torch.func.grad(L)): the gradient and its graph are built once per batch
+and every probe back-propagates through them; on short batches torch.func.vmap sends a
+few probes through at once (auto_probes_per_call). With compile=True, torch.compile fuses
+the gradient and a vmapped chunk of HVPs into one compiled call (probe_chunk); PyHessian's
+double backward stays eager (torch.compile does not trace torch.autograd.grad by default).
+bench_hvp.py measures these against the alternatives (jvp of grad per probe; PyHessian).
+
+Measurement (Appendix H, model_sharpness): per batch b, t_b = Tr of the Hessian of that
+batch's loss, the mean cross-entropy over its target tokens (label != -100), from
+num_samples probes drawn by a generator seeded with seed + b, so every checkpoint sees the
+same batches and the same probes (common random numbers: differences between schedules
+are tighter than either number). The estimate is mean_b t_b +- std_b(t_b) / sqrt(B),
+a standard error that holds both the batch-to-batch spread and the probes' noise. It runs
+in true float32 wherever it is called (TF32 matmuls off), so a measurement inside
+train.py equals one by sharpness.py.
+
+This is the library; the commands are
+    python sharpness.py --ckpt=out/ckpt.pt                  # a checkpoint (sharpness.py --help)
+    python train.py --sharpness_interval=50                 # during training (Figure 3)
+"""
+
+import functools
+import math
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.func import functional_call, grad, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from data.chat import IGNORE
+
+LOSS_NORMALIZATION = ("per batch: mean next-token cross-entropy over the batch's target tokens with "
+                      "label != -100; the estimate averages the per-batch traces with equal weight")
+
+
+# ------------------------------------------------------------------- the estimator
+
+def hessian_vector_product(loss_fn, params):
+    """v -> H v at `params` (dicts name -> tensor). Reverse-over-reverse: the gradient and
+    its graph are computed once; each call back-propagates v through that graph (H is
+    symmetric, so the vector-Jacobian product v^T H is H v)."""
+    _, vjp_fn = vjp(grad(loss_fn), params)
+    # create_graph=False: we need H v itself, not a graph for third derivatives
+    return lambda v: vjp_fn(v, create_graph=False)[0]
+
+
+def rademacher_like(params, generator=None):
+    """One probe z: entries +-1 with equal probability, a tensor per parameter. Each
+    random draw gives 16 entries (its 16 low bits): drawing the entries one by one costs
+    a tenth of an HVP of the testbed model on CPU."""
+    first = next(iter(params.values()))
+    device = generator.device if generator is not None else first.device
+    sizes = [p.numel() for p in params.values()]
+    words = torch.randint(0, 2**16, ((sum(sizes) + 15) // 16, 1), generator=generator, device=device,
+                          dtype=torch.int32)
+    bits = (words >> torch.arange(16, device=device, dtype=torch.int32)).bitwise_and_(1)  # (words, 16)
+    signs = bits.flatten()[:sum(sizes)].to(first.dtype).mul_(2).sub_(1)
+    return {name: z.view_as(p).to(p) for (name, p), z in zip(params.items(), signs.split(sizes))}
+
+
+def quadratic_forms(z, hz):
+    """z_i^T (H z_i) of every probe i of a stack (name -> (probes, *shape)), in float64."""
+    return sum((z[n].double() * hz[n].double()).flatten(1).sum(1) for n in z)
+
+
+def probe_chunk(loss_fn, params, z):
+    """z_i^T H z_i for a stack of probes z: the gradient's graph is built once and the HVP
+    vmapped over the probes, in one function torch.compile traces whole (it traces
+    torch.func transforms, not torch.autograd.grad)."""
+    return quadratic_forms(z, vmap(hessian_vector_product(loss_fn, params))(z))
+
+
+@functools.cache
+def compiled_probe_chunk():
+    """torch.compile(probe_chunk), made on first use (importing the compiler takes seconds);
+    it compiles on its first call, and again for each new input shape."""
+    return torch.compile(probe_chunk)
+
+
+def hutchinson_trace(loss_fn, params, num_samples, generator=None, probes_per_call=1, compile=False):
+    """Eq. 12: (trace, stderr) of the Hessian of loss_fn(params) from num_samples
+    Rademacher probes drawn from `generator` (a torch.Generator; None draws from torch's
+    global generator, as torch.randint does). z^T H z is accumulated in float64; stderr
+    is the sample standard deviation / sqrt(num_samples), nan for a single probe (a
+    spread cannot be estimated from one sample). The same generator state gives the
+    same result bit for bit.
+
+    probes_per_call > 1 stacks that many probes and torch.func.vmap's the HVP over
+    them: one batched backward pass instead of several (the last chunk takes what is
+    left). The probes are drawn one by one in the same order either way, so the
+    estimate agrees with probes_per_call=1 to rounding.
+
+    compile=True runs each chunk through torch.compile(probe_chunk): the gradient is
+    recomputed per chunk, but fused kernels make the whole faster on long sequences
+    (bench_hvp.py). It compiles once per input shape (a minute or more), so the chunks
+    are made equal: probes_per_call is then the widest, and the last chunk is padded
+    with zero probes (H 0 = 0, dropped)."""
+    if num_samples < 1 or probes_per_call < 1:
+        raise ValueError(f"num_samples={num_samples} and probes_per_call={probes_per_call} must be >= 1")
+    if compile:  # chunks of equal width: one compiled shape, and fewer zero probes than chunks
+        probes_per_call = math.ceil(num_samples / math.ceil(num_samples / probes_per_call))
+    samples = []
+    # Fused SDPA kernels have neither double backward nor forward-mode AD
+    # (PyTorch issues 116350, 128971): the HVP needs the math backend.
+    with sdpa_kernel(SDPBackend.MATH):
+        hvp = None if compile else hessian_vector_product(loss_fn, params)
+        for start in range(0, num_samples, probes_per_call):
+            probes = [rademacher_like(params, generator) for _ in range(min(probes_per_call, num_samples - start))]
+            with torch.no_grad():
+                z = {n: torch.stack([p[n] for p in probes]) for n in params}  # (probes, *shape)
+                if compile:  # zero probes up to the compiled width; their z^T H z = 0 is dropped
+                    pad = probes_per_call - len(probes)
+                    z = {n: torch.cat([t, t.new_zeros(pad, *t.shape[1:])]) for n, t in z.items()}
+                    zhz = compiled_probe_chunk()(loss_fn, params, z)[:len(probes)]
+                else:
+                    if len(probes) > 1:
+                        hz = vmap(hvp)(z)
+                    else:  # one probe: no vmap, just a leading dimension of 1
+                        hz = {n: t.unsqueeze(0) for n, t in hvp(probes[0]).items()}
+                    zhz = quadratic_forms(z, hz)
+            samples.extend(zhz.tolist())
+    samples = np.array(samples)
+    stderr = samples.std(ddof=1) / math.sqrt(num_samples) if num_samples > 1 else float("nan")
+    return float(samples.mean()), float(stderr)
+
+
+def auto_probes_per_call(tokens, compile=False):
+    """How many probes to vmap together for a batch of `tokens` positions (padding
+    included). bench_hvp.py, tiny preset on CPU, per probe as a multiple of a
+    forward+backward: eager, 4 vmapped probes cost 2.1x against 2.35x one at a time at
+    256 tokens with 2 threads (a tie with 1 thread), and 8-10x against 3.8x at 1024
+    tokens: so 4 up to 256 tokens, else 1. Compiled, the gradient is recomputed per call
+    and wider is better while memory lasts: at 256 tokens 16 probes cost 1.3x, 2 cost
+    1.7x; at 1024 tokens 8 cost 3.2x, 2 cost 3.8x: so 8192 // tokens, from 1 to 16."""
+    if compile:
+        return min(16, max(1, 8192 // tokens))
+    return 4 if tokens <= 256 else 1
+
+
+# ---------------------------------------------------------------- model sharpness
+
+def check_deterministic(model):
+    """A Hessian needs one loss function: refuse active dropout (a new mask per call)."""
+    if model.training:
+        active = [name for name, m in model.named_modules() if isinstance(m, nn.Dropout) and m.p > 0]
+        if active:
+            raise ValueError(f"model is in training mode with dropout active ({', '.join(active)}); "
+                             f"call model.eval() before measuring the Hessian")
+
+
+def check_fp32(params):
+    """Refuse bf16/fp16 weights: the curvature of a low-precision loss is mostly rounding."""
+    low = sorted({str(p.dtype) for p in params.values() if p.dtype not in (torch.float32, torch.float64)})
+    if low:
+        raise ValueError(f"sharpness needs float32 (or float64) weights, the model holds {', '.join(low)}; "
+                         f"convert it with model.float() (a bf16-trained run keeps fp32 master weights)")
+
+
+def batch_loss_fn(model, x, y):
+    """params -> the model's mean loss on (x, y), parameters passed functionally.
+    tie_weights=True: a tied matrix is one entry of `params` (named_parameters() lists a
+    shared Parameter once) and functional_call feeds it to every place it is used."""
+    check_deterministic(model)
+    return lambda params: functional_call(model, params, (x, y), tie_weights=True)[1]
+
+
+def model_sharpness(model, batches, num_samples, seed=0, progress=None, probes_per_call=0, compile=False):
+    """Tr(H) of the model's loss averaged over `batches` [(x, y), ...] (Appendix H).
+    probes_per_call: probes vmapped together (hutchinson_trace); 0 picks
+    auto_probes_per_call(x.numel(), compile) per batch. compile: torch.compile the HVP,
+    with every batch padded to the longest (pad_batches) so it compiles once. Both
+    change the speed, not the probes.
+    The model is measured in eval mode and left in the mode it came in; its weights,
+    .grad fields and torch's global RNG are not touched. It runs in true float32 (no autocast,
+    TF32 off: full_fp32) whatever the caller set. progress(done, total, record) is called
+    after each batch. Returns a dict of every number (see LOSS_NORMALIZATION)."""
+    if not batches:
+        raise ValueError("no batches to measure sharpness on")
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    check_fp32(params)
+    device = next(iter(params.values())).device
+    was_training = model.training
+    model.eval()
+    start, records = time.perf_counter(), []
+    if compile:
+        batches = pad_batches(batches, max(x.shape[1] for x, _ in batches))
+    with full_fp32(device.type):
+        try:
+            for b, (x, y) in enumerate(batches):
+                x, y = x.to(device), y.to(device)
+                loss_fn = batch_loss_fn(model, x, y)
+                generator = torch.Generator(device).manual_seed(seed + b)
+                width = probes_per_call or auto_probes_per_call(x.numel(), compile)
+                trace, stderr = hutchinson_trace(loss_fn, params, num_samples, generator, width, compile)
+                with torch.no_grad():
+                    loss = loss_fn(params).item()
+                records.append({"trace": trace, "stderr": stderr, "loss": loss, "tokens": int((y != IGNORE).sum())})
+                if progress is not None:
+                    progress(b + 1, len(batches), records[-1])
+        finally:
+            model.train(was_training)
+    traces = np.array([r["trace"] for r in records])
+    stderr = traces.std(ddof=1) / math.sqrt(len(traces)) if len(traces) > 1 else records[0]["stderr"]
+    return {"trace": float(traces.mean()), "stderr": float(stderr),
+            "stderr_over": "batches" if len(traces) > 1 else "probes",
+            "loss": float(np.mean([r["loss"] for r in records])), "num_batches": len(records),
+            "num_samples": num_samples, "seed": seed, "num_params": sum(p.numel() for p in params.values()),
+            "tokens": sum(r["tokens"] for r in records), "loss_normalization": LOSS_NORMALIZATION,
+            "seconds": time.perf_counter() - start, "per_batch": records}
+
+
+@contextmanager
+def full_fp32(device_type):
+    """Inside, float32 is float32: no autocast, and CUDA matmuls and convolutions in IEEE
+    float32 with TF32 off; the settings are restored on exit. train.py turns TF32 on for
+    speed, and a Hessian measured in TF32 (10-bit mantissas) or under bf16 autocast would
+    not be comparable with one that sharpness.py measures."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.autocast(device_type, enabled=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def pad_batches(batches, length):
+    """Every (x, y) right-padded to `length` positions, x with token 0 and y with -100.
+    The loss and its Hessian do not change: causal attention keeps a position from seeing
+    later ones, and a position without a label adds nothing to the mean."""
+    def pad(t, value):
+        return torch.nn.functional.pad(t, (0, length - t.shape[1]), value=value)
+    return [(pad(x, 0), pad(y, IGNORE)) for x, y in batches]
+
+
+def sharpness_during_training(raw_model, batches, num_samples, seed=0):
+    """For train.py's --sharpness_interval: {"sharpness", "sharpness_stderr"} of the
+    uncompiled, unwrapped model on fixed batches (data.loaders.pretrain_batches and
+    sft_batches, made once). Training is not disturbed: probes come from a private
+    generator (no draw from the global RNG), the model returns to train mode, weights and
+    .grad are untouched. Call it outside autocast: it measures in float32. No collective
+    is involved: train.py measures on the master while the other ranks wait at their
+    next all-reduce. On a GPU it needs memory for the gradient's graph."""
+    result = model_sharpness(raw_model, batches, num_samples, seed)
+    return {"sharpness": result["trace"], "sharpness_stderr": result["stderr"]}
+
+

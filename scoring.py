@@ -1,0 +1,186 @@
+"""
+Scoring a language model the way lm-evaluation-harness does, so numbers compare with the
+paper's (Sections 3.1, 3.2; Appendix E): the log-likelihood of a continuation given a
+context (lm_eval/api/model.py, TemplateLM.loglikelihood and _encode_pair), multiple-choice
+acc and acc_norm (lm_eval/api/task.py, ConfigurableTask.process_results),
+and greedy generation for the testbed's post-SFT questions. The task formats that build
+the items are evaluate.py's; nothing here runs on its own.
+"""
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common import Eta
+from data.chat import generation_prompt
+from data.common import read_jsonl
+
+# ------------------------------------------------------------------ generation (SFT)
+
+
+@torch.no_grad()
+def greedy_generate_batch(model, prompts, max_new_tokens, stop_id, vocab_size=None):
+    """Greedy continuations of equally long prompts (lists of ids), each up to (not
+    including) its stop_id. Equal lengths need no padding: the model takes no attention
+    mask, so a padded prompt would attend to pad tokens. Finished rows leave the batch.
+    vocab_size excludes the embedding's padding rows, which no tokenizer can decode."""
+    if len({len(p) for p in prompts}) != 1:
+        raise ValueError("greedy_generate_batch needs prompts of one length; group them by length")
+    model.eval()
+    device = next(model.parameters()).device
+    ids = torch.tensor(prompts, dtype=torch.long, device=device)  # (B, T)
+    outputs, active = [[] for _ in prompts], list(range(len(prompts)))
+    for _ in range(max_new_tokens):
+        logits, _ = model(ids[:, -model.config.max_seq_len:])  # the most recent tokens that fit
+        next_id = logits[:, -1, :vocab_size].argmax(dim=-1)  # (B,)
+        going = [row for row, token in enumerate(next_id.tolist()) if token != stop_id]
+        for row in going:
+            outputs[active[row]].append(int(next_id[row]))
+        if not going:
+            break
+        active = [active[row] for row in going]
+        ids = torch.cat([ids[going], next_id[going, None]], dim=1)
+    return outputs
+
+
+def greedy_generate(model, prompt_ids, max_new_tokens, stop_id, vocab_size=None):
+    """The greedy continuation of one prompt, up to (not including) stop_id."""
+    return greedy_generate_batch(model, [list(prompt_ids)], max_new_tokens, stop_id, vocab_size)[0]
+
+
+def generate_all(model, tokenizer, prompts, max_new_tokens, batch_size):
+    """Decoded greedy answers to many prompts, batched among prompts of equal length."""
+    by_length = {}
+    for i, p in enumerate(prompts):
+        by_length.setdefault(len(p), []).append(i)
+    answers = [None] * len(prompts)
+    for indices in by_length.values():
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start:start + batch_size]
+            outs = greedy_generate_batch(model, [prompts[i] for i in chunk], max_new_tokens, tokenizer.eot,
+                                         tokenizer.vocab_size)
+            for i, out in zip(chunk, outs):
+                answers[i] = tokenizer.decode(out)
+    return answers
+
+
+def testbed_sft_accuracy(model, tokenizer, jsonl_path, batch_size=64, max_new_tokens=24, limit=None):
+    """The testbed's two post-SFT tasks on its questions (the analogue of the paper's post-SFT
+    scores, Section 3.2), both after the chat template's `<|assistant|>\n`:
+      exact_match  the greedy answer, decoded and stripped, equals row["answer"];
+      choice       row["answer"] + eos (the tokens SFT supervises) has the highest log-likelihood
+                   among every answer the file gives to the same row["attribute"] (~30-50 values:
+                   a graded score where exact match sits near the floor); choice_chance is the
+                   mean 1 / (number of candidates).
+    limit: first rows only."""
+    rows = read_jsonl(jsonl_path)[:limit]
+    if not rows:
+        raise ValueError(f"{jsonl_path} has no rows")
+    prompts = [generation_prompt(row["messages"][:-1], tokenizer) for row in rows]
+    answers = generate_all(model, tokenizer, prompts, max_new_tokens, batch_size)
+    correct = sum(a.strip() == row["answer"] for a, row in zip(answers, rows))
+
+    pools = {}
+    for row in rows:
+        pools.setdefault(row.get("attribute"), set()).add(row["answer"])
+    pools = {attribute: sorted(values) for attribute, values in pools.items()}
+    requests, spans = [], []  # spans: (first request, number of candidates, index of the answer)
+    for prompt, row in zip(prompts, rows):
+        pool = pools[row.get("attribute")]
+        spans.append((len(requests), len(pool), pool.index(row["answer"])))
+        requests += [(prompt, tokenizer.encode(value) + [tokenizer.eot]) for value in pool]
+    scores = loglikelihoods(model, requests, batch_size=batch_size)
+    chosen = [np.argmax(scores[start:start + n]) == gold for start, n, gold in spans]
+    return {"exact_match": correct / len(rows), "choice": float(np.mean(chosen)),
+            "choice_chance": float(np.mean([1 / n for _, n, _ in spans])), "n": len(rows)}
+
+
+# ------------------------------------------------------------ log-likelihood scoring
+
+
+@torch.no_grad()
+def loglikelihoods(model, requests, batch_size=16, desc=None):
+    """log P(continuation | context) for each (context_ids, continuation_ids), as
+    lm-evaluation-harness computes it: the input is context + continuation without its
+    last token, cut from the left to max_seq_len; batches are right-padded (a causal model
+    never looks right, so padding changes nothing) and run longest first."""
+    model.eval()
+    device = next(model.parameters()).device
+    window = model.config.max_seq_len + 1
+    sequences = []
+    for context, continuation in requests:
+        if not context or not continuation or len(continuation) >= window:
+            raise ValueError(f"need a context and a continuation of 1..{window - 1} tokens, "
+                             f"got {len(context)} and {len(continuation)}")
+        sequences.append((list(context) + list(continuation))[-window:])
+    order = sorted(range(len(requests)), key=lambda i: -len(sequences[i]))
+    results, eta = [0.0] * len(requests), Eta(len(requests))
+    report_every = max(1, len(order) // batch_size // 10)  # about ten progress lines
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        x = torch.zeros(len(chunk), len(sequences[chunk[0]]) - 1, dtype=torch.long)  # (B, T), right-padded
+        for b, i in enumerate(chunk):
+            x[b, :len(sequences[i]) - 1] = torch.tensor(sequences[i][:-1])
+        logits, _ = model(x.to(device))  # (B, T, V)
+        for b, i in enumerate(chunk):
+            n, end = len(requests[i][1]), len(sequences[i]) - 1
+            logprobs = F.log_softmax(logits[b, end - n:end].float(), dim=-1)  # (n, V)
+            targets = torch.tensor(sequences[i][-n:], device=device)
+            results[i] = logprobs.gather(-1, targets[:, None]).sum().item()
+        done = start + len(chunk)
+        if desc and (done == len(order) or (start // batch_size) % report_every == 0):
+            print(f"  {desc}: {done}/{len(order)} requests | ETA {eta(done)}", flush=True)
+    return results
+
+
+def encode_pair(tokenizer, context, continuation):
+    """lm-evaluation-harness's context/continuation split: trailing whitespace of the
+    context moves to the continuation, and the continuation's ids are those of the whole
+    string after the context's, so both tokenize as they would in running text."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    whole = tokenizer.encode(context + continuation)
+    context_ids = tokenizer.encode(context)
+    # lm-eval scores an empty context after the end-of-text token
+    return (context_ids or [tokenizer.eot]), whole[len(context_ids):]
+
+
+def requests_of(item):
+    """The (context, continuation) strings of one item, target delimiter " ". Winogrande
+    items have one context per option and a shared continuation (partial scoring)."""
+    if "contexts" in item:
+        return [(c, " " + item["continuation"]) for c in item["contexts"]]
+    return [(item["context"], " " + choice) for choice in item["choices"]]
+
+
+def item_metrics(item, scores, metrics):
+    """acc: the highest log-likelihood is gold; acc_norm: the same per character of the
+    choice; mc2: TruthfulQA's probability mass on the true answers (the first n_true).
+    np.argmax breaks ties to the first index, as lm-eval does."""
+    scores = np.asarray(scores, dtype=np.float64)
+    out = {}
+    if "acc" in metrics:
+        out["acc"] = float(np.argmax(scores) == item["gold"])
+    if "acc_norm" in metrics:
+        lengths = np.array([len(choice) for choice in item["choices"]], dtype=np.float64)
+        out["acc_norm"] = float(np.argmax(scores / lengths) == item["gold"])
+    if "mc2" in metrics:
+        p = np.exp(scores - scores.max())  # lm-eval's exp(scores), normalized; shifted so it cannot underflow to 0/0
+        out["acc"] = float(p[:item["n_true"]].sum() / p.sum())
+    return out
+
+
+def score_items(model, tokenizer, items, metrics, batch_size=16, desc=None):
+    """Mean of each metric over multiple-choice items, plus their count n."""
+    if not items:
+        raise ValueError("no items to score")
+    pairs = [requests_of(item) for item in items]
+    flat = [encode_pair(tokenizer, c, k) for item_pairs in pairs for c, k in item_pairs]
+    scores = loglikelihoods(model, flat, batch_size, desc)
+    per_item, start = [], 0
+    for item, item_pairs in zip(items, pairs):
+        per_item.append(item_metrics(item, scores[start:start + len(item_pairs)], metrics))
+        start += len(item_pairs)
+    means = {name: float(np.mean([m[name] for m in per_item])) for name in per_item[0]}
+    return {**means, "n": len(items)}

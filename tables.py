@@ -1,0 +1,137 @@
+"""The paper's tables (Tables 1-4): which numbers a row holds, how the task averages are
+defined, and the layout, each difference taken from the best decay-based run. Used by
+`python evaluate.py --compare <run dirs>` and by reproduce.py; nothing here runs on its own.
+
+A row is a dict: run (a name), seed, schedule, alpha_pre, alpha_mid (runs.schedule_of),
+and the metrics valid_loss, task_avg, sft_task_avg (and any other key a column names).
+"""
+
+import numpy as np
+
+SCHEDULERS = {"wso": "WSO", "wsd": "WSD", "linear": "Linear", "cosine": "Cosine", "wso+cooldown": "WSO + cooldown"}
+
+# The score each zero-shot task contributes to "PT Task Avg" / "MT Task Avg", as the
+# paper's Section 3.1 and 4.1 report them (acc_norm where lm-eval's leaderboards use it).
+ZERO_SHOT = {"arc_easy": "acc", "arc_challenge": "acc_norm", "boolq": "acc", "hellaswag": "acc_norm",
+             "openbookqa": "acc_norm", "piqa": "acc_norm", "winogrande": "acc",
+             "testbed_probes": "acc", "testbed_mid_probes": "acc"}
+PT_TASKS = ["arc_easy", "arc_challenge", "boolq", "hellaswag", "openbookqa", "piqa", "winogrande",
+            "testbed_probes"]  # Section 3.1
+MT_TASKS = ["arc_challenge", "hellaswag", "winogrande", "testbed_mid_probes"]  # Section 4.1 (no DROP, GSM8K)
+
+# SFT Task Avg, the one definition: 100 x the mean, over the post-SFT tasks present, of
+# each task's score in [0, 1] (Appendix E's AlpacaEval win rate, TruthfulQA MC2, MMLU).
+# The testbed's task scores the mean of its exact match and its choice accuracy
+# (scoring.testbed_sft_accuracy): exact match alone sits near its floor on small models.
+SFT_SCORES = {
+    "alpaca_eval": lambda r: r.get("win_rate"),  # None without a judge: left out
+    "truthfulqa_mc2": lambda r: r["acc"],
+    "mmlu": lambda r: r["acc"],
+    "testbed_sft_test": lambda r: (r["exact_match"] + r["choice"]) / 2,
+}
+
+
+def task_average(tasks, score_of):
+    """100 x the mean score of the tasks present (score_of: task -> its metric), or None."""
+    values = [tasks[t][m] for t, m in score_of.items() if t in tasks and tasks[t].get(m) is not None]
+    return 100 * float(np.mean(values)) if values else None
+
+
+def zero_shot_avg(tasks, stage):
+    """PT Task Avg of a pre-training checkpoint's tasks, MT Task Avg of a mid-training one's."""
+    return task_average(tasks, {t: ZERO_SHOT[t] for t in (MT_TASKS if stage == "mid" else PT_TASKS)})
+
+
+def sft_task_avg(tasks):
+    """SFT Task Avg of a fine-tuned model's task results {task: result} (see SFT_SCORES)."""
+    scores = [SFT_SCORES[t](tasks[t]) for t in SFT_SCORES if t in tasks]
+    scores = [s for s in scores if s is not None]
+    return 100 * float(np.mean(scores)) if scores else None
+
+
+def constant_lr(row):
+    """WSO: no decay in any stage. Every column's reference is the best of the other runs."""
+    return row["alpha_pre"] == 1.0 and row["alpha_mid"] in (None, 1.0)
+
+
+def scheduler_label(schedule):
+    if schedule and schedule.startswith("wso+merge "):
+        return f"WSO + merge ({schedule.split(' ', 1)[1]})"
+    return SCHEDULERS.get(schedule, schedule or "?")
+
+
+def alpha_label(alpha):
+    return "–" if alpha is None else f"{alpha:.1f}"
+
+
+def markdown(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def mean_std(values, spec, sign=False):
+    """"mean ± std" over seeds (the sample std), the mean alone for one value, n/a for none."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "n/a"
+    spec = ("+" if sign else "") + spec
+    text = format(float(np.mean(values)), spec)
+    return text + (f" ± {np.std(values, ddof=1):{spec.lstrip('+')}}" if len(values) > 1 else "")
+
+
+# (key, title, lower is better, format) of the columns the Δ table compares
+COMPARED = [("valid_loss", "Valid Loss ↓", True, ".3f"), ("task_avg", "Task Avg", False, ".1f"),
+            ("sft_task_avg", "SFT Task Avg", False, ".1f")]
+
+
+def column_title(key, title, mid):
+    """"PT ..." or "MT ..." for the pre-/mid-training metrics, as the paper heads them."""
+    return f"{'MT' if mid else 'PT'} {title}" if key in ("valid_loss", "task_avg") else title
+
+
+def deltas(rows, compared):
+    """{(run, key): [row[key] - reference per seed]}: the reference is the best value of the
+    runs that decay the LR (not constant_lr) in the same seed."""
+    by = {(r["run"], r["seed"]): r for r in rows}
+    out = {}
+    for key, _, lower, _ in compared:
+        for seed in sorted({r["seed"] for r in rows}):
+            mine = [r for r in rows if r["seed"] == seed and r[key] is not None]
+            decayed = [r[key] for r in mine if not constant_lr(r)]
+            if not decayed:
+                continue
+            ref = min(decayed) if lower else max(decayed)
+            for r in mine:
+                out.setdefault((r["run"], key), []).append(by[r["run"], seed][key] - ref)
+    return out
+
+
+def paper_tables(rows, mid, compared=COMPARED, absolute=()):
+    """Markdown in the paper's layout: per compared metric, each run's difference from the
+    best decay-based run (per seed, then mean ± std over seeds), the best mean in bold; then
+    the absolute values of the compared metrics and of `absolute` [(key, title, format)]
+    (format "per seed": each seed's value, comma-separated). Runs keep their order in rows."""
+    names = list(dict.fromkeys(r["run"] for r in rows))
+    first = {n: next(r for r in rows if r["run"] == n) for n in names}
+    header = ["Scheduler", "α_pre"] + (["α_mid"] if mid else [])
+    labels = {n: [scheduler_label(first[n]["schedule"]), alpha_label(first[n]["alpha_pre"])]
+              + ([alpha_label(first[n]["alpha_mid"])] if mid else []) for n in names}
+    diff = deltas(rows, compared)
+    relative = [labels[n] + [mean_std(diff.get((n, key), []), spec, sign=True) for key, _, _, spec in compared]
+                for n in names]
+    for j, (key, _, lower, _) in enumerate(compared):  # bold the best mean difference
+        means = [np.mean(diff[n, key]) if diff.get((n, key)) else None for n in names]
+        if any(m is not None for m in means):
+            i = means.index((min if lower else max)(m for m in means if m is not None))
+            relative[i][len(header) + j] = f"**{relative[i][len(header) + j]}**"
+    columns = [(key, column_title(key, title, mid), spec) for key, title, _, spec in compared] + list(absolute)
+
+    def cell(n, key, spec):
+        values = [r.get(key) for r in rows if r["run"] == n]
+        if spec == "per seed":
+            return ",".join("n/a" if v is None else f"{v:g}" for v in values)
+        return mean_std(values, spec)
+
+    return (markdown(header + [column_title(key, title, mid) + " Δ" for key, title, _, _ in compared], relative),
+            markdown(header + [title for _, title, _ in columns],
+                     [labels[n] + [cell(n, key, spec) for key, _, spec in columns] for n in names]))
