@@ -181,6 +181,15 @@ def load_meta(directory) -> dict:
         return json.load(f)
 
 
+def load_value_mask(directory, split: str) -> list[np.memmap] | None:
+    """The 0/1 mask beside a split marking the ids of fact values (the testbed writes one for
+    its pre-training corpus, meta["value_masks"]), shard by shard; None where there is none."""
+    files = load_meta(directory).get("value_masks", {}).get(split)
+    if files is None:
+        return None
+    return [read_tokens(Path(directory) / name) for name in files]
+
+
 def load_split(directory, split: str) -> list[np.memmap]:
     """The shards of one split ("train", "val"), one read-only memmap each."""
     meta = load_meta(directory)

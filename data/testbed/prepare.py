@@ -4,27 +4,31 @@
 
 The paper asks whether a model pre-trained without LR decay (WSO) adapts better in SFT.
 Here SFT can only succeed with knowledge that pre-training alone provides:
-- ~200 invented people, each with 5 attributes (birth date, birth city, university,
-  major, employer), all drawn from seeded in-code lists;
+- invented people, each with 5 attributes (birth date, birth city, university, major,
+  employer), all drawn from seeded in-code lists;
 - pre-training corpus: every person's biography in 5 paraphrases, each sentence naming
-  the person, in a shuffled sentence order (train), and a held-out 6th wording (val);
-  documents are [eot] + text, as for FineWeb-Edu;
+  the person, in a shuffled sentence order (train); validation ("PT Valid Loss") is one
+  more biography per person, a trained one with its sentences in a new order, so its loss
+  falls as the facts are stored; a value mask marks the tokens of the facts' values
+  (" Lisbon"), on which evaluate.py reports value_loss;
 - mid-training corpus (Section 4): the same facts in 3 other styles (encyclopedia
   entry, interview, prose) for train and a held-out 4th for val;
-- SFT (Section 3.2): question -> attribute value conversations in Tulu's `messages`
-  schema. People are split three ways: SFT-train people (~50%) teach the model to answer,
-  SFT-select people (~25%) choose the SFT LR, and test people (~25%) give the reported
-  score (greedy exact match), the analogue of the paper's "SFT Task Avg". Test people
-  never appear in SFT: answering about them needs facts stored during pre-training;
-- zero-shot probes, the analogue of "PT Task Avg": 4-way multiple choice per person and
-  attribute, scored like lm-evaluation-harness (context, continuation " " + choice);
-  probes.jsonl uses stems phrased like the pre-training biographies, mid_probes.jsonl
-  stems phrased like the mid-training corpus.
+- SFT (Section 3.2): question -> answer conversations in Tulu's `messages` schema, the
+  answer spelled as the biographies spell the value (" Lisbon", leading space: the same
+  token ids; make_sft). People are split three ways: SFT-train people teach the model to
+  answer, SFT-select people choose the SFT LR, and test people give the reported score,
+  the analogue of the paper's "SFT Task Avg". Test people never appear in SFT: answering
+  about them needs facts stored during pre-training;
+- the analogue of "PT Task Avg": greedy recall of each fact from its probe stem
+  (scoring.recall_accuracy), and 4-way multiple-choice probes scored like
+  lm-evaluation-harness (context, continuation " " + choice); probes.jsonl uses stems
+  phrased like the pre-training biographies, mid_probes.jsonl like the mid-training corpus.
 Everything is tokenized with cl100k_base restricted to the ids the testbed uses
-(data/common.py `Tokenizer`), so models need only a ~1k-row embedding.
+(data/common.py `Tokenizer`), so models need only a ~1k-row embedding. The pre-training
+corpus and the vocabulary do not depend on the SFT split sizes.
 
 Output (all deterministic in the seed; meta.json files are written last):
-    pretrain/{train_000000.bin, val_000000.bin, meta.json}
+    pretrain/{train_000000.bin, val_000000.bin, train_values_000000.bin, val_values_000000.bin, meta.json}
     mid/{train_000000.bin, val_000000.bin, meta.json}
     sft_train.jsonl  sft_select.jsonl  sft_test.jsonl  probes.jsonl  mid_probes.jsonl
     people.json      the ground truth
@@ -44,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from data.common import (Tokenizer, load_meta, write_atomic, write_jsonl,  # noqa: E402
                          write_meta, write_tokens)
 
-VERSION = 3  # bump when the testbed changes, so is_prepared() sends stale copies to be re-made
+VERSION = 4  # bump when the testbed changes, so is_prepared() sends stale copies to be re-made
 
 FEMALE_NAMES = ["Alice", "Beatrice", "Clara", "Daphne", "Elena", "Fiona", "Greta", "Helen", "Irene",
                 "Julia", "Karen", "Laura", "Marta", "Nadia", "Olivia", "Paula", "Rosa", "Sonia",
@@ -85,6 +89,12 @@ EMPLOYERS = ["Siemens", "Nokia", "Airbus", "Philips", "Unilever", "Nestle", "Toy
              "Novartis", "Bosch", "Adidas", "IKEA", "Lego", "Canon", "Sony", "Honda", "Intel",
              "Oracle", "Cisco", "Boeing", "Pfizer", "Accenture", "Deloitte", "Reuters", "Mitsubishi",
              "Hitachi", "Danone", "Renault", "Michelin", "Ferrari", "Barclays", "Santander"]
+# Sizes: those of testbed version 3. They are to be chosen so that every schedule stores the
+# facts before SFT (greedy recall >= 90%), SFT is neither trivial nor hopeless (no score at a
+# floor or ceiling), and >= 100 test people resolve a 5-point difference; a first search
+# (README, Results) has not settled them. The flags of main() try others.
+N_PEOPLE, N_SFT_TRAIN, N_SFT_SELECT, SFT_QUESTIONS = 200, 100, 50, 3
+
 ATTRIBUTES = ["birth_date", "birth_city", "university", "major", "employer"]
 PRONOUNS = {"female": {"He": "She", "he": "she", "His": "Her", "his": "her"},
             "male": {"He": "He", "he": "he", "His": "His", "his": "his"}}
@@ -113,11 +123,6 @@ PRETRAIN_TEMPLATES = [dict(zip(["birth_date", "birth_city", "university", "major
      "{name} studied at {university}.", "The academic field of {name} is {major}.",
      "The employer of {name} is {employer}."),
 ]]
-# Held out for val_loss: a new arrangement of words that all occur in training, so the loss
-# measures how well the facts generalize, not the penalty for never-seen tokens.
-PRETRAIN_VAL_TEMPLATE = (
-    "{name}, born on {birth_date} in {birth_city}, studied {major} at {university} and works at "
-    "{employer}.")
 PROBE_STEMS = {"birth_date": "{name} was born on", "birth_city": "{name} was born in",
                "university": "{name} attended", "major": "{name} majored in",
                "employer": "{name} works at"}
@@ -132,9 +137,6 @@ MID_TEMPLATES = [
     "{name} is a graduate of {university}, where {he} specialized in {major}. {He} was born in "
     "{birth_city} on {birth_date} and is on the staff of {employer}.",
 ]
-MID_VAL_TEMPLATE = (  # held out, in words that occur in training (as PRETRAIN_VAL_TEMPLATE)
-    "{name}, a graduate of {university} born on {birth_date} in {birth_city}, studied {major} and "
-    "works at {employer}.")
 MID_PROBE_STEMS = {"birth_date": "{name}\nBorn:", "birth_city": "{name}: I was born in",
                    "university": "{name} is a graduate of", "major": "{name}: I studied",
                    "employer": "{name}: I work at"}
@@ -156,8 +158,9 @@ SFT_FILES = {"sft_train": "sft_train.jsonl", "sft_select": "sft_select.jsonl",
              "test": "sft_test.jsonl"}  # people's split -> its SFT file
 
 
-def make_people(seed: int, n_people: int) -> list[dict]:
-    """n_people with unique names and seeded attributes, each in one split of SFT_FILES."""
+def make_people(seed: int, n_people: int, n_sft_train: int, n_sft_select: int) -> list[dict]:
+    """n_people with unique names and seeded attributes, each in one split of SFT_FILES:
+    n_sft_train, n_sft_select, and the rest test people."""
     rng = random.Random(f"{seed}:people")
     first_names = [(n, "female") for n in FEMALE_NAMES] + [(n, "male") for n in MALE_NAMES]
     full_names = [(f"{first} {last}", gender) for first, gender in first_names for last in LAST_NAMES]
@@ -165,6 +168,9 @@ def make_people(seed: int, n_people: int) -> list[dict]:
         raise ValueError("the first/last name lists give duplicate full names")
     if not 20 <= n_people <= len(full_names):
         raise ValueError(f"n_people must be in [20, {len(full_names)}], got {n_people}")
+    if min(n_sft_train, n_sft_select, n_people - n_sft_train - n_sft_select) < 1:
+        raise ValueError(f"n_sft_train={n_sft_train} and n_sft_select={n_sft_select} must leave test people "
+                         f"among n_people={n_people}, each split at least 1")
     people = []
     for name, gender in rng.sample(full_names, n_people):
         birth_date = f"{rng.choice(MONTHS)} {rng.randint(1, 28)}, {rng.randint(1950, 1999)}"
@@ -172,10 +178,9 @@ def make_people(seed: int, n_people: int) -> list[dict]:
                        "birth_city": rng.choice(CITIES), "university": rng.choice(UNIVERSITIES),
                        "major": rng.choice(MAJORS), "employer": rng.choice(EMPLOYERS)})
     order = random.Random(f"{seed}:splits").sample(range(n_people), n_people)
-    n_train, n_select = n_people // 2, n_people // 4
     for rank, i in enumerate(order):
-        people[i]["split"] = ("sft_train" if rank < n_train else
-                              "sft_select" if rank < n_train + n_select else "test")
+        people[i]["split"] = ("sft_train" if rank < n_sft_train else
+                              "sft_select" if rank < n_sft_train + n_sft_select else "test")
     return people
 
 
@@ -183,9 +188,42 @@ def render(template: str, person: dict) -> str:
     return template.format(**person, **PRONOUNS[person["gender"]])
 
 
-def biography(sentences: dict, person: dict, rng: random.Random) -> str:
-    """One pre-training document: each fact in one phrasing, the sentences in a random order."""
-    return " ".join(render(sentences[a], person) for a in rng.sample(ATTRIBUTES, len(ATTRIBUTES)))
+def biography(sentences: dict, person: dict, rng: random.Random) -> list[tuple[str, bool]]:
+    """One pre-training document: each fact in one phrasing, the sentences in a random order,
+    as (text, is_value) pieces: is_value marks each fact's value with its leading space
+    (" Lisbon"), the tokens "value loss" is measured on."""
+    pieces = []
+    for a in rng.sample(ATTRIBUTES, len(ATTRIBUTES)):
+        before, after = render(sentences[a], person).split(" " + person[a], 1)
+        pieces += [(" " * bool(pieces) + before, False), (" " + person[a], True), (after, False)]
+    return pieces
+
+
+def held_out_biography(person: dict, rng: random.Random, trained: set) -> list[tuple[str, bool]]:
+    """A validation document ("PT Valid Loss"): one of the person's biographies with its
+    sentences in a new order. Every sentence and its phrasing occur in training, the document
+    does not (`trained`: the training texts), so its loss falls as training stores the facts.
+    (A held-out wording measured the novelty of its template words instead, and rose; mixing
+    phrasings within a document made each sentence's opening words a surprise.)"""
+    sentences = PRETRAIN_TEMPLATES[rng.randrange(len(PRETRAIN_TEMPLATES))]
+    while True:
+        document = biography(sentences, person, rng)
+        if text_of(document) not in trained:
+            return document
+
+
+def held_out_entry(person: dict, rng: random.Random) -> str:
+    """A mid-training validation document ("MT Valid Loss"): the encyclopedia entry
+    (MID_TEMPLATES[0]) with its fact lines in another order: trained lines, a new document."""
+    name, *lines = render(MID_TEMPLATES[0], person).split("\n")
+    order = list(range(len(lines)))
+    while order == list(range(len(lines))):
+        order = rng.sample(range(len(lines)), len(lines))
+    return "\n".join([name, *(lines[i] for i in order)])
+
+
+def text_of(document) -> str:
+    return document if isinstance(document, str) else "".join(text for text, _ in document)
 
 
 def tulu_texts(messages: list[dict]) -> list[str]:
@@ -196,15 +234,21 @@ def tulu_texts(messages: list[dict]) -> list[str]:
     return [prompt + answer, prompt, answer]
 
 
-def make_sft(people: list[dict], split: str, rng: random.Random) -> list[dict]:
+def make_sft(people: list[dict], split: str, rng: random.Random, sft_questions: int) -> list[dict]:
+    """Question -> answer conversations about the split's people: SFT-train people are asked
+    in sft_questions phrasings, the others in the first. The answer is the value with its
+    leading space (" Lisbon"): the spelling, and so the token ids, it has in every
+    biography, where each value follows a space. The bare value ("Lisbon") would be other
+    tokens ("L", "is", "bon") that pre-training never shows: SFT would have to learn a new
+    spelling of every fact, not to bring out the stored one. row["answer"] is the bare value,
+    which exact match compares with the stripped output."""
     rows = []
     for person in (p for p in people if p["split"] == split):
         for attribute in ATTRIBUTES:
-            questions = QUESTIONS[attribute] if split == "sft_train" else QUESTIONS[attribute][:1]
-            for question in questions:
+            for question in QUESTIONS[attribute][:sft_questions if split == "sft_train" else 1]:
                 answer = person[attribute]
                 rows.append({"messages": [{"role": "user", "content": question.format(**person)},
-                                          {"role": "assistant", "content": answer}],
+                                          {"role": "assistant", "content": " " + answer}],
                              "person": person["name"], "attribute": attribute, "answer": answer})
     if split == "sft_train":  # SFT reads the file in order: mix people and attributes
         rng.shuffle(rows)
@@ -228,57 +272,101 @@ def make_probes(people: list[dict], stems: dict, rng: random.Random) -> list[dic
     return probes
 
 
+def tokenize_document(tokenizer: Tokenizer, document) -> tuple[list[int], list[int] | None]:
+    """[eot] + the document's ids, and for a document of (text, is_value) pieces a 0/1 mask
+    of the ids that spell fact values. The pieces are tokenized one by one and must give the
+    ids of the whole text (they split where cl100k's pre-tokenizer splits anyway)."""
+    if isinstance(document, str):
+        return [tokenizer.eot, *tokenizer.encode(document)], None
+    ids, mask = [tokenizer.eot], [0]
+    for text, is_value in document:
+        piece = tokenizer.encode(text)
+        ids, mask = ids + piece, mask + [int(is_value)] * len(piece)
+    if ids[1:] != tokenizer.encode(text_of(document)):
+        raise ValueError(f"piecewise tokenization differs from the whole document's: {text_of(document)!r}")
+    return ids, mask
+
+
 def write_corpus(out_dir: Path, tokenizer: Tokenizer, splits: dict, made_by: dict) -> dict:
-    """One token file per split, documents as [eot] + text; meta.json last."""
+    """One token file per split, documents as [eot] + text, and for documents made of pieces
+    a value mask beside it (<split>_values_000000.bin, 1 on the ids of fact values, listed
+    under meta["value_masks"]); meta.json last."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "meta.json").unlink(missing_ok=True)
     meta = {"tokenizer": tokenizer.to_dict(), "vocab_size": tokenizer.vocab_size,
-            "splits": {}, "num_tokens": {}, "num_documents": {}, "made_by": made_by}
+            "splits": {}, "num_tokens": {}, "num_documents": {}, "value_masks": {}, "made_by": made_by}
     for split, documents in splits.items():
-        ids = [t for text in documents for t in [tokenizer.eot, *tokenizer.encode(text)]]
+        tokenized = [tokenize_document(tokenizer, document) for document in documents]
+        ids = [t for document_ids, _ in tokenized for t in document_ids]
         write_tokens(out_dir / f"{split}_000000.bin", ids)
         meta["splits"][split] = [f"{split}_000000.bin"]
         meta["num_tokens"][split] = len(ids)
         meta["num_documents"][split] = len(documents)
+        if all(mask is not None for _, mask in tokenized):
+            write_tokens(out_dir / f"{split}_values_000000.bin", [m for _, mask in tokenized for m in mask])
+            meta["value_masks"][split] = [f"{split}_values_000000.bin"]
     write_meta(out_dir, meta)
     return meta
 
 
-def prepare(out_dir="data/testbed", seed: int = 0, n_people: int = 200) -> dict:
-    """Write the whole testbed to out_dir; returns its meta.json."""
+def make_corpora(people: list[dict], seed: int) -> dict:
+    """{corpus: {split: documents}} of the pre- and mid-training text, in seeded orders."""
+    shuffled = random.Random(f"{seed}:corpus")
+    val_rng, mid_val_rng = random.Random(f"{seed}:pretrain_val"), random.Random(f"{seed}:mid_val")
+    corpora = {
+        "pretrain": {"train": [biography(t, p, shuffled) for p in people for t in PRETRAIN_TEMPLATES]},
+        "mid": {"train": [render(t, p) for p in people for t in MID_TEMPLATES],
+                "val": [held_out_entry(p, mid_val_rng) for p in people]},
+    }
+    trained = {text_of(doc) for doc in corpora["pretrain"]["train"]}
+    corpora["pretrain"]["val"] = [held_out_biography(p, val_rng, trained) for p in people]
+    for corpus in corpora.values():  # train.py samples windows itself: the order need only be seeded
+        shuffled.shuffle(corpus["train"])
+    return corpora
+
+
+def compact_tokenizer(people: list[dict], corpora: dict, probes: list[dict]) -> Tokenizer:
+    """The compact vocabulary: every cl100k id of every text the testbed will tokenize, with
+    every question phrasing asked of every person, so that it (and the pre-training tokens)
+    do not depend on the SFT split sizes: one pre-trained model serves testbeds that differ
+    only in them."""
+    texts = [text_of(doc) for corpus in corpora.values() for docs in corpus.values() for doc in docs]
+    everyone = [{**p, "split": "sft_train"} for p in people]
+    texts += [text for row in make_sft(everyone, "sft_train", random.Random(0), max(map(len, QUESTIONS.values())))
+              for text in tulu_texts(row["messages"])]
+    for probe in probes:  # lm-eval tokenizes the context alone and with each choice
+        texts += [probe["context"]] + [probe["context"] + " " + choice for choice in probe["choices"]]
+    return Tokenizer.covering(texts)
+
+
+def prepare(out_dir="data/testbed", seed: int = 0, n_people: int = N_PEOPLE, n_sft_train: int | None = None,
+            n_sft_select: int | None = None, sft_questions: int = SFT_QUESTIONS) -> dict:
+    """Write the whole testbed to out_dir; returns its meta.json. The SFT splits default to
+    the shares N_SFT_TRAIN and N_SFT_SELECT have of N_PEOPLE."""
+    n_sft_train = n_people * N_SFT_TRAIN // N_PEOPLE if n_sft_train is None else n_sft_train
+    n_sft_select = n_people * N_SFT_SELECT // N_PEOPLE if n_sft_select is None else n_sft_select
     start = time.time()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "meta.json").unlink(missing_ok=True)  # incomplete until rewritten at the end
 
-    people = make_people(seed, n_people)
-    shuffled = random.Random(f"{seed}:corpus")
-    corpora = {
-        "pretrain": {"train": [biography(t, p, shuffled) for p in people for t in PRETRAIN_TEMPLATES],
-                     "val": [render(PRETRAIN_VAL_TEMPLATE, p) for p in people]},
-        "mid": {"train": [render(t, p) for p in people for t in MID_TEMPLATES],
-                "val": [render(MID_VAL_TEMPLATE, p) for p in people]},
-    }
-    for corpus in corpora.values():  # train.py samples windows itself: the order need only be seeded
-        shuffled.shuffle(corpus["train"])
+    if not 1 <= sft_questions <= min(len(q) for q in QUESTIONS.values()):
+        raise ValueError(f"sft_questions={sft_questions} must be in [1, {min(len(q) for q in QUESTIONS.values())}]")
+    people = make_people(seed, n_people, n_sft_train, n_sft_select)
+    corpora = make_corpora(people, seed)
     sft_rng, probe_rng = random.Random(f"{seed}:sft"), random.Random(f"{seed}:probes")
-    jsonl = {file: make_sft(people, split, sft_rng) for split, file in SFT_FILES.items()}
+    jsonl = {file: make_sft(people, split, sft_rng, sft_questions) for split, file in SFT_FILES.items()}
     jsonl["probes.jsonl"] = make_probes(people, PROBE_STEMS, probe_rng)
     jsonl["mid_probes.jsonl"] = make_probes(people, MID_PROBE_STEMS, probe_rng)
-
-    # The compact vocabulary: every cl100k id of every text the testbed will tokenize.
-    texts = [doc for corpus in corpora.values() for docs in corpus.values() for doc in docs]
-    for file in SFT_FILES.values():
-        texts += [text for row in jsonl[file] for text in tulu_texts(row["messages"])]
-    for probe in jsonl["probes.jsonl"] + jsonl["mid_probes.jsonl"]:  # lm-eval tokenizes both
-        texts += [probe["context"]] + [probe["context"] + " " + choice for choice in probe["choices"]]
-    tokenizer = Tokenizer.covering(texts)
+    tokenizer = compact_tokenizer(people, corpora, jsonl["probes.jsonl"] + jsonl["mid_probes.jsonl"])
 
     for name, rows in jsonl.items():
         write_jsonl(out_dir / name, rows)
     write_atomic(out_dir / "people.json", (json.dumps(people, indent=1) + "\n").encode())
-    args = {"seed": seed, "n_people": n_people}
-    sources = {"pretrain": "people.json as biographies: 5 phrasings, sentences shuffled (train), 1 held out (val)",
+    args = {"seed": seed, "n_people": n_people, "n_sft_train": n_sft_train, "n_sft_select": n_sft_select,
+            "sft_questions": sft_questions}
+    sources = {"pretrain": "people.json as biographies: 5 phrasings, sentences shuffled (train); one trained "
+                           "biography per person with its sentences in a new order (val)",
                "mid": "people.json as entry/interview/prose: 3 templates (train), 1 held out (val)"}
     num_tokens = {}
     for corpus, source in sources.items():
@@ -318,9 +406,15 @@ def main():
     parser.add_argument("--out_dir", default=str(Path(__file__).resolve().parent),
                         help="output directory")
     parser.add_argument("--seed", type=int, default=0, help="seeds people, splits, orders and probes")
-    parser.add_argument("--n_people", type=int, default=200, help="number of invented people")
+    parser.add_argument("--n_people", type=int, default=N_PEOPLE, help="number of invented people")
+    parser.add_argument("--n_sft_train", type=int, default=None,
+                        help=f"people SFT trains on (default: the share {N_SFT_TRAIN}/{N_PEOPLE} of n_people)")
+    parser.add_argument("--n_sft_select", type=int, default=None,
+                        help=f"people that choose the SFT LR (default: {N_SFT_SELECT}/{N_PEOPLE}); the rest are test people")
+    parser.add_argument("--sft_questions", type=int, default=SFT_QUESTIONS,
+                        help="question phrasings per attribute for SFT-train people (1-3)")
     args = parser.parse_args()
-    prepare(args.out_dir, args.seed, args.n_people)
+    prepare(args.out_dir, args.seed, args.n_people, args.n_sft_train, args.n_sft_select, args.sft_questions)
 
 
 if __name__ == "__main__":
