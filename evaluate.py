@@ -3,14 +3,17 @@ Evaluation of one checkpoint: the numbers behind the paper's Tables 1-4 (Section
 4; Appendix E), scored the way lm-evaluation-harness scores them (scoring.py), so they can
 be compared; and --compare, the tables themselves from several runs (tables.py).
 
-    python evaluate.py --ckpt=out/ckpt.pt --tasks=val_loss,testbed_probes,testbed_sft_test
+    python evaluate.py --ckpt=out/ckpt.pt --tasks=val_loss,testbed_recall,testbed_probes,testbed_sft_test
     python evaluate.py --ckpt=out/ckpt.pt --tasks=hellaswag,arc_easy --data_files=hellaswag=h.jsonl,arc_easy=a.parquet
     python evaluate.py --compare out-wso out-wsd-0.1 out-cosine-0.0 ...   # the paper's tables
     python evaluate.py --help
 
 Tasks (TASKS below):
-    val_loss            mean next-token loss and bits per byte on the checkpoint's val split
-    testbed_probes      zero-shot 4-way probes (the analogue of "PT Task Avg"); testbed_mid_probes
+    val_loss            mean next-token loss and bits per byte on the checkpoint's val split, and
+                        value_loss on the tokens of fact values where the corpus marks them
+    testbed_recall      greedy recall of every fact from a trained phrasing, exact (the testbed's
+                        "PT Task Avg"); testbed_mid_recall from the mid-training phrasings
+    testbed_probes      zero-shot 4-way probes, lm-eval style; testbed_mid_probes
     testbed_sft_test    after the chat template: greedy exact match, and choice among the
                         attribute's values by log-likelihood (the "SFT Task Avg" is their mean
                         x100, tables.sft_task_avg); testbed_sft_select on the selection people
@@ -25,14 +28,16 @@ file of the same checkpoint and step):
     {"ckpt": str, "step": int, "stage": "pre" | "mid" | "sft",
      "schedule": str, "alpha_pre": float, "alpha_mid": float | null,   # the run's LR schedule
      "config": the checkpoint's training config,
-     "tasks": {"val_loss": {"loss", "bpb", "tokens", "bytes", "dataset"},
+     "tasks": {"val_loss": {"loss", "bpb", "tokens", "bytes", "dataset", ["value_loss", "value_tokens"]},
+               "testbed_recall": {"exact_match", "n"},
                "<multiple choice>": {"acc", ["acc_norm"], "n"},          # fractions in [0, 1]
                "truthfulqa_mc2": {"acc", "n"},                           # true-answer mass
                "testbed_sft_test": {"exact_match", "choice", "choice_chance", "n"},
                "alpaca_eval": {"win_rate": float | null, "n", ["note"]}}}
 --compare reads, per run directory:
     eval.json      the pre- or mid-training checkpoint's results:
-                   PT/MT Valid Loss = tasks.val_loss.loss,
+                   PT/MT Valid Loss = tables.valid_loss: tasks.val_loss.value_loss on the
+                                      testbed's pre-training text, else tasks.val_loss.loss,
                    PT Task Avg      = 100 x mean of tables.ZERO_SHOT[task] over the PT_TASKS present,
                    MT Task Avg      = the same over MT_TASKS (for a stage "mid" checkpoint)
     sft_eval.json  results of the fine-tuned checkpoint: SFT Task Avg (tables.sft_task_avg; a null
@@ -54,14 +59,15 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+import torch
 
 from common import Eta, autocast_context, load_checkpoint, parse_args, resolve_device
-from data.chat import generation_prompt
-from data.common import Tokenizer, load_split, read_jsonl
+from data.chat import IGNORE, generation_prompt
+from data.common import Tokenizer, load_split, load_value_mask, read_jsonl
 from data.loaders import resolve_dataset, testbed_of, validation_batches
 from runs import load_model, schedule_of, training_config
-from scoring import generate_all, score_items, testbed_sft_accuracy
-from tables import SCHEDULERS, ZERO_SHOT, paper_tables, sft_task_avg, zero_shot_avg
+from scoring import generate_all, recall_accuracy, score_items, testbed_sft_accuracy
+from tables import SCHEDULERS, ZERO_SHOT, paper_tables, sft_task_avg, valid_loss, zero_shot_avg
 from training import mean_loss
 
 # ------------------------------------------------------------------ tasks
@@ -228,17 +234,20 @@ MC_METRICS = {
     "testbed_probes": ("acc", "acc_norm"), "testbed_mid_probes": ("acc", "acc_norm"),
 }
 # The score each task contributes to a table's average (--compare), x 100.
-TASKS = ["val_loss", *MC_METRICS, "testbed_sft_test", "testbed_sft_select", "alpaca_eval"]
+TASKS = ["val_loss", *MC_METRICS, "testbed_recall", "testbed_mid_recall", "testbed_sft_test", "testbed_sft_select",
+         "alpaca_eval"]
 
 
 # ------------------------------------------------------------------ validation loss
 
 
-def validation_loss(model, tokenizer, shards, seq_len, eval_tokens, batch_size=16):
+def validation_loss(model, tokenizer, shards, seq_len, eval_tokens, batch_size=16, value_mask=None):
     """Mean next-token loss on fixed held-out tokens (data.loaders.validation_batches, the
     same as train.py's val_loss) and bits per byte: total nats / ln 2 / UTF-8 bytes of the
     target tokens, which compares across tokenizers. The end-of-text separator stands for
-    no text: 0 bytes."""
+    no text: 0 bytes. With value_mask (shards of 0/1 beside the tokens), also value_loss:
+    the mean loss of the target tokens that spell fact values, what storing facts lowers
+    (the template words between them are learned within a few steps)."""
     device = next(model.parameters()).device
     batches = validation_batches(shards, seq_len, eval_tokens, batch_size)
     targets = np.concatenate([y.numpy().ravel() for _, y in batches])
@@ -248,8 +257,14 @@ def validation_loss(model, tokenizer, shards, seq_len, eval_tokens, batch_size=1
                for i, c in zip(ids, cl100k)]
     total_bytes = int(np.dot(n_bytes, counts))
     loss = mean_loss(model, batches, device, nullcontext())  # main runs every task inside autocast
-    return {"loss": loss, "bpb": loss * len(targets) / math.log(2) / total_bytes, "tokens": len(targets),
-            "bytes": total_bytes}
+    result = {"loss": loss, "bpb": loss * len(targets) / math.log(2) / total_bytes, "tokens": len(targets),
+              "bytes": total_bytes}
+    if value_mask is not None:
+        masks = validation_batches(value_mask, seq_len, eval_tokens, batch_size)
+        values = [(x, torch.where(m == 1, y, IGNORE)) for (x, y), (_, m) in zip(batches, masks)]
+        result.update(value_loss=mean_loss(model, values, device, nullcontext()),
+                      value_tokens=int(sum((m == 1).sum() for _, m in masks)))
+    return result
 
 
 # ------------------------------------------------------------------ one checkpoint
@@ -258,7 +273,7 @@ def validation_loss(model, tokenizer, shards, seq_len, eval_tokens, batch_size=1
 @dataclass
 class EvalConfig:
     ckpt: str = "out/ckpt.pt"  # checkpoint to evaluate (train.py or sft.py)
-    tasks: str = "val_loss,testbed_probes,testbed_sft_test"  # comma-separated; see the docstring
+    tasks: str = "val_loss,testbed_recall,testbed_probes,testbed_sft_test"  # comma-separated; see the docstring
     data_files: str = ""  # task=path[,task=path]: local files in the Hub schema (mmlu_dev= for MMLU shots)
     out: str = ""  # results JSON; default eval.json beside the checkpoint
     batch_size: int = 16  # sequences per forward pass
@@ -302,19 +317,23 @@ def run_task(task, model, tokenizer, ckpt, cfg, data_files):
         config = training_config(ckpt)
         dataset = data_files.get("val_loss", config.get("dataset", "testbed"))
         try:
-            shards = load_split(resolve_dataset(dataset), "val")
+            data_dir = resolve_dataset(dataset)
+            shards, value_mask = load_split(data_dir, "val"), load_value_mask(data_dir, "val")
         except (OSError, KeyError, ValueError) as e:
             raise SystemExit(f"error: no validation split for {dataset!r}: {e}") from None
         result = validation_loss(model, tokenizer, shards, config.get("seq_len", 128),
-                                 config.get("eval_tokens", 65536), cfg.batch_size)
+                                 config.get("eval_tokens", 65536), cfg.batch_size, value_mask)
         return {**result, "dataset": dataset}
     if task.startswith("testbed_"):
-        name = {"testbed_probes": "probes", "testbed_mid_probes": "mid_probes"}.get(task, task[len("testbed_"):])
+        name = {"testbed_probes": "probes", "testbed_recall": "probes", "testbed_mid_probes": "mid_probes",
+                "testbed_mid_recall": "mid_probes"}.get(task, task[len("testbed_"):])
         path = data_files.get(task) or os.path.join(testbed_folder(ckpt), f"{name}.jsonl")
         if not os.path.isfile(path):
             raise SystemExit(f"error: {task} needs {path}, which does not exist; run python data/testbed/prepare.py")
         if task.startswith("testbed_sft"):
             return testbed_sft_accuracy(model, tokenizer, path, batch_size=cfg.batch_size, limit=limit)
+        if task.endswith("_recall"):
+            return recall_accuracy(model, tokenizer, read_jsonl(path)[:limit], batch_size=cfg.batch_size)
         items = [probe_item(row) for row in read_jsonl(path)[:limit]]
         return score_items(model, tokenizer, items, MC_METRICS[task], cfg.batch_size, task)
     if task == "alpaca_eval":
@@ -381,7 +400,7 @@ def load_run(run_dir):
         with open(summary) as f:
             sft_avg = json.load(f)["sft_task_avg"]
     row = {"run": run_dir, "seed": 0, "stage": ev["stage"], "schedule": ev["schedule"], "alpha_pre": ev["alpha_pre"],
-           "alpha_mid": ev["alpha_mid"], "valid_loss": ev["tasks"].get("val_loss", {}).get("loss"),
+           "alpha_mid": ev["alpha_mid"], "valid_loss": valid_loss(ev["tasks"].get("val_loss", {})),
            "task_avg": zero_shot_avg(ev["tasks"], ev["stage"]), "sft_task_avg": sft_avg}
     return {**row, **{t: 100 * ev["tasks"][t][m] for t, m in ZERO_SHOT.items() if t in ev["tasks"]}}
 

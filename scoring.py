@@ -64,35 +64,57 @@ def generate_all(model, tokenizer, prompts, max_new_tokens, batch_size):
     return answers
 
 
+def normalized(text):
+    """Exact match compares texts with surrounding whitespace dropped and inner runs made one space."""
+    return " ".join(text.split())
+
+
 def testbed_sft_accuracy(model, tokenizer, jsonl_path, batch_size=64, max_new_tokens=24, limit=None):
     """The testbed's two post-SFT tasks on its questions (the analogue of the paper's post-SFT
     scores, Section 3.2), both after the chat template's `<|assistant|>\n`:
-      exact_match  the greedy answer, decoded and stripped, equals row["answer"];
-      choice       row["answer"] + eos (the tokens SFT supervises) has the highest log-likelihood
-                   among every answer the file gives to the same row["attribute"] (~30-50 values:
-                   a graded score where exact match sits near the floor); choice_chance is the
-                   mean 1 / (number of candidates).
+      exact_match  the greedy answer, normalized, equals row["answer"];
+      choice       the assistant's content + eos (the tokens SFT supervises) has the highest
+                   log-likelihood among every answer the file gives to the same row["attribute"]
+                   (~30-50 values: a graded score); choice_chance is the mean 1 / (number of
+                   candidates).
     limit: first rows only."""
     rows = read_jsonl(jsonl_path)[:limit]
     if not rows:
         raise ValueError(f"{jsonl_path} has no rows")
     prompts = [generation_prompt(row["messages"][:-1], tokenizer) for row in rows]
     answers = generate_all(model, tokenizer, prompts, max_new_tokens, batch_size)
-    correct = sum(a.strip() == row["answer"] for a, row in zip(answers, rows))
+    correct = sum(normalized(a) == row["answer"] for a, row in zip(answers, rows))
 
     pools = {}
     for row in rows:
-        pools.setdefault(row.get("attribute"), set()).add(row["answer"])
+        pools.setdefault(row.get("attribute"), set()).add(row["messages"][-1]["content"])
     pools = {attribute: sorted(values) for attribute, values in pools.items()}
     requests, spans = [], []  # spans: (first request, number of candidates, index of the answer)
     for prompt, row in zip(prompts, rows):
         pool = pools[row.get("attribute")]
-        spans.append((len(requests), len(pool), pool.index(row["answer"])))
-        requests += [(prompt, tokenizer.encode(value) + [tokenizer.eot]) for value in pool]
+        spans.append((len(requests), len(pool), pool.index(row["messages"][-1]["content"])))
+        requests += [(prompt, tokenizer.encode(content) + [tokenizer.eot]) for content in pool]
     scores = loglikelihoods(model, requests, batch_size=batch_size)
     chosen = [np.argmax(scores[start:start + n]) == gold for start, n, gold in spans]
     return {"exact_match": correct / len(rows), "choice": float(np.mean(chosen)),
             "choice_chance": float(np.mean([1 / n for _, n, _ in spans])), "n": len(rows)}
+
+
+def recall_accuracy(model, tokenizer, probes, batch_size=64):
+    """Greedy recall of facts (the testbed's "PT Task Avg"): from [eot] + a probe's stem in a
+    trained phrasing ("Alice Kern was born in", as a document starts), the greedy
+    continuation must spell the true value with its leading space (" Lisbon") and then leave
+    the word (the next character is no letter or digit). Exact, so it does not saturate like
+    the 4-way probes. probes: rows of probes.jsonl. Returns exact_match and n."""
+    if not probes:
+        raise ValueError("no probes to recall")
+    truths = [" " + row["choices"][row["gold"]] for row in probes]
+    prompts = [[tokenizer.eot, *tokenizer.encode(row["context"])] for row in probes]
+    longest = max(len(tokenizer.encode(truth)) for truth in truths)
+    continuations = generate_all(model, tokenizer, prompts, longest + 1, batch_size)
+    recalled = [text.startswith(truth) and not text[len(truth):len(truth) + 1].isalnum()
+                for text, truth in zip(continuations, truths)]
+    return {"exact_match": float(np.mean(recalled)), "n": len(probes)}
 
 
 # ------------------------------------------------------------ log-likelihood scoring

@@ -10,14 +10,17 @@ import numpy as np
 
 SCHEDULERS = {"wso": "WSO", "wsd": "WSD", "linear": "Linear", "cosine": "Cosine", "wso+cooldown": "WSO + cooldown"}
 
-# The score each zero-shot task contributes to "PT Task Avg" / "MT Task Avg", as the
-# paper's Section 3.1 and 4.1 report them (acc_norm where lm-eval's leaderboards use it).
+# The score each pre-/mid-training task contributes to "PT Task Avg" / "MT Task Avg", as the
+# paper's Sections 3.1 and 4.1 report them (acc_norm where lm-eval's leaderboards use it). On
+# the testbed the average is greedy recall of the facts (exact); its 4-way probes are shown
+# beside it but left out of the average: every schedule scores 92-100% on them.
 ZERO_SHOT = {"arc_easy": "acc", "arc_challenge": "acc_norm", "boolq": "acc", "hellaswag": "acc_norm",
              "openbookqa": "acc_norm", "piqa": "acc_norm", "winogrande": "acc",
+             "testbed_recall": "exact_match", "testbed_mid_recall": "exact_match",
              "testbed_probes": "acc", "testbed_mid_probes": "acc"}
 PT_TASKS = ["arc_easy", "arc_challenge", "boolq", "hellaswag", "openbookqa", "piqa", "winogrande",
-            "testbed_probes"]  # Section 3.1
-MT_TASKS = ["arc_challenge", "hellaswag", "winogrande", "testbed_mid_probes"]  # Section 4.1 (no DROP, GSM8K)
+            "testbed_recall"]  # Section 3.1
+MT_TASKS = ["arc_challenge", "hellaswag", "winogrande", "testbed_mid_recall"]  # Section 4.1 (no DROP, GSM8K)
 
 # SFT Task Avg, the one definition: 100 x the mean, over the post-SFT tasks present, of
 # each task's score in [0, 1] (Appendix E's AlpacaEval win rate, TruthfulQA MC2, MMLU).
@@ -29,6 +32,16 @@ SFT_SCORES = {
     "mmlu": lambda r: r["acc"],
     "testbed_sft_test": lambda r: (r["exact_match"] + r["choice"]) / 2,
 }
+
+
+def valid_loss(val_loss):
+    """PT/MT Valid Loss of an evaluate.py val_loss result: where the corpus marks its facts'
+    values (the testbed's pre-training text), the loss on those tokens; elsewhere the mean
+    over all tokens. On the testbed the whole held-out document's loss also charges the
+    model for the sentence order of each training document it memorized: it rose from 0.58
+    to 0.66 between steps 600 and 900 of a WSO run whose value loss stayed 0.12 and recall
+    ~90% (seed 0), so it does not measure how well the facts are fit."""
+    return val_loss.get("value_loss", val_loss.get("loss"))
 
 
 def task_average(tasks, score_of):
@@ -110,7 +123,8 @@ def paper_tables(rows, mid, compared=COMPARED, absolute=()):
     """Markdown in the paper's layout: per compared metric, each run's difference from the
     best decay-based run (per seed, then mean ± std over seeds), the best mean in bold; then
     the absolute values of the compared metrics and of `absolute` [(key, title, format)]
-    (format "per seed": each seed's value, comma-separated). Runs keep their order in rows."""
+    (format "per seed": each seed's value, comma-separated, with † where the row's
+    key + "_at_edge" is true). Runs keep their order in rows."""
     names = list(dict.fromkeys(r["run"] for r in rows))
     first = {n: next(r for r in rows if r["run"] == n) for n in names}
     header = ["Scheduler", "α_pre"] + (["α_mid"] if mid else [])
@@ -128,8 +142,9 @@ def paper_tables(rows, mid, compared=COMPARED, absolute=()):
 
     def cell(n, key, spec):
         values = [r.get(key) for r in rows if r["run"] == n]
-        if spec == "per seed":
-            return ",".join("n/a" if v is None else f"{v:g}" for v in values)
+        if spec == "per seed":  # † where the row says the value is at an edge (key + "_at_edge")
+            edges = [r.get(key + "_at_edge") for r in rows if r["run"] == n]
+            return ",".join("n/a" if v is None else f"{v:g}" + "†" * bool(e) for v, e in zip(values, edges))
         return mean_std(values, spec)
 
     return (markdown(header + [column_title(key, title, mid) + " Δ" for key, title, _, _ in compared], relative),

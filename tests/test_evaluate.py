@@ -122,6 +122,20 @@ def test_sft_choice_ranks_each_answer_among_its_attributes_answers(tiny, tokeniz
     assert result["choice_chance"] == pytest.approx(0.5) and result["n"] == 4
 
 
+def test_recall_needs_the_whole_value_after_a_trained_stem(tokenizer):
+    """testbed_recall: from [eot] + the stem, the continuation must spell " " + value and then
+    leave the word."""
+    probes = [{"context": "Alice was born in", "choices": ["Paris", "Lisbon"], "gold": 1},
+              {"context": "Alice a", "choices": ["Lisbon", "Porto"], "gold": 0},
+              {"context": "Where was Alice born?", "choices": ["Lisbon", "Paris"], "gold": 1},
+              {"context": "Name a city in Portugal.", "choices": ["Porto", "Lisbon"], "gold": 0}]
+    said = [" Lisbon.", " Lisbonia", " Lisbon", " Port"]  # right; a longer word; wrong value; cut short
+    scripts = {(tokenizer.eot, *tokenizer.encode(p["context"])): tokenizer.encode(text) for p, text in zip(probes, said)}
+    model = ScriptedModel(scripts, tokenizer.vocab_size, tokenizer.eot)
+    assert scoring.recall_accuracy(model, tokenizer, probes) == {"exact_match": 0.25, "n": 4}
+    assert scoring.recall_accuracy(model, tokenizer, probes[:1]) == {"exact_match": 1.0, "n": 1}
+
+
 def test_greedy_generate_is_argmax_decoding(tiny, tokenizer):
     prompt = tokenizer.encode("When was Alice born?")
     ids = list(prompt)
@@ -428,7 +442,7 @@ def write_run(directory, schedule, alpha_pre, alpha_mid, loss, tasks, sft=None, 
 
 def test_compare_table1_deltas_from_best_decay_run(tmp_path):
     def zero_shot(probes, arc):
-        return {"testbed_probes": {"acc": probes, "acc_norm": 0.0}, "arc_easy": {"acc": arc, "acc_norm": 0.0}}
+        return {"testbed_recall": {"exact_match": probes}, "arc_easy": {"acc": arc, "acc_norm": 0.0}}
     runs = [
         write_run(tmp_path / "cos0", "cosine", 0.0, None, 2.376, zero_shot(0.60, 0.70)),
         write_run(tmp_path / "wso", "wso", 1.0, None, 2.431,
@@ -447,14 +461,14 @@ def test_compare_table1_deltas_from_best_decay_run(tmp_path):
         "| WSD | 0.1 | +0.004 | -3.0 | +0.0 |",
         "| WSD | 0.0 | **+0.000** | -2.0 | -3.0 |",
         "| Cosine | 0.0 | +0.016 | **+0.0** | n/a |"]
-    # absolute values, tasks in ZERO_SHOT order: arc_easy, testbed_probes, testbed_mid_probes
+    # absolute values, tasks in ZERO_SHOT order: arc_easy, testbed_recall, testbed_mid_probes
     assert "| WSO | 1.0 | 2.431 | 60.0 | 60.0 | 70.0 | 50.0 | 99.0 |" in lines
     assert "| Cosine | 0.0 | 2.376 | 65.0 | n/a | 70.0 | 60.0 | n/a |" in lines
     assert not any("Mid-training" in line for line in lines)
 
 
 def test_compare_table2_counts_decay_in_either_stage(tmp_path):
-    probes = lambda acc: {"testbed_mid_probes": {"acc": acc}}  # noqa: E731
+    probes = lambda acc: {"testbed_mid_recall": {"exact_match": acc}}  # noqa: E731
     sft = lambda em: {"testbed_sft_test": {"exact_match": em, "choice": em}}  # noqa: E731
     runs = [write_run(tmp_path / "a", "linear", 0.1, 1.0, 2.45, probes(0.42), sft(0.66)),
             write_run(tmp_path / "b", "wso", 1.0, 0.0, 2.40, probes(0.45), sft(0.65)),
@@ -481,3 +495,15 @@ def test_sft_task_avg_has_one_definition(tmp_path, monkeypatch):
     from_summary = write_run(tmp_path / "b", "wsd", 0.0, None, 2.0, loss, summary=40.0)
     assert evaluate.load_run(from_eval)["sft_task_avg"] == pytest.approx(40.0)
     assert evaluate.load_run(from_summary)["sft_task_avg"] == 40.0
+
+
+def test_valid_loss_is_the_value_loss_where_the_corpus_marks_values(tmp_path):
+    assert tables.valid_loss({"loss": 0.6, "value_loss": 0.1}) == 0.1
+    assert tables.valid_loss({"loss": 2.5}) == 2.5  # FineWeb-Edu, the mid-training corpus
+    run = write_run(tmp_path / "a", "wso", 1.0, None, 0.6, {})
+    with open(tmp_path / "a" / "eval.json") as f:
+        ev = json.load(f)
+    ev["tasks"]["val_loss"]["value_loss"] = 0.1
+    with open(tmp_path / "a" / "eval.json", "w") as f:
+        json.dump(ev, f)
+    assert evaluate.load_run(run)["valid_loss"] == 0.1
