@@ -31,6 +31,7 @@ that has it is skipped when the sweep is rerun), out_dir/config.json, and out_di
                (runs.schedule_of: alpha_pre is 1.0 for WSO, alpha_mid null before mid-training)
     select_by, higher_is_better: the metric that chose the LR
     best_lr, best_ckpt: the chosen LR and its fine-tuned checkpoint
+    best_lr_at_edge: whether best_lr is the lowest or highest of several LRs (also warned)
     sft_task_avg: sft_test_task_avg of the chosen LR (testbed; null for other data)
     data {train, val, train_without_supervision, val_without_supervision, updates_per_lr}
     runs: one per LR, ascending: {lr, run_dir, steps, diverged_at_step, final_train_loss,
@@ -55,19 +56,12 @@ from data.chat import IGNORE, has_supervision, render
 from data.common import Tokenizer, load_meta, read_jsonl, write_atomic
 from data.loaders import pad_collate, testbed_of
 from runs import load_model, schedule_of
+from schedules import SFT_LR_GRIDS
 from scoring import testbed_sft_accuracy
 from tables import sft_task_avg
 from training import Runtime, make_optimizer, mean_loss, optimizer_step, set_lr, setup_distributed
 
 TULU3 = "allenai/tulu-3-sft-olmo-2-mixture"
-LR_GRIDS = {
-    # Table 8 as printed (1B and 8B models). Tables 11, 13 and 17 report selected LRs of 3e-4 and 3e-5,
-    # which it lacks: add them with --lrs=... to sweep what the paper seems to have swept.
-    "paper": (5e-7, 1e-6, 5e-6, 1e-5, 5e-5, 1e-4, 5e-4, 1e-3),
-    # The tiny model (pre-trained at 3e-3) does best near 5e-4..1e-3 in a pilot sweep of a
-    # 600-step WSO checkpoint with the defaults below; ~1.7x apart around that.
-    "testbed": (3e-4, 5e-4, 8.5e-4, 1.5e-3, 2.5e-3),
-}
 HIGHER_IS_BETTER = {"sft_select_task_avg": True, "sft_select_exact_match": True, "val_loss": False}  # the --select_by metrics
 FINAL_LOSS_STEPS = 10  # final_train_loss averages the last updates: one batch alone is noisy
 
@@ -128,12 +122,12 @@ def sweep_lrs(cfg):
     """The peak LRs to fine-tune with, ascending."""
     if cfg.learning_rate:
         return [cfg.learning_rate]
-    if cfg.lrs in LR_GRIDS:
-        return list(LR_GRIDS[cfg.lrs])
+    if cfg.lrs in SFT_LR_GRIDS:
+        return list(SFT_LR_GRIDS[cfg.lrs])
     try:
         lrs = sorted({float(text) for text in cfg.lrs.split(",")})
     except ValueError:
-        raise ValueError(f"lrs={cfg.lrs!r}: give comma-separated numbers or one of {sorted(LR_GRIDS)}") from None
+        raise ValueError(f"lrs={cfg.lrs!r}: give comma-separated numbers or one of {sorted(SFT_LR_GRIDS)}") from None
     if not lrs or lrs[0] <= 0 or not math.isfinite(lrs[-1]):
         raise ValueError(f"lrs={cfg.lrs!r}: every LR must be a finite number > 0")
     return lrs
@@ -343,6 +337,12 @@ def select(runs, metric):
     return max(scored, key=lambda r: (sign * r[metric], -r["lr"]))
 
 
+def at_edge(lr, lrs):
+    """Whether a chosen LR is the lowest or highest of a sweep of several: then the sweep
+    did not bracket the optimum, and the score may understate what SFT can do."""
+    return lr is not None and len(lrs) > 1 and lr in (min(lrs), max(lrs))
+
+
 def print_table(summary):
     print(f"{'lr':>9} {'train_loss':>10} {'val_loss':>9} {'select_avg':>10} {'test_em':>8} {'test_choice':>11}")
     fmt = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
@@ -453,8 +453,12 @@ def main(cfg: SFTConfig):
                "select_by": metric, "higher_is_better": HIGHER_IS_BETTER[metric], "best_lr": best["lr"],
                "best_ckpt": best["run_dir"] and os.path.join(best["run_dir"], "ckpt.pt"),
                "sft_task_avg": best["sft_task_avg"], "data": sweep.examples.counts, "runs": runs}
+    summary["best_lr_at_edge"] = at_edge(best["lr"], lrs)
     write_atomic(os.path.join(cfg.out_dir, "summary.json"), (json.dumps(summary, indent=1) + "\n").encode())
     print_table(summary)
+    if summary["best_lr_at_edge"]:
+        print(f"warning: the chosen LR {best['lr']:g} is at the {'low' if best['lr'] == lrs[0] else 'high'} edge of "
+              f"the swept LRs {[f'{lr:g}' for lr in lrs]}: the optimum may lie beyond it; widen --lrs")
     return summary
 
 
