@@ -1,7 +1,9 @@
 """
 Figures 3 and 4 of the paper (Section 6): sharpness during pre-training, and the score
-after SFT against the sharpness SFT started from. Plain functions of numbers, drawn with
-matplotlib; sharpness.py --figures and reproduce.py feed them. Nothing here runs on its own.
+after SFT against the sharpness SFT started from (with Pearson's r and its bootstrap
+interval over seeds); and a Figure 5 of our own, score and sharpness against WSD's decay
+length. Plain functions of numbers, drawn with matplotlib; sharpness.py --figures and
+reproduce.py feed them. Nothing here runs on its own.
 """
 
 import numpy as np
@@ -28,27 +30,81 @@ def plot_sharpness_curves(runs, t_stable=None, path="sharpness_curves.png"):
     return path
 
 
+def per_seed_points(points):
+    """{label: [(sharpness, score) per seed]} from either that or {label: (sharpness, score)}."""
+    return {k: [v] if np.ndim(v) == 1 else list(v) for k, v in points.items()}
+
+
+def pearson(x, y):
+    """Pearson's r, nan for fewer than 2 points or no spread."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    return float(np.corrcoef(x, y)[0, 1]) if len(x) > 1 and x.std() > 0 and y.std() > 0 else float("nan")
+
+
+def pearson_interval(points, rounds=2000, seed=0):
+    """A 95% bootstrap interval of Pearson's r between the per-label means: the seeds are
+    drawn with replacement (the same draw for every label) and r recomputed. (nan, nan)
+    with one seed: there is no spread over seeds to draw from."""
+    per_seed = per_seed_points(points)
+    n = min(len(v) for v in per_seed.values())
+    if n < 2:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    rs = []
+    for _ in range(rounds):
+        draw = rng.integers(n, size=n)
+        means = [np.mean([v[i] for i in draw], axis=0) for v in per_seed.values()]
+        rs.append(pearson([m[0] for m in means], [m[1] for m in means]))
+    rs = np.array(rs)[~np.isnan(rs)]
+    return (float(np.percentile(rs, 2.5)), float(np.percentile(rs, 97.5))) if len(rs) else (float("nan"),) * 2
+
+
 def plot_sharpness_vs_score(points, path="sharpness_vs_score.png", xlabel="pre-training val"):
-    """Figure 4: one point per schedule, SFT score against pre-training sharpness.
-    points: {label: (sharpness, score)}. Returns Pearson's r (nan for < 2 points or
-    no spread), also printed on the plot."""
+    """Figure 4: one point per schedule, SFT score against pre-training sharpness, the mean
+    over seeds with their standard deviation as error bars on both axes. points: {label:
+    (sharpness, score)} or {label: [(sharpness, score) per seed]}. A legend names the points
+    (labels written beside them overlap). Returns Pearson's r of the means (nan for < 2
+    points or no spread); the title gives it with its bootstrap interval over seeds."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = list(points)
-    sharpness = np.array([points[k][0] for k in labels], dtype=float)
-    score = np.array([points[k][1] for k in labels], dtype=float)
-    defined = len(labels) > 1 and sharpness.std() > 0 and score.std() > 0
-    r = float(np.corrcoef(sharpness, score)[0, 1]) if defined else float("nan")
-    fig, ax = plt.subplots(figsize=(5, 4))
-    ax.scatter(sharpness, score)
-    for label, sx, sy in zip(labels, sharpness, score):
-        ax.annotate(label, (sx, sy), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_title(f"Pearson r = {r:.3f}")
+    per_seed = per_seed_points(points)
+    means = {k: np.mean(v, axis=0) for k, v in per_seed.items()}
+    r = pearson([m[0] for m in means.values()], [m[1] for m in means.values()])
+    lo, hi = pearson_interval(per_seed)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (label, values), marker in zip(per_seed.items(), "osD^vP*Xh<>p"):
+        spread = np.std(values, axis=0, ddof=1) if len(values) > 1 else (0, 0)
+        ax.errorbar(*means[label], xerr=spread[0], yerr=spread[1], fmt=marker, capsize=3, label=label)
+    interval = "" if np.isnan(lo) else f" [{lo:.2f}, {hi:.2f}]"
+    ax.set_title(f"Pearson r = {r:.3f}{interval}")
     ax.set_xlabel(f"sharpness ({xlabel})")
     ax.set_ylabel("score after SFT")
+    ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)
     return r
+
+
+def plot_against_decay_fraction(per_fraction, path="fig5_decay_length.png"):
+    """Figure 5 (beyond the paper): the post-SFT score and the sharpness on the training text
+    against WSD's decay fraction 1 - rho, mean and standard deviation over seeds.
+    per_fraction: {fraction: {"score": [per seed], "sharpness": [per seed]}}."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fractions = sorted(per_fraction)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, key, ylabel in ((axes[0], "score", "SFT Task Avg"), (axes[1], "sharpness", "sharpness (train text)")):
+        values = [per_fraction[f][key] for f in fractions]
+        ax.errorbar(fractions, [np.mean(v) for v in values],
+                    yerr=[np.std(v, ddof=1) if len(v) > 1 else 0 for v in values], marker="o", capsize=3)
+        ax.set_xlabel(r"decay fraction $1 - \rho$ (WSD, $\alpha_{pre} = 0$)")
+        ax.set_ylabel(ylabel)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return path

@@ -270,8 +270,10 @@ def load_data(cfg):
 
 def sharpness_data(cfg, data_dir, tokenizer):
     """{data set: fixed batches} on which train.py measures sharpness: held-out pre-training
-    tokens, and the SFT selection conversations when the data set belongs to a testbed."""
-    sets = {"pretrain": pretrain_batches(data_dir, cfg.seq_len, 1, cfg.sharpness_batches)}
+    tokens (as the paper), the first tokens of the training text itself (where training seeks
+    its minimum), and the SFT selection conversations when the data set belongs to a testbed."""
+    sets = {"pretrain": pretrain_batches(data_dir, cfg.seq_len, 1, cfg.sharpness_batches),
+            "train_text": pretrain_batches(data_dir, cfg.seq_len, 1, cfg.sharpness_batches, split="train")}
     testbed = testbed_of(data_dir)
     if testbed:
         sets["sft"] = sft_batches(os.path.join(testbed, "sft_select.jsonl"), tokenizer, cfg.seq_len, 1,

@@ -38,7 +38,8 @@ def test_experiment_1_writes_tables_figures_json_and_reruns_nothing(tmp_path, mo
     assert (rows["cosine_a0.1"]["schedule"], rows["cosine_a0.1"]["alpha_pre"]) == ("cosine", 0.1)
     saved = json.load(open(out / "results.json"))
     assert saved["rows"] == json.loads(json.dumps(results["rows"]))
-    assert set(saved["pearson_r"]) == {"sharpness_pretrain", "sharpness_train"}  # 2 points: r = +-1
+    assert set(saved["pearson_r"]) == {"sharpness_pretrain", "sharpness_train", "sharpness_pretrain_interval",
+                                      "sharpness_train_interval"}  # 2 points: r = +-1; one seed: no interval
 
     # Table 1 layout: 2 relative rows + 2 absolute rows; the reference (the only decay-based
     # run) has differences 0, WSO its own difference from it.
@@ -79,7 +80,7 @@ def test_decay_free_branches_and_merges_one_wso_run(tmp_path):
 
 
 def test_bad_arguments_say_what_to_do():
-    with pytest.raises(ValueError, match="choose pre, mid or decay-free"):
+    with pytest.raises(ValueError, match="choose one of pre, mid, over, decay-length, decay-free"):
         ReproduceConfig(experiment="post")
     with pytest.raises(ValueError, match="comma-separated integers"):
         ReproduceConfig(seeds="zero")
@@ -88,16 +89,20 @@ def test_bad_arguments_say_what_to_do():
 
 
 def test_experiment_2_plan_shares_each_pre_training_run():
-    """Table 2: WSD pre-training with alpha_pre 1.0 (WSO) and 0.1, each continued by mid-training
-    with alpha_mid 1.0 and 0.0 from that run's checkpoint; then evaluation and SFT of each."""
+    """Table 2's grid: WSO, WSD, Linear and Cosine pre-training (alpha_pre 1.0 for WSO, else 0.1),
+    each continued by mid-training with alpha_mid 1.0 and 0.0 from that run's checkpoint; then
+    evaluation and SFT of each. The pre-training runs are Experiment 1's (the same commands)."""
     stages = reproduce.plan(ReproduceConfig(experiment="mid", runs_dir="r", max_iters=100))
     pre = [(run_dir, cmd) for kind, run_dir, cmd, _ in stages if kind == "pre-train"]
     mid = [(run_dir, cmd) for kind, run_dir, cmd, _ in stages if kind == "mid-train"]
-    assert [d for d, _ in pre] == [os.path.join("r", "seed0", n) for n in ("wso", "wsd_a0.1")]
-    assert [d for d, _ in mid] == [os.path.join("r", "seed0", n) for n in
-                                   ("wso_mid_a1", "wso_mid_a0", "wsd_a0.1_mid_a1", "wsd_a0.1_mid_a0")]
+    sources = ("wso", "wsd_a0.1", "linear_a0.1", "cosine_a0.1")
+    assert [d for d, _ in pre] == [os.path.join("r", "seed0", n) for n in sources]
+    assert [d for d, _ in mid] == [os.path.join("r", "seed0", f"{n}_mid_a{m}") for n in sources for m in (1, 0)]
+    experiment_1 = {run_dir: cmd for kind, run_dir, cmd, _ in
+                    reproduce.plan(ReproduceConfig(runs_dir="r", max_iters=100)) if kind == "pre-train"}
+    assert all(experiment_1[d] == cmd for d, cmd in pre)
     for run_dir, cmd in mid:
-        source = "wso" if "wso_" in run_dir else "wsd_a0.1"
+        source = os.path.basename(run_dir).split("_mid_")[0]
         assert f"--init_from={os.path.join('r', 'seed0', source, 'ckpt.pt')}" in cmd
         assert "--stage=mid" in cmd and "--max_iters=45" in cmd and "--dataset=testbed_mid" in cmd
     assert {d for kind, d, *_ in stages if kind == "SFT"} == {d for d, _ in mid}
@@ -115,3 +120,67 @@ def test_sharpness_sizes_and_mid_training_length_come_from_the_scale():
         mid_stages = [(command, steps) for kind, _, command, steps in stages if kind == "mid-train"]
         assert mid_stages and all(steps == mid_iters and f"--max_iters={mid_iters}" in command
                                   for command, steps in mid_stages)  # Table 21's 36k after Table 6's 80k
+
+
+def test_jobs_2_gives_the_numbers_of_jobs_1(tmp_path):
+    """--jobs=2 runs independent stages side by side, each single-threaded; the study's
+    numbers are those of one stage at a time with the same threads."""
+    results = {}
+    for jobs in (1, 2):
+        cfg = ReproduceConfig(schedules="wso", runs_dir=str(tmp_path / f"runs{jobs}"),  # evaluate, sharpness
+                              out_dir=str(tmp_path / f"results{jobs}"), jobs=jobs, threads=1, **TOY)  # and SFT at once
+        results[jobs] = [{k: v for k, v in row.items() if k != "run_dir"} for row in reproduce.main(cfg)["rows"]]
+    assert results[1] == results[2]
+
+
+def test_dependencies_follow_the_checkpoints_each_stage_reads():
+    cfg = ReproduceConfig(experiment="decay-free", max_iters=20)
+    stages = reproduce.plan(cfg)
+    deps = reproduce.dependencies(stages)
+    index = {(kind, os.path.basename(run_dir)): i for i, (kind, run_dir, _, _) in enumerate(stages)}
+    wso = index["pre-train", "wso_kept"]
+    assert deps[index["cooldown", "wso_cooldown"]] == {wso}  # branched from a kept checkpoint
+    assert deps[index["merge", "wso_merge_linear"]] == {wso}
+    assert deps[index["SFT", "wso_merge_linear"]] == {index["merge", "wso_merge_linear"]}
+    assert deps[index["evaluate", "wso_cooldown"]] == {index["cooldown", "wso_cooldown"]}
+    assert deps[wso] == set()
+
+
+def test_run_dag_respects_dependencies_and_runs_the_rest_side_by_side():
+    import threading
+    import time
+    from scheduler import run_dag
+    log, lock = [], threading.Lock()
+
+    def run(stage):
+        with lock:
+            log.append(("start", stage))
+        time.sleep(0.05)
+        if stage == "bad":
+            raise SystemExit("bad failed")
+        with lock:
+            log.append(("end", stage))
+
+    stages = ["a", "b", "c", "d"]  # c needs a; d needs b and c
+    deps = {0: [], 1: [], 2: [0], 3: [1, 2]}
+    run_dag(stages, deps.get, run, jobs=2)
+    order = list(log)
+    assert order.index(("start", "c")) > order.index(("end", "a"))
+    assert order.index(("start", "d")) > max(order.index(("end", "b")), order.index(("end", "c")))
+    assert order[:2] == [("start", "a"), ("start", "b")]  # two at once
+    log.clear()
+    with pytest.raises(SystemExit, match="bad failed"):
+        run_dag(["bad", "x", "y"], {0: [], 1: [], 2: [0]}.get, run, jobs=2)
+    assert ("start", "y") not in log and ("end", "x") in log  # x ran on; y, which needed bad, never started
+
+
+def test_a_partial_rerun_never_overwrites_the_published_results(tmp_path):
+    cfg = ReproduceConfig(out_dir=str(tmp_path / "results"), runs_dir=str(tmp_path / "runs"))
+    rows = [{"run": run, "seed": seed} for run in ("wso", "cosine_a0.1") for seed in (0, 1, 2)]
+    assert reproduce.output_dir(cfg, rows[:1], "") == cfg.out_dir  # nothing published yet
+    os.makedirs(cfg.out_dir)
+    with open(tmp_path / "results" / "results.json", "w") as f:
+        json.dump({"rows": rows}, f)
+    assert reproduce.output_dir(cfg, rows, "") == cfg.out_dir  # the same set (or more) replaces it
+    assert reproduce.output_dir(cfg, [r for r in rows if r["seed"] == 0], "") == str(tmp_path / "runs" / "report")
+    assert reproduce.output_dir(cfg, [r for r in rows if r["run"] == "wso"], "") == str(tmp_path / "runs" / "report")

@@ -1,0 +1,269 @@
+"""
+The study as a plan: the paper's experiments at each scale (Sections 3-6), as the commands
+of this repo that make them, in order, with what each stage reads and writes. Pure: nothing
+here runs a stage; reproduce.py runs the plan and reports it.
+
+    from study import ReproduceConfig, plan
+    plan(ReproduceConfig(experiment="mid"))   # [(kind, run_dir, command, steps), ...]
+
+Experiment 1 (Section 3, Table 1): WSO (alpha_pre = 1.0) and WSD, Linear, Cosine with
+alpha_pre in {0.0, 0.1}: 7 pre-training runs with one seed, data order and token budget each,
+sharpness recorded during training (Figure 3); each final checkpoint goes through the SFT
+LR sweep (sft.py: the LR is chosen on the selection people, the score is on the test people)
+and the pre-training tasks (evaluate.py). Experiment 2 (Section 4, Table 2): WSD pre-training
+with alpha_pre in {1.0, 0.1}, then mid-training with alpha_mid in {1.0, 0.0}, then the same.
+Decay-free: one WSO run keeping a checkpoint every M/5 steps over its last M = T/4; then the
+WSO model, a cooldown branched at step T - M (train.py --stage=cooldown, to 0 over M steps:
+WSD's budget and data), and a WSM merge (merge.py) of those 6 checkpoints for each decay
+shape, each through sharpness.py, evaluation and the SFT sweep.
+"""
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from schedules import MERGE_SHAPES, SFT_LR_GRIDS
+from tables import MT_TASKS, PT_TASKS
+
+# (schedule, alpha_pre) of Table 1 (and Table 3, over-training), and (schedule, alpha_pre,
+# alpha_mid) of Table 2. Pre-training with alpha_pre = 1.0 is WSO's run, shared.
+EXPERIMENT_1 = [("wso", 1.0), ("wsd", 0.0), ("wsd", 0.1), ("linear", 0.0), ("linear", 0.1),
+                ("cosine", 0.0), ("cosine", 0.1)]
+EXPERIMENT_2 = [("wso", 1.0, 1.0), ("wso", 1.0, 0.0), ("wsd", 0.1, 1.0), ("wsd", 0.1, 0.0),
+                ("linear", 0.1, 1.0), ("linear", 0.1, 0.0), ("cosine", 0.1, 1.0), ("cosine", 0.1, 0.0)]
+OVER_TRAINING = 4  # Experiment 3 (Section 5, Table 3): this many times the pre-training steps
+# Beyond the paper: WSD (alpha_pre 0) decaying over these fractions 1 - rho of the post-warmup
+# steps; 0.25 is Experiment 1's WSD, 1.0 is its Linear (WSD with rho = 0 is Eq. 10).
+DECAY_FRACTIONS = (0.1, 0.25, 0.5, 1.0)
+EXPERIMENTS = ("pre", "mid", "over", "decay-length", "decay-free")
+# Mid-training is 0.45 of pre-training's steps at every scale: Table 21's 36k mid-training
+# steps after Table 6's 80k pre-training steps.
+MID_FRACTION = 36_000 / 80_000
+SCALES = {
+    "cpu": dict(train=dict(dataset="testbed", preset="tiny", max_iters=300, warmup_iters=30, batch_size=32,
+                           seq_len=128, learning_rate=3e-3, sharpness_interval=50, compile=False),
+                mid=dict(dataset="testbed_mid", max_iters=round(MID_FRACTION * 300)),
+                # sharpness.py of each final model: 4 x 20 probes take seconds on the tiny model
+                sharpness=dict(num_batches=4, num_samples=20),
+                seconds_per_cost=60,  # one pre-training run (COST 1.0), 2 threads
+                sft=dict(dataset="testbed", lrs=",".join(f"{lr:g}" for lr in SFT_LR_GRIDS["testbed"]), epochs=5,
+                         compile=False),
+                eval=dict(tasks="val_loss,testbed_recall,testbed_probes"),
+                mid_eval=dict(tasks="val_loss,testbed_mid_recall,testbed_mid_probes")),
+    # Table 6's recipe (eta_max 3e-4, AdamW, bf16) at the 125m preset for ~262M tokens a run
+    # (1000 x 2^18), Table 8's SFT on a 20k-conversation sample of Tulu 3 with 3 of its LRs;
+    # not yet run, so its run time is unmeasured
+    "gpu": dict(train=dict(dataset="fineweb_edu", preset="125m", max_iters=1000, warmup_iters=100,
+                           tokens_per_step=262144, batch_size=32, seq_len=1024, learning_rate=3e-4,
+                           sharpness_interval=100, compile=True),
+                mid=dict(dataset="fineweb_edu", max_iters=round(MID_FRACTION * 1000)),
+                # Table 23: sequences of 1024 tokens, batch size 1, 50 probes, up to 4096 batches
+                # (about 3 HVPs of a forward+backward each, bench_hvp.py: ~2x a run's pre-training)
+                sharpness=dict(num_batches=4096, num_samples=50, seq_len=1024, batch_size=1, compile=True),
+                seconds_per_cost=None,  # not run yet
+                sft=dict(dataset="tulu3", lrs="5e-5,1e-4,5e-4", epochs=1, global_batch_size=128, batch_size=16,
+                         warmup_iters=10, max_train=20000, max_val=2000, compile=True),
+                eval=dict(tasks="val_loss," + ",".join(t for t in PT_TASKS if not t.startswith("testbed"))),
+                mid_eval=dict(tasks="val_loss," + ",".join(t for t in MT_TASKS if not t.startswith("testbed"))),
+                # the paper scores the fine-tuned model on these (AlpacaEval needs a judge: --judge)
+                sft_eval=dict(tasks="mmlu,truthfulqa_mc2")),
+}
+
+
+@dataclass
+class ReproduceConfig:
+    experiment: str = "pre"  # pre (Table 1) | mid (Table 2) | over (Table 3) | decay-length | decay-free
+    scale: str = "cpu"  # cpu (the testbed) | gpu (FineWeb-Edu, Tulu 3, lm-eval tasks)
+    seeds: str = "0"  # comma-separated training seeds; everything is repeated per seed
+    schedules: str = ""  # a subset of the grid, e.g. wso,wsd_a0.1 (run names); empty: all
+    out_dir: str = "results"  # tables, figures, results.json
+    runs_dir: str = "runs"  # checkpoints and logs of every stage: runs_dir/seed<k>/<run>/
+    max_iters: int = 0  # pre-training steps instead of the scale's (mid-training: MID_FRACTION of it)
+    sft_lrs: str = ""  # the SFT sweep instead of the scale's
+    sft_epochs: int = 0  # SFT epochs instead of the scale's
+    eval_limit: int = 0  # score only the first N items of each evaluation task (0: all)
+    jobs: int = 1  # independent stages run at once, each in its own process
+    threads: int = 0  # torch threads per stage; 0: all cores with --jobs=1, else cores // jobs
+    verbose: bool = False  # stream every stage's output instead of one line per stage
+
+    def __post_init__(self):
+        if self.experiment not in EXPERIMENTS:
+            raise ValueError(f"experiment={self.experiment!r}; choose one of {', '.join(EXPERIMENTS)}")
+        if self.jobs < 1 or self.threads < 0:
+            raise ValueError(f"jobs={self.jobs} must be >= 1 and threads={self.threads} >= 0")
+        if self.scale not in SCALES:
+            raise ValueError(f"scale={self.scale!r}; choose one of {sorted(SCALES)}")
+        try:
+            [int(s) for s in self.seeds.split(",")]
+        except ValueError:
+            raise ValueError(f"seeds={self.seeds!r}: give comma-separated integers, e.g. 0,1,2") from None
+
+
+def run_name(schedule, alpha_pre, alpha_mid=None):
+    name = "wso" if alpha_pre == 1.0 and schedule in ("wso", "wsd") else f"{schedule}_a{alpha_pre:g}"
+    return name if alpha_mid is None else f"{name}_mid_a{alpha_mid:g}"
+
+
+def grid(experiment):
+    """[(run name, pre-training run name, train.py options, alpha_mid)] of an experiment."""
+    if experiment == "mid":
+        return [(run_name(s, a, m), run_name(s, a), {"schedule": s, "alpha": a}, m) for s, a, m in EXPERIMENT_2]
+    if experiment == "decay-length":
+        named = {0.25: "wsd_a0", 1.0: "linear_a0"}  # Experiment 1's runs, the same commands
+        return [(named.get(f, f"wsd_a0_decay{f:g}"),) * 2 + (
+            {"schedule": "linear", "alpha": 0.0} if f == 1.0 else
+            {"schedule": "wsd", "alpha": 0.0, **({} if f == 0.25 else {"stable_ratio": 1 - f})}, None)
+            for f in DECAY_FRACTIONS]
+    prefix = "over/" if experiment == "over" else ""
+    return [(prefix + run_name(s, a),) * 2 + ({"schedule": s, "alpha": a}, None) for s, a in EXPERIMENT_1]
+
+
+def flags(options):
+    return [f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in options.items()]
+
+
+# --------------------------------------------------------------------- the stages
+
+def plan(cfg):
+    """Every stage of the study, in order: (kind, run_dir, command, steps): steps is the
+    step a training stage's checkpoint must reach to be done (None for the others)."""
+    scale = SCALES[cfg.scale]
+    train = dict(scale["train"])
+    factor = OVER_TRAINING if cfg.experiment == "over" else 1
+    steps = (cfg.max_iters or train["max_iters"]) * factor
+    if steps != train["max_iters"]:  # the warmup keeps its share; over-training measures as often per share
+        train.update(max_iters=steps, warmup_iters=max(1, round(steps / train["max_iters"] * train["warmup_iters"])),
+                     sharpness_interval=factor * train["sharpness_interval"])
+    sft = {**scale["sft"], **({"lrs": cfg.sft_lrs} if cfg.sft_lrs else {}),
+           **({"epochs": cfg.sft_epochs} if cfg.sft_epochs else {})}
+    wanted = set(cfg.schedules.split(",")) - {""}
+    stages = []
+    for seed in [int(s) for s in cfg.seeds.split(",")]:
+        seed_dir = os.path.join(cfg.runs_dir, f"seed{seed}")
+        if cfg.experiment == "decay-free":
+            stages += decay_free_plan(cfg, seed, seed_dir, train, sft, scale)
+            continue
+        rows = grid(cfg.experiment)
+        unknown = wanted - {name for name, *_ in rows}
+        if unknown:
+            raise SystemExit(f"error: --schedules names {sorted(unknown)}; the grid has "
+                             f"{[name for name, *_ in rows]}")
+        pretrained = set()
+        for name, pre_name, options, alpha_mid in rows:
+            if wanted and name not in wanted:
+                continue
+            pre_dir = os.path.join(seed_dir, pre_name)
+            if pre_dir not in pretrained:  # Experiment 2 shares each pre-training run
+                pretrained.add(pre_dir)
+                stages.append(("pre-train", pre_dir, ["train.py", *flags(
+                    {**train, **options, "seed": seed, "out_dir": pre_dir})], train["max_iters"]))
+            run_dir = pre_dir
+            if alpha_mid is not None:
+                run_dir = os.path.join(seed_dir, name)
+                mid = {**scale["mid"], **({"max_iters": round(MID_FRACTION * cfg.max_iters)} if cfg.max_iters else {})}
+                stages.append(("mid-train", run_dir, ["train.py", *flags(
+                    {**{k: v for k, v in train.items() if k not in mid}, **mid, "stage": "mid",
+                     "alpha_mid": alpha_mid, "sharpness_interval": 0, "seed": seed,
+                     "init_from": os.path.join(pre_dir, "ckpt.pt"), "out_dir": run_dir})], mid["max_iters"]))
+            tasks = scale["mid_eval" if alpha_mid is not None else "eval"]
+            stages += model_stages(cfg, seed, run_dir, tasks, sft)
+    return stages
+
+
+def sharpness_stage(cfg, run_dir, split):
+    """Sharpness of run_dir/ckpt.pt with the scale's settings: on held-out text and SFT
+    conversations (split=val, as the paper), or on the training text itself (split=train),
+    where training sought its minimum."""
+    kind, args, out = (("sharpness", [], "sharpness.json") if split == "val" else
+                       ("sharpness (train)", ["--datasets=pretrain", "--pretrain_split=train"], "sharpness_train.json"))
+    return (kind, run_dir, ["sharpness.py", f"--ckpt={os.path.join(run_dir, 'ckpt.pt')}", *args,
+                            *flags(SCALES[cfg.scale]["sharpness"]), f"--out={os.path.join(run_dir, out)}"], None)
+
+
+def model_stages(cfg, seed, run_dir, tasks, sft):
+    """What every final model of a study goes through: evaluation, sharpness on its training
+    text, the SFT sweep and, where the data set is not the testbed (whose sweep scores its test
+    people itself), benchmarks of the fine-tuned model at the selected LR ({best_ckpt} is read
+    at run time)."""
+    ckpt = os.path.join(run_dir, "ckpt.pt")
+    stages = [("evaluate", run_dir, ["evaluate.py", *flags(
+                  {**tasks, "ckpt": ckpt, "out": os.path.join(run_dir, "eval.json"), "limit": cfg.eval_limit})], None),
+              sharpness_stage(cfg, run_dir, "train"),
+              ("SFT", run_dir, ["sft.py", *flags(
+                  {**sft, "seed": seed, "init_from": ckpt, "out_dir": os.path.join(run_dir, "sft")})], None)]
+    sft_tasks = SCALES[cfg.scale].get("sft_eval")
+    if sft_tasks:
+        stages.append(("SFT eval", run_dir, ["evaluate.py", *flags(
+            {**sft_tasks, "ckpt": "{best_ckpt}", "limit": cfg.eval_limit,
+             "out": os.path.join(run_dir, "sft_eval.json")})], None))
+    return stages
+
+
+def decay_free_plan(cfg, seed, seed_dir, train, sft, scale):
+    """One WSO run keeping checkpoints over its last quarter; a cooldown branch and a merge per
+    decay shape from them; then sharpness, evaluation and SFT of each final model."""
+    total = train["max_iters"]
+    cool = max(5, total // 4 // 5 * 5)  # the last M steps, M a multiple of the 5 merge intervals
+    keep, branch = cool // 5, total - cool
+    wso_dir = os.path.join(seed_dir, "wso_kept")
+    stages = [("pre-train", wso_dir, ["train.py", *flags({**train, "schedule": "wso", "seed": seed,
+                                                          "keep_every": keep, "out_dir": wso_dir})], total)]
+    kept = [os.path.join(wso_dir, f"ckpt_{step:06d}.pt") for step in range(branch, total + 1, keep)]
+    finals = {"wso": wso_dir}
+    cool_dir = os.path.join(seed_dir, "wso_cooldown")
+    stages.append(("cooldown", cool_dir, ["train.py", *flags(
+        {**train, "schedule": "wso", "seed": seed, "stage": "cooldown", "alpha": 0.0, "max_iters": cool,
+         "sharpness_interval": 0, "init_from": kept[0], "out_dir": cool_dir})], total))
+    finals["wso_cooldown"] = cool_dir
+    for shape in MERGE_SHAPES:  # schedules.merge_weights' shapes
+        merge_dir = os.path.join(seed_dir, f"wso_merge_{shape}")
+        stages.append(("merge", merge_dir, ["merge.py", f"--ckpts={','.join(kept)}", f"--shape={shape}",
+                                            f"--out={os.path.join(merge_dir, 'ckpt.pt')}"], None))
+        finals[f"wso_merge_{shape}"] = merge_dir
+    wanted = set(cfg.schedules.split(",")) - {""}
+    if wanted - set(finals):
+        raise SystemExit(f"error: --schedules names {sorted(wanted - set(finals))}; the grid has {list(finals)}")
+    for name, run_dir in finals.items():
+        if wanted and name not in wanted:
+            continue
+        stages.append(sharpness_stage(cfg, run_dir, "val"))
+        stages += model_stages(cfg, seed, run_dir, scale["eval"], sft)
+    return stages
+
+
+def is_done(kind, run_dir, steps):
+    """Whether a stage's output is complete: a final checkpoint, eval.json, summary.json."""
+    if kind in TRAINING:
+        path = os.path.join(run_dir, "ckpt.pt")
+        # mmap: only the bytes of "step" are read, not the weights
+        return (os.path.isfile(path)
+                and torch.load(path, map_location="cpu", weights_only=False, mmap=True)["step"] >= steps)
+    return os.path.isfile(os.path.join(run_dir, OUTPUT[kind]))
+
+
+TRAINING = ("pre-train", "mid-train", "cooldown")
+OUTPUT = {"evaluate": "eval.json", "SFT": "sft/summary.json", "SFT eval": "sft_eval.json", "merge": "ckpt.pt",
+          "sharpness": "sharpness.json", "sharpness (train)": "sharpness_train.json"}
+
+
+# Relative cost of each kind of stage on the testbed (measured), for the study's ETA
+COST = {"pre-train": 1.0, "mid-train": 0.5, "cooldown": 0.3, "merge": 0.02, "sharpness": 0.1, "evaluate": 0.1,
+        "SFT": 1.1, "SFT eval": 0.1, "sharpness (train)": 0.1}
+PRODUCERS = (*TRAINING, "merge")  # the stages that write a run's ckpt.pt
+
+
+def dependencies(stages):
+    """For each stage, the earlier stages it must wait for: those that write the checkpoint it
+    reads (its own run's training or merge, or the run its command points into), and for
+    "SFT eval" its run's SFT. Stages of one run that only read its checkpoint are independent."""
+    deps = []
+    for i, (kind, run_dir, command, _) in enumerate(stages):
+        needs = {j for j, (other, other_dir, _, _) in enumerate(stages[:i]) if other in PRODUCERS and (
+            other_dir == run_dir or any(other_dir + os.sep in arg for arg in command))}
+        if kind == "SFT eval":
+            needs |= {j for j, (other, other_dir, _, _) in enumerate(stages[:i]) if other == "SFT" and other_dir == run_dir}
+        deps.append(needs)
+    return deps
+
+
