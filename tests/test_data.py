@@ -341,3 +341,11 @@ def test_held_out_text_uses_only_trained_tokens(tb):
     tokenizer = Tokenizer.from_dict(tb["meta"]["tokenizer"])
     names = {t for name in tb["people"] for t in tokenizer.encode(" " + name)}
     assert names <= pretrain  # SFT questions name people mid-sentence
+
+
+def test_testbed_sizes_that_do_not_fit_are_refused_clearly(tmp_path):
+    out = subprocess.run([sys.executable, "data/testbed/prepare.py", f"--out_dir={tmp_path}", "--n_sft_train=150",
+                          "--n_sft_select=60"], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode != 0 and "must leave test people" in out.stderr and "Traceback" not in out.stderr
+    with pytest.raises(ValueError, match="sft_questions=4 must be in"):
+        testbed.prepare(tmp_path, sft_questions=4)

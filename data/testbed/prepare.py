@@ -414,7 +414,10 @@ def main():
     parser.add_argument("--sft_questions", type=int, default=SFT_QUESTIONS,
                         help="question phrasings per attribute for SFT-train people (1-3)")
     args = parser.parse_args()
-    prepare(args.out_dir, args.seed, args.n_people, args.n_sft_train, args.n_sft_select, args.sft_questions)
+    try:
+        prepare(args.out_dir, args.seed, args.n_people, args.n_sft_train, args.n_sft_select, args.sft_questions)
+    except ValueError as e:  # sizes that do not fit: say which, without a traceback
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":
