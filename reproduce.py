@@ -88,7 +88,8 @@ def run_all(cfg):
     threads = cfg.threads or (max(1, (os.cpu_count() or 1) // cfg.jobs) if cfg.jobs > 1 else 0)
     progress = StudyProgress(todo)
     per_cost = SCALES[cfg.scale]["seconds_per_cost"]
-    estimate = (f"about {format_duration(progress.total * per_cost / cfg.jobs)} (measured on a 2-core CPU)"
+    estimate = (f"about {format_duration(progress.total * per_cost / cfg.jobs)} (from stage times measured "
+                f"single-threaded on a 2-core CPU)"
                 if per_cost else "time unmeasured at this scale")
     print(f"{len(stages)} stages, {len(stages) - len(todo)} done earlier, {len(todo)} to run, {cfg.jobs} at a time, "
           f"{estimate}; logs in each run's folder under {cfg.runs_dir}/", flush=True)

@@ -46,7 +46,9 @@ SCALES = {
                 mid=dict(dataset="testbed_mid", max_iters=round(MID_FRACTION * 300)),
                 # sharpness.py of each final model: 4 x 20 probes take seconds on the tiny model
                 sharpness=dict(num_batches=4, num_samples=20),
-                seconds_per_cost=60,  # one pre-training run (COST 1.0), 2 threads
+                # one pre-training run (COST 1.0) on one thread: 300 x 4096 tokens at the ~7k tokens/s
+                # measured single-threaded on the 2-core CPU (600-step runs took ~350 s)
+                seconds_per_cost=175,
                 sft=dict(dataset="testbed", lrs=",".join(f"{lr:g}" for lr in SFT_LR_GRIDS["testbed"]), epochs=5,
                          compile=False),
                 eval=dict(tasks="val_loss,testbed_recall,testbed_probes"),
