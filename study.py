@@ -41,16 +41,18 @@ EXPERIMENTS = ("pre", "mid", "over", "decay-length", "decay-free")
 # steps after Table 6's 80k pre-training steps.
 MID_FRACTION = 36_000 / 80_000
 SCALES = {
-    "cpu": dict(train=dict(dataset="testbed", preset="tiny", max_iters=300, warmup_iters=30, batch_size=32,
-                           seq_len=128, learning_rate=3e-3, sharpness_interval=50, compile=False),
-                mid=dict(dataset="testbed_mid", max_iters=round(MID_FRACTION * 300)),
+    "cpu": dict(train=dict(dataset="testbed", preset="tiny", max_iters=600, warmup_iters=60, batch_size=32,
+                           seq_len=128, learning_rate=3e-3, sharpness_interval=100, compile=False),
+                mid=dict(dataset="testbed_mid", max_iters=round(MID_FRACTION * 600)),
                 # sharpness.py of each final model: 4 x 20 probes take seconds on the tiny model
                 sharpness=dict(num_batches=4, num_samples=20),
-                # one pre-training run (COST 1.0) on one thread: 300 x 4096 tokens at the ~7k tokens/s
+                # one pre-training run (COST 1.0) on one thread: 600 x 4096 tokens at the ~7k tokens/s
                 # measured single-threaded on the 2-core CPU (600-step runs took ~350 s)
-                seconds_per_cost=175,
+                seconds_per_cost=350,
+                # 600 steps store the facts under every schedule (data/testbed/prepare.py's sizes);
+                # SFT: 5 epochs of the 450 training conversations, 71 updates, 5 of warmup (~7%)
                 sft=dict(dataset="testbed", lrs=",".join(f"{lr:g}" for lr in SFT_LR_GRIDS["testbed"]), epochs=5,
-                         compile=False),
+                         warmup_iters=5, compile=False),
                 eval=dict(tasks="val_loss,testbed_recall,testbed_probes"),
                 mid_eval=dict(tasks="val_loss,testbed_mid_recall,testbed_mid_probes")),
     # Table 6's recipe (eta_max 3e-4, AdamW, bf16) at the 125m preset for ~262M tokens a run
@@ -250,8 +252,8 @@ OUTPUT = {"evaluate": "eval.json", "SFT": "sft/summary.json", "SFT eval": "sft_e
 
 
 # Relative cost of each kind of stage on the testbed (measured), for the study's ETA
-COST = {"pre-train": 1.0, "mid-train": 0.5, "cooldown": 0.3, "merge": 0.02, "sharpness": 0.1, "evaluate": 0.1,
-        "SFT": 1.1, "SFT eval": 0.1, "sharpness (train)": 0.1}
+COST = {"pre-train": 1.0, "mid-train": 0.45, "cooldown": 0.25, "merge": 0.02, "sharpness": 0.03, "evaluate": 0.03,
+        "SFT": 0.6, "SFT eval": 0.1, "sharpness (train)": 0.03}
 PRODUCERS = (*TRAINING, "merge")  # the stages that write a run's ckpt.pt
 
 

@@ -115,7 +115,7 @@ def test_sharpness_sizes_and_mid_training_length_come_from_the_scale():
         commands = [command for kind, _, command, _ in reproduce.plan(ReproduceConfig(scale=scale, schedules="wso"))
                     if kind.startswith("sharpness")]
         assert commands and all(want <= set(command) for command in commands), (scale, commands)
-    for scale, max_iters, mid_iters in (("cpu", 0, 135), ("cpu", 200, 90), ("gpu", 0, 450)):
+    for scale, max_iters, mid_iters in (("cpu", 0, 270), ("cpu", 200, 90), ("gpu", 0, 450)):
         stages = reproduce.plan(ReproduceConfig(scale=scale, experiment="mid", max_iters=max_iters))
         mid_stages = [(command, steps) for kind, _, command, steps in stages if kind == "mid-train"]
         assert mid_stages and all(steps == mid_iters and f"--max_iters={mid_iters}" in command

@@ -1,6 +1,6 @@
 """The synthetic testbed: the paper's question, small enough for a laptop CPU.
 
-    python data/testbed/prepare.py [--out_dir=data/testbed] [--seed=0] [--n_people=200]
+    python data/testbed/prepare.py [--out_dir=data/testbed] [--seed=0] [--n_people=150]
 
 The paper asks whether a model pre-trained without LR decay (WSO) adapts better in SFT.
 Here SFT can only succeed with knowledge that pre-training alone provides:
@@ -48,7 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from data.common import (Tokenizer, load_meta, write_atomic, write_jsonl,  # noqa: E402
                          write_meta, write_tokens)
 
-VERSION = 4  # bump when the testbed changes, so is_prepared() sends stale copies to be re-made
+VERSION = 5  # bump when the testbed changes, so is_prepared() sends stale copies to be re-made
+# (5: version 4 at the measured sizes below)
 
 FEMALE_NAMES = ["Alice", "Beatrice", "Clara", "Daphne", "Elena", "Fiona", "Greta", "Helen", "Irene",
                 "Julia", "Karen", "Laura", "Marta", "Nadia", "Olivia", "Paula", "Rosa", "Sonia",
@@ -89,11 +90,16 @@ EMPLOYERS = ["Siemens", "Nokia", "Airbus", "Philips", "Unilever", "Nestle", "Toy
              "Novartis", "Bosch", "Adidas", "IKEA", "Lego", "Canon", "Sony", "Honda", "Intel",
              "Oracle", "Cisco", "Boeing", "Pfizer", "Accenture", "Deloitte", "Reuters", "Mitsubishi",
              "Hitachi", "Danone", "Renault", "Michelin", "Ferrari", "Barclays", "Santander"]
-# Sizes: those of testbed version 3. They are to be chosen so that every schedule stores the
-# facts before SFT (greedy recall >= 90%), SFT is neither trivial nor hopeless (no score at a
-# floor or ceiling), and >= 100 test people resolve a 5-point difference; a first search
-# (README, Results) has not settled them. The flags of main() try others.
-N_PEOPLE, N_SFT_TRAIN, N_SFT_SELECT, SFT_QUESTIONS = 200, 100, 50, 3
+# Sizes, measured (seed 0, the study's 600 pre-training steps at 3e-3, 5 SFT epochs):
+# - 150 people: every schedule stores the facts before SFT (greedy recall WSO 94.7%, Cosine
+#   (alpha 0) 98.3%; with 200 people WSO plateaued near 90%);
+# - 30 SFT-train people in 3 phrasings each: SFT is hard but not hopeless (test task avg
+#   WSO 32.0, Cosine 31.8; with 20 people ~24 and the answers often of the wrong kind, a
+#   date for "Where was ... born?"; with 100 people 90-98, the ceiling);
+# - 20 SFT-select people: with 10, the selection scores of neighbouring LRs differed by
+#   less than their noise (44 / 43 / 45) and chose an LR 6 test points worse;
+# - 100 test people: a 5-point difference is resolvable (500 questions).
+N_PEOPLE, N_SFT_TRAIN, N_SFT_SELECT, SFT_QUESTIONS = 150, 30, 20, 3
 
 ATTRIBUTES = ["birth_date", "birth_city", "university", "major", "employer"]
 PRONOUNS = {"female": {"He": "She", "he": "she", "His": "Her", "his": "her"},
