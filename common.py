@@ -51,13 +51,17 @@ def _parse_value(text, default, name):
 def parse_args(cls, argv=None, description=""):
     """Build a `cls` dataclass from `--key=value` arguments; `--help` lists every field."""
     argv = sys.argv[1:] if argv is None else argv
+    if hasattr(sys.stdout, "reconfigure"):  # progress lines reach a pipe, `tee` or a log file as printed
+        sys.stdout.reconfigure(line_buffering=True)
     defaults = cls()
     names = [f.name for f in dataclasses.fields(cls)]
     if any(a in ("-h", "--help") for a in argv):
         comments = _field_comments(cls)
         print(description.strip() + "\n\noptions (--key=value):")
-        for n in names:
-            print(f"  --{n}={getattr(defaults, n)!s:<14} {comments.get(n, '')}")
+        options = [f"--{n}={getattr(defaults, n)!s}" for n in names]
+        width = min(max(map(len, options)), 40)
+        for n, option in zip(names, options):
+            print(f"  {option:<{width}}  {comments.get(n, '')}".rstrip())
         raise SystemExit(0)
     values = {}
     for arg in argv:
@@ -167,3 +171,20 @@ class Eta:
             return "?"
         rate = (done - self.start_done) / max(time.perf_counter() - self.start_time, 1e-9)
         return format_duration((self.total - done) / rate) if rate > 0 else "?"
+
+
+class Pace:
+    """Training tokens per second since the previous call."""
+
+    def __init__(self, tokens_seen):
+        self.time, self.tokens = time.perf_counter(), tokens_seen
+
+    def __call__(self, tokens_seen):
+        now = time.perf_counter()
+        rate = (tokens_seen - self.tokens) / (now - self.time)
+        self.time, self.tokens = now, tokens_seen
+        return rate
+
+
+def format_bytes(n):
+    return f"{n / 1e9:,.2f} GB" if n >= 1e9 else f"{n / 1e6:,.1f} MB"

@@ -63,7 +63,7 @@ import torch
 
 from common import Eta, autocast_context, load_checkpoint, parse_args, resolve_device
 from data.chat import IGNORE, generation_prompt
-from data.common import Tokenizer, load_split, load_value_mask, read_jsonl
+from data.common import Tokenizer, load_rows, load_split, load_value_mask, read_jsonl
 from data.loaders import resolve_dataset, testbed_of, validation_batches
 from runs import load_model, schedule_of, training_config
 from scoring import generate_all, recall_accuracy, score_items, testbed_sft_accuracy
@@ -200,11 +200,10 @@ def load_docs(name, data_files):
     """Rows of a Hub data set, or of the local file data_files[name] in its schema."""
     from datasets import load_dataset
     if name in data_files:
-        path = data_files[name]
-        if not os.path.isfile(path):
-            raise SystemExit(f"error: data file for {name} not found: {path}")
-        kind = "parquet" if path.endswith(".parquet") else "json"
-        return list(load_dataset(kind, data_files=path, split="train"))
+        rows = load_rows(data_files[name])
+        if not rows:
+            raise SystemExit(f"error: {data_files[name]} (--data_files {name}) has no rows")
+        return rows
     hub_id, config, split = HUB[name]
     try:
         return list(load_dataset(hub_id, config, split=split))

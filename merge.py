@@ -55,6 +55,9 @@ def source_paths(cfg):
                              f"--last+1={cfg.last + 1}; train with --keep_every=N")
         return [os.path.join(cfg.ckpts, kept[step]) for step in sorted(kept)[-(cfg.last + 1):]]
     if cfg.last:
+        if "," not in cfg.ckpts and not os.path.exists(cfg.ckpts):
+            raise SystemExit(f"error: --ckpts={cfg.ckpts}: no such directory (with --last=k, --ckpts is a training "
+                             f"run's --out_dir holding ckpt_<step>.pt from --keep_every=N)")
         raise SystemExit("error: --last=k takes a directory as --ckpts; with a list, the list says what to merge")
     paths = [p for p in cfg.ckpts.split(",") if p]
     if len(paths) < 2:

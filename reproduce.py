@@ -16,7 +16,8 @@ what each experiment runs); this script runs that plan and writes the tables and
 Every stage is a command of this repo (printed, its output in a .log beside its run), and
 is skipped when its output is complete: a rerun picks up where an interrupted one stopped
 (an unfinished pre-training run resumes from its checkpoint, a sweep from its last finished
-LR). Before the first stage it prints the estimated time of the whole plan. Writes, in
+LR). Before the first stage it prints the estimated time of what is left to run
+(--dry_run=true prints only that and the stages' commands). Writes, in
 --out_dir (default results/; a run with fewer seeds or runs than the results there writes to
 runs_dir/report/ instead):
     table1.md / table2.md / table3.md / table_decay_length.md / table_decay_free.md
@@ -93,6 +94,10 @@ def run_all(cfg):
                 if per_cost else "time unmeasured at this scale")
     print(f"{len(stages)} stages, {len(stages) - len(todo)} done earlier, {len(todo)} to run, {cfg.jobs} at a time, "
           f"{estimate}; logs in each run's folder under {cfg.runs_dir}/", flush=True)
+    if cfg.dry_run:
+        for kind, run_dir, command, _ in todo:
+            print(f"  {kind:17s} python {' '.join(command)}")
+        return
 
     def run(stage):
         kind, run_dir, command, steps = stage
@@ -292,6 +297,8 @@ def report(cfg):
 def main(cfg):
     start = time.time()
     run_all(cfg)
+    if cfg.dry_run:
+        return None
     results = report(cfg)
     print(f"study done in {format_duration(time.time() - start)}")
     return results

@@ -43,25 +43,27 @@ that has it is skipped when the sweep is rerun), out_dir/config.json, and out_di
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from datasets import load_dataset
 
 import schedules
-from common import Eta, append_jsonl, load_checkpoint, parse_args, rng_state, save_checkpoint
-from data.chat import IGNORE, has_supervision, render
-from data.common import Tokenizer, load_meta, read_jsonl, write_atomic
-from data.loaders import pad_collate, testbed_of
+from common import (Eta, append_jsonl, load_checkpoint, parse_args, rng_state, save_checkpoint, set_rng_state,
+                    truncate_log)
+from data.chat import IGNORE
+from data.common import Tokenizer, write_atomic
+from data.conversations import load_data, tokenize, update_batches
+from data.loaders import pad_collate
 from runs import load_model, schedule_of
 from schedules import SFT_LR_GRIDS
 from scoring import testbed_sft_accuracy
 from tables import sft_task_avg
-from training import Runtime, make_optimizer, mean_loss, optimizer_step, set_lr, setup_distributed
+from training import (Interrupts, Runtime, load_optimizer_state, make_optimizer, mean_loss, optimizer_step, set_lr,
+                      setup_distributed)
 
-TULU3 = "allenai/tulu-3-sft-olmo-2-mixture"
 HIGHER_IS_BETTER = {"sft_select_task_avg": True, "sft_select_exact_match": True, "val_loss": False}  # the --select_by metrics
 FINAL_LOSS_STEPS = 10  # final_train_loss averages the last updates: one batch alone is noisy
 
@@ -96,10 +98,11 @@ class SFTConfig:
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, else fp32) | float32 | bfloat16
     compile: bool = False  # torch.compile the training model; pays off on GPUs (on the CPU testbed: +90 s)
     log_interval: int = 10  # updates between progress lines and log.jsonl records
+    checkpoint_interval: int = 100  # updates between lr_<lr>/resume.pt (weights + AdamW) inside an LR; 0: only on Ctrl-C
 
     def __post_init__(self):
         for name, least in (("warmup_iters", 0), ("epochs", 1), ("global_batch_size", 1), ("batch_size", 1),
-                            ("log_interval", 1)):
+                            ("log_interval", 1), ("checkpoint_interval", 0)):
             if getattr(self, name) < least:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= {least}")
         if self.seq_len < 2:
@@ -115,7 +118,8 @@ class SFTConfig:
 
 
 # Fields that may change between a sweep and its rerun without changing any LR's result.
-RERUN_CHANGES = {"out_dir", "lrs", "learning_rate", "select_by", "log_interval", "compile", "device"}
+RERUN_CHANGES = {"out_dir", "lrs", "learning_rate", "select_by", "log_interval", "compile", "device",
+                 "checkpoint_interval"}
 
 
 def sweep_lrs(cfg):
@@ -131,86 +135,6 @@ def sweep_lrs(cfg):
     if not lrs or lrs[0] <= 0 or not math.isfinite(lrs[-1]):
         raise ValueError(f"lrs={cfg.lrs!r}: every LR must be a finite number > 0")
     return lrs
-
-
-# ---------------------------------------------------------------------------- data
-
-def load_messages(name):
-    """The `messages` column of Tulu 3 or a local file, through Hugging Face `datasets`."""
-    kinds = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-    kind = kinds.get(os.path.splitext(name)[1])
-    if name != "tulu3" and not (kind and os.path.isfile(name)):
-        raise SystemExit(f"error: unknown data set {name!r}: use testbed, tulu3, a testbed folder, "
-                         f"or an existing {'/'.join(kinds)} file with a `messages` column")
-    if name != "tulu3" and os.path.getsize(name) == 0:
-        raise SystemExit(f"error: data set {name!r} is an empty file")
-    try:
-        if name == "tulu3":
-            rows = load_dataset(TULU3, split="train")  # no official split: the paper makes its own 9:1
-        else:
-            rows = load_dataset(kind, data_files=name, split="train")
-    except Exception as e:  # offline (the Hub), a malformed file: say which data set and why
-        raise SystemExit(f"error: cannot load data set {name!r} ({type(e).__name__}: {e}); offline, "
-                         f"pass a local copy: --dataset=path/to/file.parquet") from None
-    if "messages" not in rows.column_names:
-        raise SystemExit(f"error: data set {name!r} has no `messages` column (it has {rows.column_names})")
-    return list(rows["messages"])
-
-
-def split_train_val(conversations, seed):
-    """The paper's own 9:1 train/validation split (Appendix D), seeded."""
-    order = np.random.default_rng(seed).permutation(len(conversations))
-    n_val = max(1, len(conversations) // 10)
-    return [conversations[i] for i in order[n_val:]], [conversations[i] for i in order[:n_val]]
-
-
-def load_data(cfg, tokenizer):
-    """(train conversations, val conversations, testbed folder or None). Tulu 3 or a file may be
-    any text: the checkpoint's tokenizer encodes it (a compact one spells unknown tokens in bytes).
-    A testbed must have been tokenized with the checkpoint's own vocabulary."""
-    testbed = testbed_of(cfg.dataset)
-    if testbed is None:
-        conversations = load_messages(cfg.dataset)
-        if not conversations:
-            raise SystemExit(f"error: data set {cfg.dataset!r} has no conversations")
-        train, val = split_train_val(conversations, cfg.seed)
-        return train[:cfg.max_train or None], val[:cfg.max_val or None], None
-    try:
-        testbed_tokenizer = Tokenizer.from_dict(load_meta(testbed)["tokenizer"])
-    except FileNotFoundError as e:
-        raise SystemExit(f"error: {e}") from None
-    if testbed_tokenizer != tokenizer:
-        raise SystemExit(f"error: the testbed at {testbed} uses a different tokenizer/vocabulary than "
-                         f"--init_from={cfg.init_from}; fine-tune a checkpoint pre-trained on this testbed")
-    train, val = (read_jsonl(os.path.join(testbed, f)) for f in ("sft_train.jsonl", "sft_select.jsonl"))
-    if not train or not val:
-        raise SystemExit(f"error: the testbed at {testbed} has an empty SFT file; re-run data/testbed/prepare.py")
-    return [r["messages"] for r in train], [r["messages"] for r in val], testbed
-
-
-def tokenize(conversations, tokenizer, seq_len, split):
-    """[(ids, labels)] of the conversations that keep supervision after the cut, and the
-    number of those that lose it: they would add nothing to the loss, so they are left out
-    of the batches, and counted so that the cut never drops data silently."""
-    examples, without_supervision = [], 0
-    for i, messages in enumerate(conversations):
-        try:
-            ids, labels = render(messages, tokenizer, max_len=seq_len)
-        except ValueError as e:
-            raise SystemExit(f"error: {split} conversation {i}: {e}") from None
-        if has_supervision(labels[1:]):  # labels[0] has no token before it to predict it from
-            examples.append((np.array(ids, dtype=np.int32), np.array(labels, dtype=np.int32)))  # Tulu 3: GBs
-        else:
-            without_supervision += 1
-    return examples, without_supervision
-
-
-def update_batches(num_examples, cfg):
-    """The example indices of each update: `epochs` seeded permutations one after another,
-    cut into global batches (the last one may be smaller). The same for every LR."""
-    order = np.concatenate([np.random.default_rng([cfg.seed, epoch]).permutation(num_examples)
-                            for epoch in range(cfg.epochs)])
-    return [order[i:i + cfg.global_batch_size].tolist() for i in range(0, len(order), cfg.global_batch_size)]
 
 
 # ------------------------------------------------------------------ training parts
@@ -252,6 +176,8 @@ class Sweep:
     init_config: dict  # the checkpoint's training config
     tokenizer: Tokenizer
     eta: Eta  # of the whole sweep, in updates
+    interrupts: Interrupts | None = None  # Ctrl-C / SIGTERM: stop at an update boundary (main sets it)
+    argv: tuple = ()  # the command's arguments: rerunning it resumes
     updates_done: int = 0
 
 
@@ -268,20 +194,17 @@ def val_loss(sweep):
     return mean_loss(sweep.model, batches, sweep.rt.device, sweep.rt.autocast)
 
 
-def finetune(lr, run_dir, sweep):
-    """Fine-tune from the initial weights at peak LR `lr`; returns this LR's result record."""
+def finetune(lr, run_dir, sweep, identity):
+    """Fine-tune from the initial weights at peak LR `lr`; returns this LR's result record.
+    An attempt of the same sweep that was stopped (Ctrl-C, SIGTERM, a crash after a periodic
+    save) left run_dir/resume.pt: this LR continues from it, as if never stopped."""
     cfg, model, batches = sweep.cfg, sweep.model, sweep.examples.batches
-    model.load_state_dict(sweep.init_weights)
-    model.train()  # evaluation of the previous LR left it in eval mode
     optimizer = make_optimizer(model, cfg, sweep.rt.device)  # fresh: SFT starts a new optimization
-    log_path = os.path.join(run_dir, "log.jsonl")
-    os.makedirs(run_dir, exist_ok=True)
-    if os.path.exists(log_path):  # an unfinished earlier attempt: start this LR over
-        os.remove(log_path)
-    append_jsonl(log_path, {"step": 0, **sweep.examples.counts})
-    losses, result = [], {"lr": lr, "run_dir": run_dir, "steps": len(batches), "diverged_at_step": None}
-    eta, last_time, tokens = Eta(len(batches)), time.perf_counter(), 0
-    for step, batch in enumerate(batches, start=1):
+    log_path, resume_path = os.path.join(run_dir, "log.jsonl"), os.path.join(run_dir, "resume.pt")
+    done, losses = start_lr(lr, sweep, optimizer, log_path, resume_path, identity)
+    result = {"lr": lr, "run_dir": run_dir, "steps": len(batches), "diverged_at_step": None}
+    eta, last_time, tokens = Eta(len(batches), done), time.perf_counter(), 0
+    for step, batch in enumerate(batches[done:], start=done + 1):
         lr_now = schedules.sft_lr(step, lr_max=lr, warmup_iters=cfg.warmup_iters, max_iters=len(batches))
         set_lr(optimizer, lr_now)
         try:
@@ -302,13 +225,56 @@ def finetune(lr, run_dir, sweep):
                   f"ETA {eta(step)} (sweep {sweep.eta(sweep.updates_done)})")
             append_jsonl(log_path, {"step": step, "lr": lr_now, "loss": loss, "grad_norm": grad_norm,
                                     "supervised_tokens": supervised, "tokens_per_sec": tokens_per_sec})
-    # No optimizer state: an unfinished LR is rerun whole, and a 1B model's AdamW state is 8 GB.
+        stop = sweep.interrupts.requested()
+        if step < len(batches) and (stop or (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0)):
+            save_checkpoint(resume_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                          "step": step, "losses": losses, "rng": rng_state(), "identity": identity})
+        if stop and step < len(batches):
+            sweep.interrupts.stop(f"{resume_path} holds update {step} of {len(batches)} at lr {lr:g}; finished LRs "
+                                  f"are kept", sweep.argv)
+    # The final checkpoint has no optimizer state: a finished LR is never continued, and a 1B
+    # model's AdamW state is 8 GB.
     save_checkpoint(os.path.join(run_dir, "ckpt.pt"), {
         "model": model.state_dict(), "model_config": model.config.to_dict(),
         "tokenizer": sweep.tokenizer.to_dict(), "config": {**asdict(cfg), "learning_rate": lr, "stage": "sft"},
         "init_config": sweep.init_config, "step": len(batches), "rng": rng_state()})
+    if os.path.exists(resume_path):
+        os.remove(resume_path)
     result.update(final_train_loss=float(np.mean(losses[-FINAL_LOSS_STEPS:])), val_loss=val_loss(sweep))
     return result
+
+
+def start_lr(lr, sweep, optimizer, log_path, resume_path, identity):
+    """Load the model (and optimizer) an LR starts from, and start or continue its log:
+    (updates done, their losses)."""
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    state = resumable(resume_path, identity)
+    if state:
+        sweep.model.load_state_dict(state["model"])
+        load_optimizer_state(optimizer, state["optimizer"])
+        set_rng_state(state["rng"])
+        truncate_log(log_path, state["step"])
+        print(f"[lr {lr:g}] resuming at update {state['step'] + 1} of {len(sweep.examples.batches)} from {resume_path}")
+    else:
+        sweep.model.load_state_dict(sweep.init_weights)
+        if os.path.exists(log_path):  # an attempt that left no resume.pt: start this LR over
+            os.remove(log_path)
+        append_jsonl(log_path, {"step": 0, **sweep.examples.counts})
+    sweep.model.train()  # evaluation of the previous LR left it in eval mode
+    done = state["step"] if state else 0
+    sweep.updates_done += done
+    return done, (state["losses"] if state else [])
+
+
+def resumable(path, identity):
+    """The state an interrupted attempt of this LR saved, if it was made by the same sweep."""
+    if not os.path.isfile(path):
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("identity") != identity:
+        print(f"note: {path} was made with other settings or another checkpoint; starting this LR over")
+        return None
+    return state
 
 
 def testbed_scores(model, tokenizer, testbed):
@@ -363,8 +329,14 @@ def prepare_examples(cfg, tokenizer, train_chats, val_chats):
     train, train_cut = tokenize(train_chats, tokenizer, cfg.seq_len, "train")
     val, val_cut = tokenize(val_chats, tokenizer, cfg.seq_len, "val")
     if not train or not val:
+        split, chats = ("training", train_chats) if not train else ("validation", val_chats)
+        if not any(m.get("role") == "assistant" for messages in chats for m in messages):
+            roles = sorted({str(m.get("role")) for messages in chats for m in messages})
+            raise SystemExit(f"error: no {split} conversation has an assistant turn (roles: {', '.join(roles)}); SFT "
+                             f"learns from assistant messages only: each conversation needs one with role "
+                             f"\"assistant\"")
         raise SystemExit(f"error: seq_len={cfg.seq_len} cuts away every assistant answer of the "
-                         f"{'training' if not train else 'validation'} conversations; raise --seq_len")
+                         f"{split} conversations; raise --seq_len")
     if train_cut or val_cut:
         print(f"warning: seq_len={cfg.seq_len} cuts the whole answer of {train_cut} training and {val_cut} "
               f"validation conversations; they add nothing to the loss")
@@ -420,7 +392,7 @@ def set_up(cfg):
     return sweep, init, testbed, metric
 
 
-def main(cfg: SFTConfig):
+def main(cfg: SFTConfig, argv=None):
     sweep, init, testbed, metric = set_up(cfg)
     os.makedirs(cfg.out_dir, exist_ok=True)
     with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
@@ -435,18 +407,32 @@ def main(cfg: SFTConfig):
     # A finished LR is reused only if it was made from the same settings and checkpoint.
     identity = {**{k: v for k, v in asdict(cfg).items() if k not in RERUN_CHANGES}, "init": init}
     runs, todo = finished_runs(cfg, lrs, identity)
-    sweep.eta = Eta(len(todo) * updates)
-    for lr in todo:
-        run_dir = os.path.join(cfg.out_dir, f"lr_{lr:g}")
-        result = finetune(lr, run_dir, sweep)
-        result.update(testbed_scores(sweep.model if result["diverged_at_step"] is None else None, sweep.tokenizer,
-                                     testbed))
-        append_jsonl(os.path.join(run_dir, "log.jsonl"), {"step": result["steps"], **{
-            k: result[k] for k in ("val_loss", "sft_select_task_avg", "sft_test_task_avg")}})
-        write_atomic(os.path.join(run_dir, "result.json"),
-                     json.dumps({"config": identity, "result": result}, indent=1).encode())
-        runs.append(result)
+    sweep.eta, sweep.interrupts, sweep.argv = Eta(len(todo) * updates), Interrupts(sweep.rt), tuple(argv or ())
+    try:
+        for lr in todo:
+            runs.append(run_lr(lr, sweep, identity, testbed))
+            if sweep.interrupts.requested() and lr != todo[-1]:
+                sweep.interrupts.stop(f"the LRs up to {lr:g} are finished", sweep.argv)
+    finally:
+        sweep.interrupts.restore()
+    return summarize(cfg, sweep, init, metric, lrs, runs)
 
+
+def run_lr(lr, sweep, identity, testbed):
+    """One LR of the sweep, fine-tuned and scored; its result.json is written last."""
+    run_dir = os.path.join(sweep.cfg.out_dir, f"lr_{lr:g}")
+    result = finetune(lr, run_dir, sweep, identity)
+    result.update(testbed_scores(sweep.model if result["diverged_at_step"] is None else None, sweep.tokenizer,
+                                 testbed))
+    append_jsonl(os.path.join(run_dir, "log.jsonl"), {"step": result["steps"], **{
+        k: result[k] for k in ("val_loss", "sft_select_task_avg", "sft_test_task_avg")}})
+    write_atomic(os.path.join(run_dir, "result.json"),
+                 json.dumps({"config": identity, "result": result}, indent=1).encode())
+    return result
+
+
+def summarize(cfg, sweep, init, metric, lrs, runs):
+    """summary.json from every LR's result, and the table printed."""
     runs.sort(key=lambda r: r["lr"])
     best = select(runs, metric) or {"lr": None, "run_dir": None, "sft_task_avg": None}
     summary = {"dataset": cfg.dataset, "init_from": cfg.init_from, "init": init,
@@ -463,4 +449,4 @@ def main(cfg: SFTConfig):
 
 
 if __name__ == "__main__":
-    main(parse_args(SFTConfig, description=__doc__))
+    main(parse_args(SFTConfig, description=__doc__), sys.argv[1:])

@@ -90,6 +90,7 @@ class ReproduceConfig:
     jobs: int = 1  # independent stages run at once, each in its own process
     threads: int = 0  # torch threads per stage; 0: all cores with --jobs=1, else cores // jobs
     verbose: bool = False  # stream every stage's output instead of one line per stage
+    dry_run: bool = False  # print the stages still to run and the estimated time; run nothing
 
     def __post_init__(self):
         if self.experiment not in EXPERIMENTS:

@@ -24,6 +24,8 @@ cooldown), train_step (one update), main (set-up, then the loop).
 import json
 import math
 import os
+import shlex
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -33,13 +35,14 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import schedules
-from common import Eta, append_jsonl, load_checkpoint, parse_args, rng_state, save_checkpoint, set_rng_state, truncate_log
+from common import (Eta, Pace, append_jsonl, format_bytes, load_checkpoint, parse_args, rng_state, save_checkpoint,
+                    set_rng_state, truncate_log)
 from data.common import Tokenizer, load_meta, load_split
 from data.loaders import TokenWindows, pretrain_batches, resolve_dataset, sft_batches, testbed_of, validation_batches
 from hessian import sharpness_during_training
 from model import PRESETS, Llama, LlamaConfig, build_config
-from training import (RESUMABLE_CHANGES, Runtime, load_optimizer_state, make_optimizer, mean_loss, optimizer_step,
-                      set_lr, setup_distributed)
+from training import (RESUMABLE_CHANGES, Interrupts, Runtime, check_resume, load_optimizer_state, make_optimizer,
+                      mean_loss, optimizer_step, refuse_config_changes, resume_command, set_lr, setup_distributed)
 
 
 @dataclass
@@ -54,7 +57,7 @@ class TrainConfig:
     schedule: str = "wso"  # wso | wsd | cosine | linear
     learning_rate: float = 3e-3  # eta_max (the paper: 3e-4 for 1B/8B; 3e-3 suits the tiny testbed model)
     alpha: float = 0.1  # alpha_pre, minimum-LR factor of the decay schedules and the cooldown (wso ignores it)
-    warmup_iters: int = 60  # T_warmup
+    warmup_iters: int = -1  # T_warmup; -1: max_iters // 10 (60 of 600; a resume keeps its checkpoint's)
     max_iters: int = 600  # T_pre (stage=pre), T_mid (stage=mid) or the cooldown length M: optimizer updates
     stable_ratio: float = 0.75  # rho of WSD: T_stable = T_warmup + rho * (T_pre - T_warmup)
     cooldown: str = "linear"  # decay shape of WSD and stage=cooldown: linear (the paper) | 1-sqrt | cosine
@@ -87,6 +90,9 @@ class TrainConfig:
     sharpness_samples: int = 20  # Hutchinson probes per sequence (the paper: 50)
 
     def __post_init__(self):
+        self.warmup_by_rule = self.warmup_iters == -1  # not a field: never saved or compared
+        if self.warmup_by_rule:
+            self.warmup_iters = self.max_iters // 10
         if self.preset not in PRESETS:
             raise ValueError(f"preset={self.preset!r} is unknown; choose one of {sorted(PRESETS)}")
         if self.stage not in ("pre", "mid", "cooldown"):
@@ -147,6 +153,7 @@ class Start:
     branch: Branch | None
     run_config: dict  # saved with every checkpoint: this run's config, init_from as the run began
     last_step: int
+    changes: list  # RECORDED_CHANGES made by resumes: [{"step": n, field: [old, new]}, ...]
 
 
 def lr_of_update(step, cfg, branch):
@@ -173,11 +180,15 @@ def starting_point(cfg, tokenizer, world_size):
         if model_cfg.vocab_size < tokenizer.vocab_size:
             raise SystemExit(f"error: preset {cfg.preset} has vocab_size {model_cfg.vocab_size} < the data's "
                              f"{tokenizer.vocab_size}")
-        return Start(model_cfg, None, None, None, Counters(), None, asdict(cfg), cfg.max_iters)
+        return Start(model_cfg, None, None, None, Counters(), None, asdict(cfg), cfg.max_iters, [])
     resume = cfg.init_from == "resume"
     ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt") if resume else cfg.init_from)
+    changes = list(ckpt.get("changes", [])) if resume or cfg.stage == "cooldown" else []
     if resume:
-        check_resume(ckpt, cfg, world_size)
+        if cfg.warmup_by_rule:
+            cfg.warmup_iters = ckpt["config"]["warmup_iters"]
+        changed = check_resume(ckpt, cfg, world_size)
+        changes += [{"step": ckpt["step"], **changed}] if changed else []
         branch = ckpt.get("branch", ckpt.get("mid"))  # "mid": the key's name before 2026-12
         branch = Branch(**branch) if branch else None
     else:
@@ -197,7 +208,7 @@ def starting_point(cfg, tokenizer, world_size):
     first_step = branch.pretrain_iters + 1 if branch else 1
     return Start(LlamaConfig.from_dict(ckpt["model_config"]), ckpt["model"],
                  ckpt["optimizer"] if resume or cfg.stage != "pre" else None, ckpt["rng"] if same_run else None,
-                 counters, branch, run_config, first_step + cfg.max_iters - 1)
+                 counters, branch, run_config, first_step + cfg.max_iters - 1, changes)
 
 
 def branch_point(ckpt, cfg):
@@ -212,35 +223,6 @@ def branch_point(ckpt, cfg):
     if cfg.stage == "cooldown":
         check_cooldown_branch(ckpt, cfg, branch.lr_end_of_pretraining)
     return branch
-
-
-def refuse_config_changes(saved, cfg, may_differ, action):
-    mismatched = {k: (saved[k], v) for k, v in asdict(cfg).items()
-                  if k not in may_differ and k in saved and saved[k] != v}
-    if mismatched:
-        lines = "\n".join(f"  --{k}: checkpoint has {a!r}, this run has {b!r}" for k, (a, b) in mismatched.items())
-        raise SystemExit(f"error: cannot {action}, the config differs from the checkpoint's:\n{lines}\n"
-                         f"pass the checkpoint's values (or start a new run in another --out_dir)")
-
-
-def check_resume(ckpt, cfg, world_size):
-    saved = ckpt["config"]
-    refuse_config_changes(saved, cfg, RESUMABLE_CHANGES, "resume")
-    saved_world = ckpt.get("world_size", world_size)  # older checkpoints do not say
-    if cfg.tokens_per_step == 0 and saved_world != world_size:
-        raise SystemExit(f"error: cannot resume: the checkpoint was trained by {saved_world} processes and this run "
-                         f"has {world_size}; with tokens_per_step=0 (one micro-batch per process) that changes the "
-                         f"global batch. Resume with {saved_world} processes, or fix the global batch with "
-                         f"--tokens_per_step in a new run")
-    if cfg.stage == "cooldown":
-        decay, decays_over_max_iters = "the cooldown", True
-    elif cfg.stage == "mid":
-        decay, decays_over_max_iters = f"Eq. 11 with alpha_mid={cfg.alpha_mid}", cfg.alpha_mid < 1
-    else:
-        decay, decays_over_max_iters = f"schedule={cfg.schedule}", cfg.schedule != "wso"
-    if cfg.max_iters < saved["max_iters"] or (decays_over_max_iters and cfg.max_iters != saved["max_iters"]):
-        print(f"warning: max_iters {saved['max_iters']} -> {cfg.max_iters} changes the LR of steps already "
-              f"taken for {decay}; only a constant LR (WSO, or alpha_mid=1) extends a run exactly")
 
 
 def check_cooldown_branch(ckpt, cfg, lr_at_branch):
@@ -312,10 +294,6 @@ def train_step(model, optimizer, data, first_sample, cfg, grad_accum, rt: Runtim
     return loss, optimizer_step(model, optimizer, cfg.grad_clip, loss)
 
 
-def format_bytes(n):
-    return f"{n / 1e9:,.2f} GB" if n >= 1e9 else f"{n / 1e6:,.1f} MB"
-
-
 def build_model(start, cfg, rt):
     """The model and AdamW of `start` on this process's device, seeded by --seed."""
     torch.manual_seed(cfg.seed)
@@ -344,7 +322,7 @@ def checkpoint(run, path):
             "model_config": run.start.model_config.to_dict(), "tokenizer": run.tokenizer.to_dict(),
             "step": counters.step, "samples_seen": counters.samples_seen, "tokens_seen": counters.tokens_seen,
             "rng": rng_state(), "branch": run.start.branch and asdict(run.start.branch),
-            "world_size": run.rt.world_size})
+            "world_size": run.rt.world_size, "changes": run.start.changes})
 
 
 def measure_sharpness(run):
@@ -359,19 +337,6 @@ def measure_sharpness(run):
     log_record(run, record)
 
 
-class Pace:
-    """Training tokens per second since the previous call."""
-
-    def __init__(self, tokens_seen):
-        self.time, self.tokens = time.perf_counter(), tokens_seen
-
-    def __call__(self, tokens_seen):
-        now = time.perf_counter()
-        rate = (tokens_seen - self.tokens) / (now - self.time)
-        self.time, self.tokens = now, tokens_seen
-        return rate
-
-
 def start_log(cfg, start, model, data_dir, tokens_per_update, grad_accum, rt):
     """Reset log.jsonl (a resume keeps the steps its checkpoint holds), write config.json,
     and print what this run does."""
@@ -380,11 +345,13 @@ def start_log(cfg, start, model, data_dir, tokens_per_update, grad_accum, rt):
         os.makedirs(cfg.out_dir, exist_ok=True)
         if cfg.init_from == "resume":
             truncate_log(log_path, start.counters.step)
+            if start.changes and start.changes[-1]["step"] == start.counters.step:  # made by this resume
+                append_jsonl(log_path, {"step": start.counters.step, "changed": start.changes[-1]})
         elif os.path.exists(log_path):
             os.remove(log_path)
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            json.dump({"train": start.run_config, "model": start.model_config.to_dict(), "data_dir": data_dir}, f,
-                      indent=2)
+            json.dump({"train": start.run_config, "model": start.model_config.to_dict(), "data_dir": data_dir,
+                       "changes": start.changes}, f, indent=2)
     schedule = {"pre": cfg.schedule, "mid": f"mid alpha_mid={cfg.alpha_mid}",
                 "cooldown": f"{cfg.cooldown} cooldown to alpha={cfg.alpha}"}[cfg.stage]
     rt.log(f"{cfg.stage}-training {cfg.preset} ({model.num_params():,} parameters) on {cfg.dataset}: "
@@ -444,43 +411,80 @@ def due(step, interval, last_step):
     return step % interval == 0 or step == last_step
 
 
-def main(cfg: TrainConfig):
+def non_finite(step, error, ckpt_path, cfg, argv):
+    """The error for a NaN or inf at `step`: which checkpoint is kept, and a command that goes on."""
+    lower = [a for a in argv if not a.startswith("--learning_rate=")] + [f"--learning_rate={cfg.learning_rate / 2:g}"]
+    if os.path.isfile(ckpt_path):
+        advice = (f"{ckpt_path} (step {saved_step(ckpt_path)}) is kept. To go on from it with half the LR (or check the data):\n"
+                  f"  python train.py {shlex.join(resume_command(lower if cfg.stage == 'pre' else argv))}")
+    else:
+        advice = (f"No checkpoint was written yet (one is at every --eval_interval). Start again with half the "
+                  f"LR (or check the data):\n  python train.py {shlex.join(lower)}")
+    return f"error: non-finite training values at step {step} ({error}); stopped without updating. {advice}"
+
+
+def main(cfg: TrainConfig, argv=None):
     run = set_up(cfg)
     rt, counters, last_step = run.rt, run.start.counters, run.start.last_step
+    argv = sys.argv[1:] if argv is None else argv  # for the commands printed on a stop
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     eta, pace = Eta(last_step, counters.step), Pace(counters.tokens_seen)
-    for step in range(counters.step + 1, last_step + 1):
-        lr = lr_of_update(step, cfg, run.start.branch)
-        set_lr(run.optimizer, lr)
-        try:
-            loss, grad_norm = train_step(run.step_model, run.optimizer, run.train_data, counters.samples_seen, cfg,
-                                         run.grad_accum, rt)
-        except FloatingPointError as e:
-            raise SystemExit(f"error: non-finite training values at step {step} ({e}); stopped without "
-                             f"updating. The last good checkpoint ({ckpt_path}) is kept: lower --learning_rate or "
-                             f"check the data, then --init_from=resume") from None
-        counters.step = step
-        counters.samples_seen += cfg.batch_size * run.grad_accum * rt.world_size
-        counters.tokens_seen += cfg.batch_size * cfg.seq_len * run.grad_accum * rt.world_size
-        if due(step, cfg.log_interval, last_step):
-            record = {"step": step, "lr": lr, "loss": loss, "grad_norm": grad_norm, "tokens": counters.tokens_seen,
-                      "tokens_per_sec": pace(counters.tokens_seen)}
-            rt.log(f"step {step}/{last_step} | loss {loss:.4f} | lr {lr:.2e} | grad_norm {grad_norm:.3f} | "
-                   f"{record['tokens_per_sec']:,.0f} tok/s | ETA {eta(step)}")
-            log_record(run, record)
-        if due(step, cfg.eval_interval, last_step):
-            val_loss = mean_loss(run.model, run.val_batches, rt.device, rt.autocast)
-            rt.log(f"step {step}: val_loss {val_loss:.4f}")
-            log_record(run, {"step": step, "tokens": counters.tokens_seen, "val_loss": val_loss})
-        if run.sharpness_sets and due(step, cfg.sharpness_interval, last_step):
-            measure_sharpness(run)  # on the master; the other ranks wait at their next all-reduce
-        if due(step, cfg.checkpoint_interval or cfg.eval_interval, last_step):
-            checkpoint(run, ckpt_path)
-        if cfg.keep_every and step % cfg.keep_every == 0:
-            checkpoint(run, os.path.join(cfg.out_dir, f"ckpt_{step:06d}.pt"))
+    interrupts, begin = Interrupts(rt), counters.step + 1
+    try:
+        for step in range(begin, last_step + 1):
+            saved = train_one(run, step, ckpt_path, eta, pace, argv, compiling=cfg.compile and step == begin)
+            if interrupts.requested():
+                if not saved:
+                    checkpoint(run, ckpt_path)
+                interrupts.stop(f"{ckpt_path} holds step {step} of {last_step}", resume_command(argv))
+    finally:
+        interrupts.restore()
     if rt.distributed:
         dist.destroy_process_group()
     return run.model
+
+
+def saved_step(path):
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)["step"]
+
+
+def train_one(run, step, ckpt_path, eta, pace, argv, compiling):
+    """Update `step` and what is due after it: log line, validation, sharpness, checkpoints.
+    Returns whether ckpt_path was written."""
+    cfg, rt, counters, last_step = run.cfg, run.rt, run.start.counters, run.start.last_step
+    lr = lr_of_update(step, cfg, run.start.branch)
+    set_lr(run.optimizer, lr)
+    if compiling:
+        rt.log("compiling the model: the first step takes a while (a minute or more on a CPU)")
+        t0 = time.perf_counter()
+    try:
+        loss, grad_norm = train_step(run.step_model, run.optimizer, run.train_data, counters.samples_seen, cfg,
+                                     run.grad_accum, rt)
+    except FloatingPointError as e:
+        raise SystemExit(non_finite(step, e, ckpt_path, cfg, argv)) from None
+    if compiling:
+        rt.log(f"compiled and took the first step in {time.perf_counter() - t0:.0f} s")
+    counters.step = step
+    counters.samples_seen += cfg.batch_size * run.grad_accum * rt.world_size
+    counters.tokens_seen += cfg.batch_size * cfg.seq_len * run.grad_accum * rt.world_size
+    if due(step, cfg.log_interval, last_step):
+        record = {"step": step, "lr": lr, "loss": loss, "grad_norm": grad_norm, "tokens": counters.tokens_seen,
+                  "tokens_per_sec": pace(counters.tokens_seen)}
+        rt.log(f"step {step}/{last_step} | loss {loss:.4f} | lr {lr:.2e} | grad_norm {grad_norm:.3f} | "
+               f"{record['tokens_per_sec']:,.0f} tok/s | ETA {eta(step)}")
+        log_record(run, record)
+    if due(step, cfg.eval_interval, last_step):
+        val_loss = mean_loss(run.model, run.val_batches, rt.device, rt.autocast)
+        rt.log(f"step {step}: val_loss {val_loss:.4f}")
+        log_record(run, {"step": step, "tokens": counters.tokens_seen, "val_loss": val_loss})
+    if run.sharpness_sets and due(step, cfg.sharpness_interval, last_step):
+        measure_sharpness(run)  # on the master; the other ranks wait at their next all-reduce
+    if cfg.keep_every and step % cfg.keep_every == 0:
+        checkpoint(run, os.path.join(cfg.out_dir, f"ckpt_{step:06d}.pt"))
+    saved = due(step, cfg.checkpoint_interval or cfg.eval_interval, last_step)
+    if saved:  # last: a kill after it loses nothing
+        checkpoint(run, ckpt_path)
+    return saved
 
 
 if __name__ == "__main__":

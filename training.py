@@ -1,12 +1,16 @@
 """The pieces of an optimization loop that pre-training (train.py) and fine-tuning (sft.py)
 share: the process's place in a distributed run, AdamW as the paper sets it (Table 6,
-Table 8), one optimizer update with clipping and a finite check, and the mean loss over
-fixed batches. Nothing here runs on its own.
+Table 8), one optimizer update with clipping and a finite check, the mean loss over fixed
+batches, what a resume may change, and stopping cleanly on Ctrl-C or SIGTERM. Nothing here
+runs on its own.
 """
 
 import math
 import os
-from dataclasses import dataclass
+import shlex
+import signal
+import sys
+from dataclasses import asdict, dataclass
 from typing import ContextManager
 
 import torch
@@ -120,3 +124,90 @@ def mean_loss(model, batches, device, autocast):
 RESUMABLE_CHANGES = frozenset({"out_dir", "init_from", "log_interval", "eval_interval", "eval_tokens",
                                "checkpoint_interval", "keep_every", "compile", "max_iters", "sharpness_interval",
                                "sharpness_batches", "sharpness_samples"})
+# Fields a resume may change although the trajectory then differs from the resumed step on: the
+# remedy for a loss that went to NaN. train.py prints and records them (log.jsonl, config.json,
+# the checkpoint's "changes"). learning_rate only for stage=pre: mid-training and cooldowns take
+# their LR from the pre-training checkpoint.
+RECORDED_CHANGES = frozenset({"learning_rate", "grad_clip"})
+
+
+def refuse_config_changes(saved, cfg, may_differ, action):
+    """Exit naming every field of dataclass `cfg` outside `may_differ` that differs from the
+    saved config."""
+    mismatched = {k: (saved[k], v) for k, v in asdict(cfg).items()
+                  if k not in may_differ and k in saved and saved[k] != v}
+    if mismatched:
+        lines = "\n".join(f"  --{k}: checkpoint has {a!r}, this run has {b!r}" for k, (a, b) in mismatched.items())
+        raise SystemExit(f"error: cannot {action}, the config differs from the checkpoint's:\n{lines}\n"
+                         f"pass the checkpoint's values (or start a new run in another --out_dir)")
+
+
+def check_resume(ckpt, cfg, world_size):
+    """train.py resuming checkpoint `ckpt` with TrainConfig `cfg`: refuse what would silently
+    change the run, warn about a new max_iters, return the RECORDED_CHANGES it makes
+    ({field: [old, new]}), printed here."""
+    saved = ckpt["config"]
+    recorded = RECORDED_CHANGES if cfg.stage == "pre" else RECORDED_CHANGES - {"learning_rate"}
+    refuse_config_changes(saved, cfg, RESUMABLE_CHANGES | recorded, "resume")
+    changed = {k: [saved[k], getattr(cfg, k)] for k in sorted(recorded) if k in saved and saved[k] != getattr(cfg, k)}
+    for k, (old, new) in changed.items():
+        print(f"note: --{k} changes from {old:g} to {new:g} from step {ckpt['step'] + 1} on (recorded in log.jsonl, "
+              f"config.json and the checkpoint)")
+    saved_world = ckpt.get("world_size", world_size)  # older checkpoints do not say
+    if cfg.tokens_per_step == 0 and saved_world != world_size:
+        raise SystemExit(f"error: cannot resume: the checkpoint was trained by {saved_world} processes and this run "
+                         f"has {world_size}; with tokens_per_step=0 (one micro-batch per process) that changes the "
+                         f"global batch. Resume with {saved_world} processes, or fix the global batch with "
+                         f"--tokens_per_step in a new run")
+    if cfg.stage == "cooldown":
+        decay, decays_over_max_iters = "the cooldown", True
+    elif cfg.stage == "mid":
+        decay, decays_over_max_iters = f"Eq. 11 with alpha_mid={cfg.alpha_mid}", cfg.alpha_mid < 1
+    else:
+        decay, decays_over_max_iters = f"schedule={cfg.schedule}", cfg.schedule != "wso"
+    if cfg.max_iters < saved["max_iters"] or (decays_over_max_iters and cfg.max_iters != saved["max_iters"]):
+        print(f"warning: max_iters {saved['max_iters']} -> {cfg.max_iters} changes the LR of steps already "
+              f"taken for {decay}; only a constant LR (WSO, or alpha_mid=1) extends a run exactly")
+    return changed
+
+
+class Interrupts:
+    """Ctrl-C (SIGINT) and SIGTERM, while a loop runs, ask it to stop at the next step
+    boundary instead of raising mid-step: the loop asks `requested()` after each step, saves
+    its checkpoint and calls `stop()`. A second signal is reported, not obeyed, so a
+    checkpoint being written is never cut short (the write is atomic besides). Under torchrun
+    the ranks agree (an all-reduce of the flag), so they stop at the same step."""
+
+    def __init__(self, rt):
+        self.rt, self.signum = rt, 0
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame):
+        if self.signum:  # os.write: print() is not safe inside a handler
+            os.write(2, b"\nalready stopping: finishing the step and writing the checkpoint\n")
+        self.signum = self.signum or signum
+
+    def requested(self):
+        if not self.rt.distributed:
+            return bool(self.signum)
+        flag = torch.tensor([self.signum], device=self.rt.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.signum = int(flag)
+        return bool(self.signum)
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def stop(self, what, resume_args):
+        """Say what was saved and how to go on, then exit with 128 + the signal's number
+        (130 for Ctrl-C), as a shell reports a process a signal ended, without a traceback."""
+        self.restore()
+        command = shlex.join([os.path.basename(sys.argv[0]) or "train.py", *resume_args])
+        self.rt.log(f"stopped by {signal.Signals(self.signum).name}: {what}\nresume with: python {command}")
+        raise SystemExit(128 + self.signum)
+
+
+def resume_command(argv, init_from="resume"):
+    """This process's arguments with --init_from=<init_from> in place of any --init_from."""
+    return [a for a in argv if not a.startswith("--init_from=")] + [f"--init_from={init_from}"]

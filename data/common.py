@@ -152,8 +152,38 @@ def write_jsonl(path, rows) -> None:
 
 
 def read_jsonl(path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f]
+    """The rows of a JSON Lines file (blank lines skipped); a line that does not parse is a
+    ValueError naming the file and the line."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path} line {number} is not JSON ({e})") from None
+    return rows
+
+
+def load_rows(path) -> list[dict]:
+    """The rows of a local .jsonl/.json/.parquet file in a Hub data set's schema, read with Hugging
+    Face `datasets` as Hub data is; an unreadable file is a SystemExit that names the file and
+    the real cause (the line for JSON Lines), not the loader's generic error."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: {path}: no such file")
+    if os.path.getsize(path) == 0:
+        raise SystemExit(f"error: {path} is empty")
+    if path.endswith(".jsonl"):
+        try:
+            read_jsonl(path)  # the parse error with its line; datasets' says only that generation failed
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+    from datasets import load_dataset
+    try:
+        return list(load_dataset("parquet" if path.endswith(".parquet") else "json", data_files=path, split="train"))
+    except Exception as e:
+        cause = e.__cause__ or e.__context__ or e  # datasets wraps the reader's error
+        raise SystemExit(f"error: cannot read {path} ({type(cause).__name__}: {cause})") from None
 
 
 def write_meta(directory, meta: dict) -> None:
@@ -174,6 +204,8 @@ def prepare_command(directory) -> str:
 
 def load_meta(directory) -> dict:
     path = Path(directory) / "meta.json"
+    if not Path(directory).is_dir():
+        raise FileNotFoundError(f"{directory}: no such directory")
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: the data is not prepared (or its preparation "
                                 f"did not finish); run `{prepare_command(directory)}` first")

@@ -40,6 +40,11 @@ def resolve_dataset(name):
         return path
     if os.path.exists(os.path.join(name, "meta.json")):
         return name
+    if os.path.isdir(name):
+        raise SystemExit(f"error: {name} holds no meta.json, so it is not prepared data; make it with "
+                         f"data/<name>/prepare.py --out_dir={name} (or pass the folder that has the meta.json)")
+    if os.sep in name or name.startswith("."):
+        raise SystemExit(f"error: data set {name}: no such directory")
     raise SystemExit(f"error: unknown data set {name!r}: use one of {sorted(NAMED)} "
                      f"or a directory holding a prepared meta.json")
 
@@ -150,9 +155,17 @@ def sft_batches(sft_jsonl, tokenizer, seq_len, batch_size, num_batches):
     cut to seq_len + 1 tokens, in batches padded with eot (pad_collate). Conversations whose
     answer the cut removes are skipped, and counted."""
     batches, rows, skipped = [], [], 0
-    for row in read_jsonl(sft_jsonl):
+    conversations = read_jsonl(sft_jsonl)
+    if not conversations:
+        raise ValueError(f"{sft_jsonl} has no rows")
+    for row in conversations:
         if len(batches) == num_batches:
             break
+        if "messages" not in row:
+            raise ValueError(f"{sft_jsonl}: a row without a \"messages\" field (it has {sorted(row)})")
+        if not any(m.get("role") == "assistant" for m in row["messages"]):
+            raise ValueError(f"{sft_jsonl}: a conversation without an assistant turn; the Hessian is of the loss on "
+                             f"assistant answers, so each conversation needs one")
         ids, labels = render(row["messages"], tokenizer, max_len=seq_len + 1)
         if not has_supervision(labels[1:]):
             skipped += 1

@@ -1,12 +1,18 @@
-"""common.py: the RNG states a checkpoint keeps."""
+"""common.py: the RNG states a checkpoint keeps, --help's layout, output to a pipe."""
 
+import os
 import random
+import select
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 import common
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_rng_state_round_trips_and_leaves_cuda_alone(monkeypatch):
@@ -23,3 +29,30 @@ def test_rng_state_round_trips_and_leaves_cuda_alone(monkeypatch):
     draws = random.random(), np.random.rand(), torch.rand(1).item()
     common.set_rng_state({**state, "cuda": [torch.zeros(16, dtype=torch.uint8)] * 8})  # an older checkpoint's
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == pytest.approx(draws, abs=0)
+
+
+def test_help_aligns_its_columns(capsys):
+    """Defect: the comment column moved with each option's name."""
+    import train
+    with pytest.raises(SystemExit):
+        common.parse_args(train.TrainConfig, ["--help"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  --")]
+    starts = {len(line) - len(line[2:].split("  ", 1)[1].lstrip()) for line in lines if len(line.split()) > 1
+              and len(line.split()[0]) < 40}
+    assert len(lines) > 20 and len(starts) == 1, starts
+
+
+def test_output_reaches_a_pipe_as_printed():
+    """Defect: with stdout to a pipe (`| tee`, nohup, a log file) progress lines came in one block
+    at exit. parse_args, which every script calls first, makes stdout line-buffered."""
+    script = ("import dataclasses, time, common\n"
+              "@dataclasses.dataclass\nclass C:\n    x: int = 0\n"
+              "common.parse_args(C, [])\nprint('progress line')\ntime.sleep(60)\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env, stdout=subprocess.PIPE)
+    try:  # the line must come within 30 s, while the process sleeps for 60
+        ready, _, _ = select.select([proc.stdout], [], [], 30)
+        assert ready and os.read(proc.stdout.fileno(), 100) == b"progress line\n" and proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait()

@@ -390,9 +390,23 @@ def test_clear_errors(trained, tmp_path):
         evaluate.main(evaluate.EvalConfig(ckpt=str(ckpt_path), tasks="val_loss,nope"))
     with pytest.raises(SystemExit, match="no checkpoint at"):
         evaluate.main(evaluate.EvalConfig(ckpt=str(tmp_path / "missing.pt"), tasks="val_loss"))
-    with pytest.raises(SystemExit, match="data file for hellaswag not found"):
-        evaluate.main(evaluate.EvalConfig(ckpt=str(ckpt_path), tasks="hellaswag", device="cpu",
-                                          data_files=f"hellaswag={tmp_path / 'none.jsonl'}"))
+    def run(tasks, data_files):
+        evaluate.main(evaluate.EvalConfig(ckpt=str(ckpt_path), tasks=tasks, device="cpu", data_files=data_files))
+
+    with pytest.raises(SystemExit, match="none.jsonl: no such file"):
+        run("hellaswag", f"hellaswag={tmp_path / 'none.jsonl'}")
+    malformed, empty = tmp_path / "malformed.jsonl", tmp_path / "empty.jsonl"
+    malformed.write_text('{"ctx": "a"}\n{"ctx": \n')
+    empty.write_text("")
+    # defects: a traceback from datasets (DatasetGenerationError), and StopIteration for an empty file
+    with pytest.raises(SystemExit, match="malformed.jsonl line 2 is not JSON"):
+        run("hellaswag", f"hellaswag={malformed}")
+    with pytest.raises(SystemExit, match="empty.jsonl is empty"):
+        run("hellaswag", f"hellaswag={empty}")
+    with pytest.raises(SystemExit, match="no_such_data: no such directory"):  # was "unknown data set"
+        run("val_loss", f"val_loss={tmp_path / 'no_such_data'}")
+    with pytest.raises(SystemExit, match="holds no meta.json, so it is not prepared data"):
+        run("val_loss", f"val_loss={tmp_path}")
     with pytest.raises(SystemExit, match="eval.json not found"):
         evaluate.compare([str(tmp_path)])
 

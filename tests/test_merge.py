@@ -134,6 +134,8 @@ def test_explicit_weights(runs, tmp_path):
     (dict(ckpts="{wso}"), "is a directory; pass --last=k"),
     (dict(ckpts="{wso}", last=4), "holds 4 kept checkpoints .* fewer than --last\\+1=5"),
     (dict(ckpts="{wso}/ckpt_000006.pt,{wso}/ckpt_000009.pt", last=1), "--last=k takes a directory"),
+    # defect: a missing directory was told "--last=k takes a directory as --ckpts"
+    (dict(ckpts="{wso}/no_such_run", last=2), "no_such_run: no such directory"),
     (dict(ckpts="{wso}/ckpt_000006.pt,{wso}/ckpt_000009.pt", weights="0.5,0.6"), "non-negative and sum to 1"),
     (dict(ckpts="{wso}/ckpt_000006.pt,{wso}/ckpt_000009.pt", weights="1.5,-0.5"), "non-negative and sum to 1"),
     (dict(ckpts="{wso}/ckpt_000006.pt,{wso}/ckpt_000009.pt", weights="1"), "1 values for 2 checkpoints"),

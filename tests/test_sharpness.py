@@ -413,6 +413,23 @@ def test_cli_errors(checkpoint, tmp_path):
     with pytest.raises(SystemExit, match="datasets"):
         parse_args(sharpness.SharpnessConfig, ["--datasets=val"])
 
+    def sft_data(rows, name):
+        path = tmp_path / name
+        path.write_text("".join(rows))
+        sharpness.main(parse_args(sharpness.SharpnessConfig, [f"--ckpt={checkpoint}", "--datasets=sft",
+                                                              f"--sft_data={path}"]))
+
+    # defects: an empty file and one without answers were blamed on seq_len
+    with pytest.raises(SystemExit, match="empty.jsonl has no rows"):
+        sft_data([], "empty.jsonl")
+    with pytest.raises(SystemExit, match="a conversation without an assistant turn"):
+        sft_data(['{"messages": [{"role": "user", "content": "hi"}]}\n'], "no_answer.jsonl")
+    with pytest.raises(SystemExit, match="bad.jsonl line 1 is not JSON"):
+        sft_data(['{"messages": \n'], "bad.jsonl")
+    with pytest.raises(SystemExit, match="no_such_data: no such directory"):
+        sharpness.main(parse_args(sharpness.SharpnessConfig, [f"--ckpt={checkpoint}", "--datasets=pretrain",
+                                                              f"--pretrain_data={tmp_path / 'no_such_data'}"]))
+
 
 # ------------------------------------------------------------------------ plots
 

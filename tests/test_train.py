@@ -3,9 +3,12 @@ WSO extension, DDP equals one process, mid-training LR, kept checkpoints, a cool
 branch equal to WSD) and each bad input's error."""
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
+import shlex
+import signal
 import subprocess
 import sys
 
@@ -14,7 +17,7 @@ import torch
 
 import model as model_module
 import train
-from common import load_checkpoint
+from common import load_checkpoint, parse_args
 from data.common import write_meta, write_tokens
 from data.testbed.prepare import prepare as prepare_testbed
 from train import TrainConfig
@@ -234,7 +237,7 @@ def test_command_line_errors_are_clear():
 
 
 def test_bad_data_and_checkpoints(testbed, tmp_path):
-    with pytest.raises(SystemExit, match="unknown data set"):
+    with pytest.raises(SystemExit, match="nowhere: no such directory"):
         train.main(config(testbed, tmp_path, dataset=str(tmp_path / "nowhere")))
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -248,28 +251,82 @@ def test_bad_data_and_checkpoints(testbed, tmp_path):
     with pytest.raises(SystemExit, match="no checkpoint"):
         train.main(config(testbed, tmp_path / "fresh", init_from="resume"))
     train.main(config(testbed, tmp_path / "run", max_iters=4))
-    with pytest.raises(SystemExit, match="--learning_rate: checkpoint has 0.003"):
-        train.main(config(testbed, tmp_path / "run", max_iters=8, learning_rate=1e-3, init_from="resume"))
+    with pytest.raises(SystemExit, match="--batch_size: checkpoint has 4"):
+        train.main(config(testbed, tmp_path / "run", max_iters=8, batch_size=8, init_from="resume"))
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(SystemExit, match="not a readable checkpoint"):
         train.main(config(testbed, tmp_path / "j", init_from=str(tmp_path / "junk.pt")))
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(testbed, tmp_path, monkeypatch):
+def nan_from_call(monkeypatch, n):
+    """The training loss becomes NaN from the n-th cross-entropy call on, as a too-high LR makes it."""
     real_ce, calls = torch.nn.functional.cross_entropy, []
 
-    def nan_from_call_7(*args, **kwargs):
+    def nan_from_call_n(*args, **kwargs):
         calls.append(1)
         loss = real_ce(*args, **kwargs)
-        return loss * float("nan") if len(calls) >= 7 else loss
+        return loss * float("nan") if len(calls) >= n else loss
 
-    monkeypatch.setattr(model_module.F, "cross_entropy", nan_from_call_7)
-    with pytest.raises(SystemExit, match="non-finite training values at step 7"):
-        train.main(config(testbed, tmp_path, max_iters=12, eval_interval=100, checkpoint_interval=3,
-                          eval_tokens=64))
+    monkeypatch.setattr(model_module.F, "cross_entropy", nan_from_call_n)
+
+
+def argv_of(testbed, out_dir, **overrides):
+    options = {**dict(dataset=str(testbed / "pretrain"), out_dir=str(out_dir), batch_size=4, seq_len=64, max_iters=12,
+                      warmup_iters=2, log_interval=1, eval_tokens=64, compile="false", device="cpu"), **overrides}
+    return [f"--{k}={v}" for k, v in options.items()]
+
+
+def run_advice(message):
+    """Run the `python train.py ...` command an error message advises, in this process."""
+    command = next(line.strip() for line in message.splitlines() if line.strip().startswith("python train.py"))
+    argv = shlex.split(command)[2:]
+    return argv, train.main(parse_args(TrainConfig, argv), argv)
+
+
+def test_nan_loss_stops_keeps_the_last_good_checkpoint_and_its_advice_runs(testbed, tmp_path, monkeypatch):
+    """Defect: the message claimed a checkpoint that did not exist, and its advice (lower
+    --learning_rate, then --init_from=resume) was refused as a config change."""
+    argv = argv_of(testbed, tmp_path, eval_interval=100, checkpoint_interval=3)
+    nan_from_call(monkeypatch, 7)
+    with pytest.raises(SystemExit, match="non-finite training values at step 7") as error:
+        train.main(parse_args(TrainConfig, argv), argv)
     ckpt = load_checkpoint(str(tmp_path / "ckpt.pt"))
-    assert ckpt["step"] == 6
-    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert ckpt["step"] == 6 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    message = str(error.value.code)
+    assert f"{tmp_path / 'ckpt.pt'} (step 6) is kept" in message
+
+    monkeypatch.undo()  # the data was fine: the advised command goes on at half the LR
+    advised, _ = run_advice(message)
+    assert "--init_from=resume" in advised and "--learning_rate=0.0015" in advised
+    assert [r["step"] for r in records(tmp_path)] == list(range(1, 13))
+    assert records(tmp_path)[-1]["lr"] == pytest.approx(1.5e-3)
+    change = {"step": 6, "learning_rate": [3e-3, 1.5e-3]}
+    assert records(tmp_path, "changed") == [{"step": 6, "changed": change}]
+    assert json.load(open(tmp_path / "config.json"))["changes"] == [change]
+    assert load_checkpoint(str(tmp_path / "ckpt.pt"))["changes"] == [change]
+
+
+def test_nan_before_any_checkpoint_says_so_and_advises_a_fresh_start(testbed, tmp_path, monkeypatch):
+    argv = argv_of(testbed, tmp_path, eval_interval=100)
+    nan_from_call(monkeypatch, 2)
+    with pytest.raises(SystemExit) as error:
+        train.main(parse_args(TrainConfig, argv), argv)
+    message = str(error.value.code)
+    assert "No checkpoint was written yet" in message and not (tmp_path / "ckpt.pt").exists()
+    monkeypatch.undo()
+    advised, _ = run_advice(message)
+    assert "--init_from=resume" not in " ".join(advised) and "--learning_rate=0.0015" in advised
+    assert load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 12
+
+
+def test_other_changes_stay_refused_and_mid_training_keeps_its_lr(testbed, tmp_path):
+    train.main(config(testbed, tmp_path / "pre", max_iters=4))
+    with pytest.raises(SystemExit, match="--weight_decay"):
+        train.main(config(testbed, tmp_path / "pre", max_iters=4, weight_decay=0.0, init_from="resume"))
+    mid = dict(stage="mid", init_from=str(tmp_path / "pre" / "ckpt.pt"), max_iters=4, eval_interval=2)
+    train.main(config(testbed, tmp_path / "mid", **mid))
+    with pytest.raises(SystemExit, match="--learning_rate"):  # Eq. 11 takes eta from the pre-training run
+        train.main(config(testbed, tmp_path / "mid", **{**mid, "init_from": "resume"}, learning_rate=1e-3))
 
 
 def test_sharpness_is_recorded_during_training_without_disturbing_it(testbed, tmp_path):
@@ -401,3 +458,91 @@ def test_trajectories_are_pinned(testbed, tmp_path):
     for run, (loss, val_loss) in PINNED.items():
         assert got[run][0] == pytest.approx(loss, rel=1e-5, abs=0), run
         assert got[run][1] == pytest.approx(val_loss, rel=1e-5, abs=0), run
+
+
+def test_warmup_follows_the_run_length_unless_set():
+    """Defect: --max_iters=50 failed with "warmup_iters=60 is outside [0, 49]"."""
+    assert TrainConfig(max_iters=50).warmup_iters == 5 and TrainConfig().warmup_iters == 60
+    assert TrainConfig(max_iters=50, warmup_iters=0).warmup_iters == 0
+    with pytest.raises(ValueError, match="warmup_iters=60"):
+        TrainConfig(max_iters=50, warmup_iters=60)
+
+
+def test_extending_a_run_keeps_the_warmup_it_had(testbed, tmp_path):
+    cfg = config(testbed, tmp_path, max_iters=10, schedule="wso")
+    train.main(dataclasses.replace(cfg, warmup_iters=-1))  # the rule: 1 step of 10
+    train.main(dataclasses.replace(cfg, max_iters=20, warmup_iters=-1, init_from="resume"))  # not 2
+    assert [r["lr"] for r in records(tmp_path)][:2] == [3e-3, 3e-3]
+
+
+def start_train(testbed, out_dir, max_iters):
+    """train.py in a subprocess with stdout to a pipe, as under `| tee` or `nohup`."""
+    argv = argv_of(testbed, out_dir, max_iters=max_iters, eval_interval=1000)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": ""}
+    env.pop("PYTHONUNBUFFERED")
+    return argv, subprocess.Popen([sys.executable, "train.py", *argv], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+
+
+def read_until(proc, text):
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if text in line:
+            return lines
+    raise AssertionError(f"{text!r} never printed: {''.join(lines)}{proc.stderr.read()}")
+
+
+def test_ctrl_c_saves_and_prints_a_resume_command_that_continues_bit_exact(testbed, tmp_path):
+    """Defects: progress reached a pipe only at exit; Ctrl-C gave a traceback and lost up to
+    99 steps. Now each line arrives as printed, and SIGINT stops at a step boundary with a
+    checkpoint, exit 130, no traceback, and a command whose run equals an uninterrupted one."""
+    argv, proc = start_train(testbed, tmp_path / "cut", max_iters=150)
+    read_until(proc, "step 5/150")
+    assert proc.poll() is None  # the line came through the pipe while the run was still going
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    stopped = load_checkpoint(str(tmp_path / "cut" / "ckpt.pt"))["step"]
+    assert 5 <= stopped < 150 and f"holds step {stopped} of 150" in out
+    command = next(line for line in out.splitlines() if line.startswith("resume with: python train.py"))
+    resumed = subprocess.run([sys.executable, *shlex.split(command)[3:]], cwd=REPO, capture_output=True, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert resumed.returncode == 0, resumed.stderr
+    whole = subprocess.run([sys.executable, "train.py", *[a.replace("/cut", "/whole") for a in argv]], cwd=REPO,
+                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert whole.returncode == 0, whole.stderr
+    ours, theirs = records(tmp_path / "cut"), records(tmp_path / "whole")
+    assert [r["step"] for r in ours] == list(range(1, 151))
+    assert [(r["loss"], r["grad_norm"]) for r in ours] == [(r["loss"], r["grad_norm"]) for r in theirs]
+
+
+def test_sigterm_stops_like_ctrl_c(testbed, tmp_path):
+    _, proc = start_train(testbed, tmp_path, max_iters=2000)
+    read_until(proc, "step 3/2000")
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "Traceback" not in err and "stopped by SIGTERM" in out, err
+    assert load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == records(tmp_path)[-1]["step"]
+
+
+def test_a_second_ctrl_c_while_saving_is_reported_not_obeyed(testbed, tmp_path, monkeypatch, capfd):
+    real_step, real_save, calls = train.train_step, train.save_checkpoint, []
+
+    def ctrl_c_at_step_5(*args):
+        calls.append(1)
+        if len(calls) == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(*args)
+
+    def ctrl_c_during_the_save(path, state):
+        os.kill(os.getpid(), signal.SIGINT)
+        real_save(path, state)
+
+    monkeypatch.setattr(train, "train_step", ctrl_c_at_step_5)
+    monkeypatch.setattr(train, "save_checkpoint", ctrl_c_during_the_save)
+    with pytest.raises(SystemExit) as stop:
+        train.main(config(testbed, tmp_path, max_iters=100, eval_interval=1000))
+    assert stop.value.code == 130 and "already stopping" in capfd.readouterr().err
+    assert load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 5
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back

@@ -1,0 +1,95 @@
+"""SFT conversations, from where they live to tokenized examples: Tulu 3 on the Hub or a local
+file in its schema (a `messages` column of {role, content} turns), read with Hugging Face
+`datasets` and split 9:1 as the paper does (Appendix D); or a testbed's SFT files (data/testbed);
+then rendered with the tulu chat template (data/chat.py) into (ids, labels). sft.py trains on
+them; the seeded order of every update is update_batches'.
+"""
+
+import os
+
+import numpy as np
+from datasets import load_dataset
+
+from data.chat import has_supervision, render
+from data.common import Tokenizer, load_meta, load_rows, read_jsonl
+from data.loaders import testbed_of
+
+TULU3 = "allenai/tulu-3-sft-olmo-2-mixture"
+
+
+def load_messages(name):
+    """The `messages` column of Tulu 3 or of a local file, through Hugging Face `datasets`."""
+    kinds = (".jsonl", ".json", ".parquet")
+    if name != "tulu3" and not (name.endswith(kinds) and os.path.isfile(name)):
+        raise SystemExit(f"error: unknown data set {name!r}: use testbed, tulu3, a testbed folder, "
+                         f"or an existing {'/'.join(kinds)} file with a `messages` column")
+    if name != "tulu3":
+        rows = load_rows(name)  # a malformed file: its own error, with the line
+        columns = sorted({key for row in rows for key in row})
+    else:
+        try:
+            rows = load_dataset(TULU3, split="train")  # no official split: the paper makes its own 9:1
+        except Exception as e:  # offline (the Hub): say which data set and what to do
+            raise SystemExit(f"error: cannot load data set {TULU3} ({type(e).__name__}: {e}); offline, "
+                             f"pass a local copy: --dataset=path/to/file.parquet") from None
+        columns = rows.column_names
+    if "messages" not in columns:
+        raise SystemExit(f"error: data set {name!r} has no `messages` column (it has {columns})")
+    return [row["messages"] for row in rows] if name != "tulu3" else list(rows["messages"])
+
+
+def split_train_val(conversations, seed):
+    """The paper's own 9:1 train/validation split (Appendix D), seeded."""
+    order = np.random.default_rng(seed).permutation(len(conversations))
+    n_val = max(1, len(conversations) // 10)
+    return [conversations[i] for i in order[n_val:]], [conversations[i] for i in order[:n_val]]
+
+
+def load_data(cfg, tokenizer):
+    """(train conversations, val conversations, testbed folder or None). Tulu 3 or a file may be
+    any text: the checkpoint's tokenizer encodes it (a compact one spells unknown tokens in bytes).
+    A testbed must have been tokenized with the checkpoint's own vocabulary."""
+    testbed = testbed_of(cfg.dataset)
+    if testbed is None:
+        conversations = load_messages(cfg.dataset)
+        if len(conversations) < 2:
+            raise SystemExit(f"error: data set {cfg.dataset!r} has {len(conversations)} conversation(s); the 9:1 "
+                             f"train/validation split needs at least 2 (10 or more to train on 9 in 10)")
+        train, val = split_train_val(conversations, cfg.seed)
+        return train[:cfg.max_train or None], val[:cfg.max_val or None], None
+    try:
+        testbed_tokenizer = Tokenizer.from_dict(load_meta(testbed)["tokenizer"])
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: {e}") from None
+    if testbed_tokenizer != tokenizer:
+        raise SystemExit(f"error: the testbed at {testbed} uses a different tokenizer/vocabulary than "
+                         f"--init_from={cfg.init_from}; fine-tune a checkpoint pre-trained on this testbed")
+    train, val = (read_jsonl(os.path.join(testbed, f)) for f in ("sft_train.jsonl", "sft_select.jsonl"))
+    if not train or not val:
+        raise SystemExit(f"error: the testbed at {testbed} has an empty SFT file; re-run data/testbed/prepare.py")
+    return [r["messages"] for r in train], [r["messages"] for r in val], testbed
+
+
+def tokenize(conversations, tokenizer, seq_len, split):
+    """[(ids, labels)] of the conversations that keep supervision after the cut, and the
+    number of those that lose it: they would add nothing to the loss, so they are left out
+    of the batches, and counted so that the cut never drops data silently."""
+    examples, without_supervision = [], 0
+    for i, messages in enumerate(conversations):
+        try:
+            ids, labels = render(messages, tokenizer, max_len=seq_len)
+        except ValueError as e:
+            raise SystemExit(f"error: {split} conversation {i}: {e}") from None
+        if has_supervision(labels[1:]):  # labels[0] has no token before it to predict it from
+            examples.append((np.array(ids, dtype=np.int32), np.array(labels, dtype=np.int32)))  # Tulu 3: GBs
+        else:
+            without_supervision += 1
+    return examples, without_supervision
+
+
+def update_batches(num_examples, cfg):
+    """The example indices of each update: `epochs` seeded permutations one after another,
+    cut into global batches (the last one may be smaller). The same for every LR."""
+    order = np.concatenate([np.random.default_rng([cfg.seed, epoch]).permutation(num_examples)
+                            for epoch in range(cfg.epochs)])
+    return [order[i:i + cfg.global_batch_size].tolist() for i in range(0, len(order), cfg.global_batch_size)]
