@@ -10,6 +10,11 @@ and write the paper's tables and figures (Tables 1-2, Figures 1-4) to results/.
     python reproduce.py --experiment=decay-free  # WSO vs WSO + cooldown vs WSO + merge (WSM)
     python reproduce.py --help                   # every option
 
+How long, on a 2-core CPU (--scale=cpu): Experiment 1 for one seed ~1h20m, for three seeds with
+--jobs=2 ~2h (README, Results: the measured wall time); the other experiments are of the same
+order per seed, `over` four times as long. The estimate for what is left is printed before the
+first stage; --dry_run=true prints only that and the stages.
+
 The experiments and the commands that make them are study.py's plan (its docstring says
 what each experiment runs); this script runs that plan and writes the tables and figures.
 
@@ -90,7 +95,7 @@ def run_all(cfg):
     progress = StudyProgress(todo)
     per_cost = SCALES[cfg.scale]["seconds_per_cost"]
     estimate = (f"about {format_duration(progress.total * per_cost / cfg.jobs)} (from stage times measured "
-                f"single-threaded on a 2-core CPU)"
+                f"one thread each, two at a time, on a 2-core CPU)"
                 if per_cost else "time unmeasured at this scale")
     print(f"{len(stages)} stages, {len(stages) - len(todo)} done earlier, {len(todo)} to run, {cfg.jobs} at a time, "
           f"{estimate}; logs in each run's folder under {cfg.runs_dir}/", flush=True)

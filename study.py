@@ -46,9 +46,9 @@ SCALES = {
                 mid=dict(dataset="testbed_mid", max_iters=round(MID_FRACTION * 600)),
                 # sharpness.py of each final model: 4 x 20 probes take seconds on the tiny model
                 sharpness=dict(num_batches=4, num_samples=20),
-                # one pre-training run (COST 1.0) on one thread: 600 x 4096 tokens at the ~7k tokens/s
-                # measured single-threaded on the 2-core CPU (600-step runs took ~350 s)
-                seconds_per_cost=350,
+                # one pre-training run (COST 1.0) on one thread, its 7 sharpness measurements included:
+                # 7m17s and 7m31s for the study's first two, side by side (--jobs=2) on the 2-core CPU
+                seconds_per_cost=440,
                 # 600 steps store the facts under every schedule (data/testbed/prepare.py's sizes);
                 # SFT: 5 epochs of the 450 training conversations, 71 updates, 5 of warmup (~7%)
                 sft=dict(dataset="testbed", lrs=",".join(f"{lr:g}" for lr in SFT_LR_GRIDS["testbed"]), epochs=5,
@@ -254,7 +254,7 @@ OUTPUT = {"evaluate": "eval.json", "SFT": "sft/summary.json", "SFT eval": "sft_e
 
 # Relative cost of each kind of stage on the testbed (measured), for the study's ETA
 COST = {"pre-train": 1.0, "mid-train": 0.45, "cooldown": 0.25, "merge": 0.02, "sharpness": 0.03, "evaluate": 0.03,
-        "SFT": 0.6, "SFT eval": 0.1, "sharpness (train)": 0.03}
+        "SFT": 0.5, "SFT eval": 0.1, "sharpness (train)": 0.03}
 PRODUCERS = (*TRAINING, "merge")  # the stages that write a run's ckpt.pt
 
 
