@@ -92,6 +92,11 @@ def save_checkpoint(path, state):
     os.replace(tmp, path)
 
 
+def checkpoint_step(path):
+    """The step a checkpoint holds, reading only those bytes (mmap: the weights stay on disk)."""
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)["step"]
+
+
 def load_checkpoint(path):
     if not os.path.isfile(path):
         raise SystemExit(f"error: no checkpoint at {path}; train one first (python train.py --out_dir=...)")

@@ -213,6 +213,8 @@ def finetune(lr, run_dir, sweep, identity):
         except FloatingPointError as e:  # a too-large LR: this point of the sweep failed, not the sweep
             print(f"[lr {lr:g}] non-finite values at step {step} ({e}); this LR is marked diverged")
             result.update(diverged_at_step=step, final_train_loss=None, val_loss=None)
+            if os.path.exists(resume_path):
+                os.remove(resume_path)
             return result
         losses.append(loss)
         tokens += supervised
@@ -225,11 +227,13 @@ def finetune(lr, run_dir, sweep, identity):
                   f"ETA {eta(step)} (sweep {sweep.eta(sweep.updates_done)})")
             append_jsonl(log_path, {"step": step, "lr": lr_now, "loss": loss, "grad_norm": grad_norm,
                                     "supervised_tokens": supervised, "tokens_per_sec": tokens_per_sec})
+        if step == len(batches):
+            break
         stop = sweep.interrupts.requested()
-        if step < len(batches) and (stop or (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0)):
+        if stop or (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0):
             save_checkpoint(resume_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                           "step": step, "losses": losses, "rng": rng_state(), "identity": identity})
-        if stop and step < len(batches):
+        if stop:
             sweep.interrupts.stop(f"{resume_path} holds update {step} of {len(batches)} at lr {lr:g}; finished LRs "
                                   f"are kept", sweep.argv)
     # The final checkpoint has no optimizer state: a finished LR is never continued, and a 1B

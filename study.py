@@ -21,8 +21,7 @@ shape, each through sharpness.py, evaluation and the SFT sweep.
 import os
 from dataclasses import dataclass
 
-import torch
-
+from common import checkpoint_step
 from schedules import MERGE_SHAPES, SFT_LR_GRIDS
 from tables import MT_TASKS, PT_TASKS
 
@@ -241,9 +240,7 @@ def is_done(kind, run_dir, steps):
     """Whether a stage's output is complete: a final checkpoint, eval.json, summary.json."""
     if kind in TRAINING:
         path = os.path.join(run_dir, "ckpt.pt")
-        # mmap: only the bytes of "step" are read, not the weights
-        return (os.path.isfile(path)
-                and torch.load(path, map_location="cpu", weights_only=False, mmap=True)["step"] >= steps)
+        return os.path.isfile(path) and checkpoint_step(path) >= steps
     return os.path.isfile(os.path.join(run_dir, OUTPUT[kind]))
 
 

@@ -35,8 +35,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import schedules
-from common import (Eta, Pace, append_jsonl, format_bytes, load_checkpoint, parse_args, rng_state, save_checkpoint,
-                    set_rng_state, truncate_log)
+from common import (Eta, Pace, append_jsonl, checkpoint_step, format_bytes, load_checkpoint, parse_args, rng_state,
+                    save_checkpoint, set_rng_state, truncate_log)
 from data.common import Tokenizer, load_meta, load_split
 from data.loaders import TokenWindows, pretrain_batches, resolve_dataset, sft_batches, testbed_of, validation_batches
 from hessian import sharpness_during_training
@@ -414,9 +414,13 @@ def due(step, interval, last_step):
 def non_finite(step, error, ckpt_path, cfg, argv):
     """The error for a NaN or inf at `step`: which checkpoint is kept, and a command that goes on."""
     lower = [a for a in argv if not a.startswith("--learning_rate=")] + [f"--learning_rate={cfg.learning_rate / 2:g}"]
-    if os.path.isfile(ckpt_path):
-        advice = (f"{ckpt_path} (step {saved_step(ckpt_path)}) is kept. To go on from it with half the LR (or check the data):\n"
-                  f"  python train.py {shlex.join(resume_command(lower if cfg.stage == 'pre' else argv))}")
+    if os.path.isfile(ckpt_path) and cfg.stage != "pre":  # Eq. 11 and the cooldown take eta from the branch point
+        advice = (f"{ckpt_path} (step {checkpoint_step(ckpt_path)}) is kept. stage={cfg.stage} takes its LR from the "
+                  f"pre-training checkpoint, so check the data, or branch from an earlier checkpoint; to retry as is:"
+                  f"\n  python train.py {shlex.join(resume_command(argv))}")
+    elif os.path.isfile(ckpt_path):
+        advice = (f"{ckpt_path} (step {checkpoint_step(ckpt_path)}) is kept. To go on from it with half the LR "
+                  f"(or check the data):\n  python train.py {shlex.join(resume_command(lower))}")
     else:
         advice = (f"No checkpoint was written yet (one is at every --eval_interval). Start again with half the "
                   f"LR (or check the data):\n  python train.py {shlex.join(lower)}")
@@ -442,10 +446,6 @@ def main(cfg: TrainConfig, argv=None):
     if rt.distributed:
         dist.destroy_process_group()
     return run.model
-
-
-def saved_step(path):
-    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)["step"]
 
 
 def train_one(run, step, ckpt_path, eta, pace, argv, compiling):

@@ -154,15 +154,17 @@ def write_jsonl(path, rows) -> None:
 def read_jsonl(path) -> list[dict]:
     """The rows of a JSON Lines file (blank lines skipped); a line that does not parse is a
     ValueError naming the file and the line."""
-    rows = []
+    return list(_jsonl_rows(path))
+
+
+def _jsonl_rows(path):
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    yield json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path} line {number} is not JSON ({e})") from None
-    return rows
 
 
 def load_rows(path) -> list[dict]:
@@ -173,15 +175,16 @@ def load_rows(path) -> list[dict]:
         raise SystemExit(f"error: {path}: no such file")
     if os.path.getsize(path) == 0:
         raise SystemExit(f"error: {path} is empty")
-    if path.endswith(".jsonl"):
-        try:
-            read_jsonl(path)  # the parse error with its line; datasets' says only that generation failed
-        except ValueError as e:
-            raise SystemExit(f"error: {e}") from None
     from datasets import load_dataset
     try:
         return list(load_dataset("parquet" if path.endswith(".parquet") else "json", data_files=path, split="train"))
     except Exception as e:
+        if path.endswith(".jsonl"):  # find the line: datasets says only that generation failed
+            try:
+                for _ in _jsonl_rows(path):  # streamed, not kept: a local Tulu copy is GBs
+                    pass
+            except ValueError as bad_line:
+                raise SystemExit(f"error: {bad_line}") from None
         cause = e.__cause__ or e.__context__ or e  # datasets wraps the reader's error
         raise SystemExit(f"error: cannot read {path} ({type(cause).__name__}: {cause})") from None
 
