@@ -30,6 +30,7 @@ This is the library; the commands are
 """
 
 import functools
+import inspect
 import math
 import time
 from contextlib import contextmanager
@@ -57,18 +58,36 @@ def hessian_vector_product(loss_fn, params):
     return lambda v: vjp_fn(v, create_graph=False)[0]
 
 
-def rademacher_like(params, generator=None):
-    """One probe z: entries +-1 with equal probability, a tensor per parameter. Each
-    random draw gives 16 entries (its 16 low bits): drawing the entries one by one costs
-    a tenth of an HVP of the testbed model on CPU."""
+PROBE_WORDS = 2**16  # random words drawn at a time: 2^20 probe entries, 4 MiB of bits
+
+
+def rademacher_like(params, generator=None, out=None):
+    """One probe z: entries +-1 with equal probability, a tensor per parameter (written into
+    `out`, a dict of tensors shaped like params, when given). Each random draw gives 16
+    entries (its 16 low bits): drawing the entries one by one costs a tenth of an HVP of the
+    testbed model on CPU. The parameters form one stream of entries, word w giving entries
+    16w..16w+15, drawn PROBE_WORDS words at a time, so the bits in memory stay a few MiB
+    whatever the model's size; on CPU the stream is the same however it is cut (torch's CPU
+    generator draws serially), on CUDA the cut changes it (Philox counts offsets per call)."""
     first = next(iter(params.values()))
     device = generator.device if generator is not None else first.device
-    sizes = [p.numel() for p in params.values()]
-    words = torch.randint(0, 2**16, ((sum(sizes) + 15) // 16, 1), generator=generator, device=device,
-                          dtype=torch.int32)
-    bits = (words >> torch.arange(16, device=device, dtype=torch.int32)).bitwise_and_(1)  # (words, 16)
-    signs = bits.flatten()[:sum(sizes)].to(first.dtype).mul_(2).sub_(1)
-    return {name: z.view_as(p).to(p) for (name, p), z in zip(params.items(), signs.split(sizes))}
+    out = {name: torch.empty_like(p) for name, p in params.items()} if out is None else out
+    targets = [t.view(-1) for t in out.values()]  # flat views, filled in order
+    total, shifts = sum(t.numel() for t in targets), torch.arange(16, device=device, dtype=torch.int32)
+    tensor, offset = 0, 0  # where the next entry goes
+    for first_word in range(0, (total + 15) // 16, PROBE_WORDS):
+        n_words = min(PROBE_WORDS, (total + 15) // 16 - first_word)
+        words = torch.randint(0, 2**16, (n_words, 1), generator=generator, device=device, dtype=torch.int32)
+        bits = (words >> shifts).bitwise_and_(1).view(-1)[:total - 16 * first_word]  # (entries,)
+        while bits.numel():
+            target = targets[tensor]
+            take = min(bits.numel(), target.numel() - offset)
+            target[offset:offset + take] = bits[:take].to(target.device)
+            target[offset:offset + take].mul_(2).sub_(1)
+            bits, offset = bits[take:], offset + take
+            if offset == target.numel():
+                tensor, offset = tensor + 1, 0
+    return out
 
 
 def quadratic_forms(z, hz):
@@ -118,19 +137,20 @@ def hutchinson_trace(loss_fn, params, num_samples, generator=None, probes_per_ca
     with sdpa_kernel(SDPBackend.MATH):
         hvp = None if compile else hessian_vector_product(loss_fn, params)
         for start in range(0, num_samples, probes_per_call):
-            probes = [rademacher_like(params, generator) for _ in range(min(probes_per_call, num_samples - start))]
+            k = min(probes_per_call, num_samples - start)
             with torch.no_grad():
-                z = {n: torch.stack([p[n] for p in probes]) for n in params}  # (probes, *shape)
-                if compile:  # zero probes up to the compiled width; their z^T H z = 0 is dropped
-                    pad = probes_per_call - len(probes)
-                    z = {n: torch.cat([t, t.new_zeros(pad, *t.shape[1:])]) for n, t in z.items()}
-                    zhz = compiled_probe_chunk()(loss_fn, params, z)[:len(probes)]
-                else:
-                    if len(probes) > 1:
-                        hz = vmap(hvp)(z)
-                    else:  # one probe: no vmap, just a leading dimension of 1
-                        hz = {n: t.unsqueeze(0) for n, t in hvp(probes[0]).items()}
-                    zhz = quadratic_forms(z, hz)
+                # (width, *shape) per parameter, the probes drawn into it; compiled, the rows past
+                # k are zero probes up to the compiled width, and their z^T H z = 0 is dropped
+                width = probes_per_call if compile else k
+                z = {n: p.new_zeros(width, *p.shape) for n, p in params.items()}
+                for i in range(k):
+                    rademacher_like(params, generator, out={n: t[i] for n, t in z.items()})
+                if compile:
+                    zhz = compiled_probe_chunk()(loss_fn, params, z)[:k]
+                elif k > 1:
+                    zhz = quadratic_forms(z, vmap(hvp)(z))
+                else:  # one probe: no vmap, just a leading dimension of 1
+                    zhz = quadratic_forms(z, {n: t.unsqueeze(0) for n, t in hvp({n: t[0] for n, t in z.items()}).items()})
             samples.extend(zhz.tolist())
     samples = np.array(samples)
     stderr = samples.std(ddof=1) / math.sqrt(num_samples) if num_samples > 1 else float("nan")
@@ -174,7 +194,10 @@ def batch_loss_fn(model, x, y):
     tie_weights=True: a tied matrix is one entry of `params` (named_parameters() lists a
     shared Parameter once) and functional_call feeds it to every place it is used."""
     check_deterministic(model)
-    return lambda params: functional_call(model, params, (x, y), tie_weights=True)[1]
+    # model.Llama's chunked loss has a hand-written backward, which torch.func cannot
+    # differentiate twice: loss_chunk=0 is the plain cross-entropy (model.cross_entropy)
+    kwargs = {"loss_chunk": 0} if "loss_chunk" in inspect.signature(model.forward).parameters else {}
+    return lambda params: functional_call(model, params, (x, y), kwargs, tie_weights=True)[1]
 
 
 def model_sharpness(model, batches, num_samples, seed=0, progress=None, probes_per_call=0, compile=False):

@@ -77,6 +77,10 @@ PRESETS = {
 }
 
 
+# Logits the loss holds at once: 2^25 fp32 values (128 MiB; 256 positions at V = 128256).
+LOSS_CHUNK_ELEMENTS = 2**25
+
+
 class RMSNorm(nn.Module):
     """x / sqrt(mean(x^2) + eps) * weight, computed in float32 (as Hugging Face's Llama)."""
 
@@ -196,9 +200,10 @@ class Llama(nn.Module):
             else:
                 nn.init.normal_(p, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None):
-        """idx (B, T) token ids -> logits (B, T, V) for every position, and the mean
-        next-token cross-entropy over targets != -100 when targets (B, T) are given."""
+    def forward(self, idx, targets=None, loss_chunk=None):
+        """idx (B, T) token ids -> (logits (B, T, V), None) for every position; with targets
+        (B, T): (None, the mean next-token cross-entropy over targets != -100), computed by
+        cross_entropy without the full logits (loss_chunk: positions per chunk, see there)."""
         B, T = idx.shape
         if T > self.config.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len={self.config.max_seq_len}")
@@ -206,11 +211,10 @@ class Llama(nn.Module):
         x = self.tok_embeddings(idx)  # (B, T, C)
         for layer in self.layers:
             x = layer(x, cos, sin)
-        logits = self.output(self.norm(x))  # (B, T, V)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
-        return logits, loss
+        h = self.norm(x)  # (B, T, C)
+        if targets is None:
+            return self.output(h), None  # (B, T, V)
+        return None, cross_entropy(h, self.output.weight, targets, loss_chunk)
 
     def num_params(self):
         """Parameters, a tied matrix counted once."""
@@ -226,6 +230,70 @@ class Llama(nn.Module):
         if not cfg.tie_embeddings:
             n_matmul -= self.tok_embeddings.weight.numel()
         return 6 * n_matmul + 12 * cfg.n_layers * cfg.dim * seq_len
+
+
+def upcast(logits):
+    """bf16/fp16 logits in float32 for the softmax; float32 and float64 as they are."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+def chunk_loss_sum(h, weight, targets):
+    """Summed cross-entropy of the logits h @ weight^T (N, V), in float32 or wider."""
+    return F.cross_entropy(upcast(F.linear(h, weight)), targets, ignore_index=-100, reduction="sum")
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """The mean cross-entropy of h @ weight^T, its gradients computed chunk by chunk during
+    the forward pass (as Liger-Kernel's fused linear cross-entropy): d loss / d logits =
+    (softmax - one_hot(target)) / n per target row, 0 for ignored rows, each chunk's
+    gradient multiplied into d h and d weight and dropped. The same FLOPs as the plain
+    loss, and backward only scales the two stored gradients."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk):  # h (N, C), weight (V, C), targets (N,)
+        n = (targets != -100).sum()
+        wide = torch.promote_types(weight.dtype, torch.float32)  # float32, or float64
+        loss = torch.zeros((), dtype=wide, device=h.device)
+        grad_h, grad_w = torch.empty_like(h), torch.zeros_like(weight, dtype=wide)
+        for start in range(0, h.shape[0], chunk):
+            h_c, t_c = h[start:start + chunk], targets[start:start + chunk]
+            raw = F.linear(h_c, weight)  # (chunk, V); bf16 under autocast
+            logits = upcast(raw)
+            valid = t_c != -100
+            target = t_c.clamp(min=0)
+            lse = logits.logsumexp(-1)  # (chunk,)
+            loss += ((lse - logits.gather(1, target[:, None])[:, 0]) * valid).sum()
+            g = (logits - lse[:, None]).exp_()  # softmax
+            g[torch.arange(len(t_c), device=g.device), target] -= 1  # - one_hot(target)
+            g = (g * valid[:, None]).to(raw.dtype)  # as autograd returns it through the upcast
+            grad_h[start:start + chunk] = g @ weight
+            grad_w += g.T @ h_c
+        ctx.save_for_backward(grad_h / n, (grad_w / n).to(weight.dtype))
+        return loss / n  # 0/0 = nan without targets, as F.cross_entropy
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_loss, grad_w * grad_loss, None, None
+
+
+def cross_entropy(h, weight, targets, chunk=None):
+    """The mean cross-entropy of logits h @ weight^T (h (B, T, C), weight (V, C)) against
+    targets (B, T) over targets != -100: F.cross_entropy(upcast(logits), ...) without its
+    memory. The full fp32 logits are B*T*V*4 bytes, and as much again for their gradient:
+    ~2 GB per 2048-token sequence at V = 128256. Here positions go through `chunk` at a time
+    (None: LOSS_CHUNK_ELEMENTS // V), and with gradients on, ChunkedCrossEntropy computes them
+    chunk by chunk, so one chunk's logits exist at a time. One chunk (the testbed's ~1k
+    vocabulary, always) or chunk=0 is F.cross_entropy itself: chunk=0 is for torch.func (the
+    Hessian), which differentiates through the ops and cannot use a hand-written backward."""
+    h, targets = h.flatten(0, 1), targets.flatten()  # (N, C), (N,)
+    chunk = max(1, LOSS_CHUNK_ELEMENTS // weight.shape[0]) if chunk is None else chunk
+    if chunk == 0 or h.shape[0] <= chunk:
+        return F.cross_entropy(upcast(F.linear(h, weight)), targets, ignore_index=-100)
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        return ChunkedCrossEntropy.apply(h, weight, targets, chunk)
+    total = sum(chunk_loss_sum(h_c, weight, t_c) for h_c, t_c in zip(h.split(chunk), targets.split(chunk)))
+    return total / (targets != -100).sum()
 
 
 def build_config(preset, **overrides):

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import PRESETS, Attention, Llama, LlamaConfig, RMSNorm, apply_rope, build_config, precompute_rope, repeat_kv
+from model import (PRESETS, Attention, Llama, LlamaConfig, RMSNorm, apply_rope, build_config, cross_entropy,
+                   precompute_rope, repeat_kv)
 
 SMALL = LlamaConfig(dim=64, ffn_dim=160, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, max_seq_len=32)
 
@@ -89,8 +90,10 @@ def test_forward_shapes_and_loss():
     idx = torch.randint(0, SMALL.vocab_size, (3, 12))
     targets = torch.randint(0, SMALL.vocab_size, (3, 12))
     targets[0, :5] = -100
-    logits, loss = model(idx, targets)
+    logits, _ = model(idx)
     assert logits.shape == (3, 12, SMALL.vocab_size)
+    no_logits, loss = model(idx, targets)
+    assert no_logits is None  # training never reads them: the compiled graph does not return them
     mask = targets != -100
     want = F.log_softmax(logits, -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0][mask].neg().mean()
     torch.testing.assert_close(loss, want)
@@ -175,3 +178,73 @@ def test_matches_huggingface_llama():
     idx = torch.randint(0, cfg.vocab_size, (2, 20))
     with torch.no_grad():
         torch.testing.assert_close(ours(idx)[0], hf(idx).logits, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 7, 36, 0])
+def test_chunked_cross_entropy_equals_torch(chunk):
+    """Loss and both gradients equal F.cross_entropy of the full fp32 logits, for chunks that
+    divide the 36 positions unevenly, one position, all of them, and chunk=0 (no chunking)."""
+    torch.manual_seed(0)
+    h = torch.randn(3, 12, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 50, (3, 12))
+    targets[0, :5] = targets[2, 7] = -100
+    loss = cross_entropy(h, weight, targets, chunk)
+    got = torch.autograd.grad(loss, (h, weight))
+    want_loss = F.cross_entropy((h @ weight.T).flatten(0, 1), targets.flatten(), ignore_index=-100)
+    want = torch.autograd.grad(want_loss, (h, weight))
+    torch.testing.assert_close(loss, want_loss, rtol=1e-12, atol=0)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_chunked_cross_entropy_never_keeps_the_full_logits():
+    """What autograd saves for backward while the model's loss is computed: with a chunk of 8
+    positions no saved tensor holds logits of more than 8 positions (rows of V values), and
+    the loss and gradients equal the unchunked ones (the model's default at this vocabulary).
+    A wide vocabulary against small activations, as in the 1B/8B models."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(dim=32, ffn_dim=64, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=2000, max_seq_len=32)
+    model = Llama(cfg)
+    idx, targets = torch.randint(0, cfg.vocab_size, (2, 2, 24))
+    logit_rows = []
+
+    def pack(t):  # every tensor autograd keeps for backward
+        logit_rows.append(t.numel() // cfg.vocab_size if t.ndim and t.shape[-1] == cfg.vocab_size else 0)
+        return t
+
+    def loss_and_grads(chunk):
+        logit_rows.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            _, loss = model(idx, targets, loss_chunk=chunk)
+        return loss, torch.autograd.grad(loss, list(model.parameters())), max(logit_rows)
+
+    full_loss, full_grads, full_rows = loss_and_grads(None)
+    loss, grads, rows = loss_and_grads(8)
+    assert full_rows == 48  # the check sees the logits of all 2 x 24 positions when they are kept
+    assert rows <= 8
+    torch.testing.assert_close(loss, full_loss)
+    for g, w in zip(grads, full_grads):
+        torch.testing.assert_close(g, w)
+
+
+def test_chunked_cross_entropy_under_bf16_autocast():
+    """Under bf16 autocast (CUDA's training dtype; CPU runs it too) the chunked loss and its
+    gradients equal the plain loss's to bf16 rounding."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(dim=32, ffn_dim=64, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=2000, max_seq_len=32)
+    model = Llama(cfg)
+    idx, targets = torch.randint(0, cfg.vocab_size, (2, 2, 24))
+    targets[1, 3:9] = -100
+    results = []
+    for chunk in (8, 0):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, loss = model(idx, targets, loss_chunk=chunk)
+        results.append((loss, torch.autograd.grad(loss, list(model.parameters()))))
+    (loss, grads), (want_loss, want_grads) = results
+    assert loss.dtype == want_loss.dtype == torch.float32
+    torch.testing.assert_close(loss, want_loss, rtol=1e-3, atol=0)
+    for g, w in zip(grads, want_grads):
+        assert g.dtype == w.dtype
+        # relative to the gradient's norm: the chunks round their bf16 products one by one
+        assert (g - w).norm() <= 1e-2 * w.norm()

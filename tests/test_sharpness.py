@@ -18,6 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import figures
 import hessian
+import model as model_module
 import sharpness
 import train
 from common import parse_args
@@ -150,6 +151,27 @@ def test_probes_are_rademacher_and_seeded():
 
 
 
+def one_matrix_probe(params, generator):
+    """The probe as drawn before it was cut into pieces: every word at once, one (words, 16)
+    matrix of bits for the whole model (8 bytes per parameter at its peak)."""
+    sizes = [p.numel() for p in params.values()]
+    words = torch.randint(0, 2**16, ((sum(sizes) + 15) // 16, 1), generator=generator, dtype=torch.int32)
+    bits = (words >> torch.arange(16, dtype=torch.int32)).bitwise_and_(1)
+    signs = bits.flatten()[:sum(sizes)].double().mul_(2).sub_(1)
+    return {n: z.view_as(p).to(p) for (n, p), z in zip(params.items(), signs.split(sizes))}
+
+
+@pytest.mark.parametrize("words_at_a_time", [1, 3, 2**16])
+def test_probes_drawn_in_pieces_equal_one_draw(monkeypatch, words_at_a_time):
+    """The same +-1 entries as one draw for the whole model (so measurements made before
+    the change stay comparable), whether a piece ends inside a tensor or spans several."""
+    monkeypatch.setattr(hessian, "PROBE_WORDS", words_at_a_time)
+    params = {"a": torch.zeros(21), "b": torch.zeros(3, 5, dtype=torch.float64), "c": torch.zeros(1), "d": torch.zeros(40)}
+    got = hessian.rademacher_like(params, torch.Generator().manual_seed(3))
+    want = one_matrix_probe(params, torch.Generator().manual_seed(3))
+    assert all(got[n].dtype == params[n].dtype and torch.equal(got[n], want[n]) for n in params)
+
+
 def test_vmapped_probes_match_one_probe_at_a_time():
     torch.manual_seed(1)
     B = torch.randn(30, 30, dtype=torch.float64)
@@ -211,6 +233,23 @@ def test_tiny_llama_vmapped_probes_match_one_probe_at_a_time():
     auto = hessian.model_sharpness(model, batches, num_samples=6, seed=3)  # 16 tokens: chunks of 4 + 2
     for a, b in zip(one["per_batch"] + [one], auto["per_batch"] + [auto]):
         assert a["trace"] == pytest.approx(b["trace"], rel=1e-5) and a["stderr"] == pytest.approx(b["stderr"], rel=1e-5)
+
+
+
+def test_hessian_uses_the_plain_loss_where_training_chunks_it(monkeypatch):
+    """At a vocabulary wide enough for model.cross_entropy to chunk (made so here by a
+    small LOSS_CHUNK_ELEMENTS: 2 positions per chunk), the Hessian still differentiates the
+    plain loss (torch.func cannot go through the chunked loss's own backward) and measures
+    the same trace."""
+    model = tiny_llama(torch.float32)
+    batches = [(torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 8)))]
+    want = hessian.model_sharpness(model, batches, num_samples=4, seed=1)
+    monkeypatch.setattr(model_module, "LOSS_CHUNK_ELEMENTS", 128)
+    with torch.enable_grad():
+        _, loss = model(*batches[0])
+        assert loss.grad_fn.name() == "ChunkedCrossEntropyBackward"  # training takes the chunked path
+    got = hessian.model_sharpness(model, batches, num_samples=4, seed=1)
+    assert got["trace"] == want["trace"] and got["loss"] == want["loss"]
 
 
 def labelled_batches(lengths, seed=0):
