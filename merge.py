@@ -11,9 +11,10 @@ without training one. The weights c_j of each decay shape are schedules.merge_we
 
 The merge is computed in float64 and stored in the checkpoints' dtype. The written file is
 the newest source checkpoint with its weights replaced by the merge, plus a "merge" entry
-{ckpts, steps, shape, weights}: the same keys as train.py's ckpt.pt. Its optimizer state,
-data position and RNG states are the newest source's, so mid-training can start from it;
-train.py refuses to branch a cooldown from it, as the merge already emulates a decay.
+{ckpts, steps, shape, weights}: the same keys as train.py's ckpt.pt. Its data position and
+RNG states are the newest source's, and so is its optimizer state where the sources hold one
+(train.py --keep_optimizer=true), so mid-training can start from it; train.py refuses to
+branch a cooldown from it, as the merge already emulates a decay.
 """
 
 import os

@@ -127,15 +127,22 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, cache=None):
         B, T, C = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # generation: the keys and values of every position so far
+            k, v = cache.update(k, v)  # (B, nkv, S, hd), S = positions cached before + T
         n_rep = self.n_heads // self.n_kv_heads
-        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)  # (B, nh, T, hd)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hd)
+        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)  # (B, nh, S, hd)
+        S = k.shape[2]
+        if S == T:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hd)
+        else:  # T new queries after S - T cached positions: query i sees keys 0 .. S - T + i
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.wo(y)
 
@@ -161,9 +168,43 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x, cos, sin):
-        h = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x, cos, sin, cache=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, cache)
         return h + self.feed_forward(self.ffn_norm(h))
+
+
+class LayerCache:
+    """One layer's keys and values, (B, nkv, max_len, hd) each, allocated on first use in
+    the dtype the layer computes them in (bf16 under autocast)."""
+
+    def __init__(self, cache):
+        self.cache, self.k, self.v = cache, None, None
+
+    def update(self, k, v):
+        """Store k, v (B, nkv, T, hd) after the cached positions; return all positions so far."""
+        start, end = self.cache.length, self.cache.length + k.shape[2]
+        if self.k is None:
+            shape = (k.shape[0], k.shape[1], self.cache.max_len, k.shape[3])
+            self.k, self.v = k.new_zeros(shape), v.new_zeros(shape)
+        self.k[:, :, start:end], self.v[:, :, start:end] = k, v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class KVCache:
+    """Keys and values of every layer for greedy generation, so each new token costs one
+    position instead of the whole sequence again (gpt-fast's KVCache, allocated once).
+    model(idx, cache=cache) appends idx's positions; keep(rows) drops finished sequences."""
+
+    def __init__(self, n_layers, max_len):
+        self.length, self.max_len = 0, max_len
+        self.layers = [LayerCache(self) for _ in range(n_layers)]
+
+    def keep(self, rows):
+        """Keep only the sequences `rows` (a list of batch indices), in that order."""
+        for layer in self.layers:
+            if layer.k is not None:
+                index = torch.tensor(rows, device=layer.k.device)
+                layer.k, layer.v = layer.k[index], layer.v[index]
 
 
 class Llama(nn.Module):
@@ -200,17 +241,21 @@ class Llama(nn.Module):
             else:
                 nn.init.normal_(p, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None, loss_chunk=None):
-        """idx (B, T) token ids -> (logits (B, T, V), None) for every position; with targets
+    def forward(self, idx, targets=None, loss_chunk=None, cache=None):
+        """idx (B, T) token ids -> (logits (B, T, V) for every position, None); with targets
         (B, T): (None, the mean next-token cross-entropy over targets != -100), computed by
-        cross_entropy without the full logits (loss_chunk: positions per chunk, see there)."""
+        cross_entropy without the full logits (loss_chunk: positions per chunk, see there).
+        With a KVCache, idx continues the sequences the cache holds (generation)."""
         B, T = idx.shape
-        if T > self.config.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds max_seq_len={self.config.max_seq_len}")
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, hd)
+        pos = cache.length if cache is not None else 0  # position of idx[:, 0]
+        if pos + T > self.config.max_seq_len:
+            raise ValueError(f"sequence length {pos + T} exceeds max_seq_len={self.config.max_seq_len}")
+        cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]  # (T, hd)
         x = self.tok_embeddings(idx)  # (B, T, C)
-        for layer in self.layers:
-            x = layer(x, cos, sin)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, None if cache is None else cache.layers[i])
+        if cache is not None:
+            cache.length += T
         h = self.norm(x)  # (B, T, C)
         if targets is None:
             return self.output(h), None  # (B, T, V)

@@ -7,6 +7,8 @@ and greedy generation for the testbed's post-SFT questions. The task formats tha
 the items are evaluate.py's; nothing here runs on its own.
 """
 
+import inspect
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -14,24 +16,31 @@ import torch.nn.functional as F
 from common import Eta
 from data.chat import generation_prompt
 from data.common import read_jsonl
+from model import KVCache
 
 # ------------------------------------------------------------------ generation (SFT)
 
 
 @torch.no_grad()
-def greedy_generate_batch(model, prompts, max_new_tokens, stop_id, vocab_size=None):
+def greedy_generate_batch(model, prompts, max_new_tokens, stop_id, vocab_size=None, use_cache=True):
     """Greedy continuations of equally long prompts (lists of ids), each up to (not
     including) its stop_id. Equal lengths need no padding: the model takes no attention
     mask, so a padded prompt would attend to pad tokens. Finished rows leave the batch.
-    vocab_size excludes the embedding's padding rows, which no tokenizer can decode."""
+    vocab_size excludes the embedding's padding rows, which no tokenizer can decode.
+    With use_cache (and a model whose forward takes one, as model.Llama's), a KVCache holds
+    every position's keys and values, so each new token is one position through the model
+    (linear in the output length, not quadratic); past max_seq_len the model sees the most
+    recent max_seq_len tokens, recomputed each step."""
     if len({len(p) for p in prompts}) != 1:
         raise ValueError("greedy_generate_batch needs prompts of one length; group them by length")
     model.eval()
-    device = next(model.parameters()).device
+    device, max_len = next(model.parameters()).device, model.config.max_seq_len
     ids = torch.tensor(prompts, dtype=torch.long, device=device)  # (B, T)
+    use_cache = use_cache and ids.shape[1] < max_len and "cache" in inspect.signature(model.forward).parameters
+    cache = KVCache(model.config.n_layers, max_len) if use_cache else None
+    logits, _ = model(ids[:, -max_len:], **({"cache": cache} if use_cache else {}))  # the last tokens that fit
     outputs, active = [[] for _ in prompts], list(range(len(prompts)))
     for _ in range(max_new_tokens):
-        logits, _ = model(ids[:, -model.config.max_seq_len:])  # the most recent tokens that fit
         next_id = logits[:, -1, :vocab_size].argmax(dim=-1)  # (B,)
         going = [row for row, token in enumerate(next_id.tolist()) if token != stop_id]
         for row in going:
@@ -40,6 +49,11 @@ def greedy_generate_batch(model, prompts, max_new_tokens, stop_id, vocab_size=No
             break
         active = [active[row] for row in going]
         ids = torch.cat([ids[going], next_id[going, None]], dim=1)
+        if cache is not None and ids.shape[1] <= max_len:
+            cache.keep(going)
+            logits, _ = model(next_id[going, None], cache=cache)  # (B, 1, V): one new position
+        else:
+            logits, _ = model(ids[:, -max_len:])
     return outputs
 
 

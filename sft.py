@@ -62,7 +62,7 @@ from schedules import SFT_LR_GRIDS
 from scoring import testbed_sft_accuracy
 from tables import sft_task_avg
 from training import (Interrupts, Runtime, load_optimizer_state, make_optimizer, mean_loss, optimizer_step, set_lr,
-                      setup_distributed)
+                      setup_distributed, to_device)
 
 HIGHER_IS_BETTER = {"sft_select_task_avg": True, "sft_select_exact_match": True, "val_loss": False}  # the --select_by metrics
 FINAL_LOSS_STEPS = 10  # final_train_loss averages the last updates: one batch alone is noisy
@@ -148,7 +148,7 @@ def train_step(model, optimizer, micro_batches, cfg, rt: Runtime):
     loss_sum = 0.0
     for x, y in micro_batches:
         with rt.autocast:
-            _, loss = model(x.to(rt.device), y.to(rt.device))
+            _, loss = model(to_device(x, rt.device), to_device(y, rt.device))
         loss = loss * (int((y != IGNORE).sum()) / supervised)
         loss.backward()
         loss_sum += loss.item()

@@ -212,7 +212,8 @@ def decay_free_plan(cfg, seed, seed_dir, train, sft, scale):
     keep, branch = cool // 5, total - cool
     wso_dir = os.path.join(seed_dir, "wso_kept")
     stages = [("pre-train", wso_dir, ["train.py", *flags({**train, "schedule": "wso", "seed": seed,
-                                                          "keep_every": keep, "out_dir": wso_dir})], total)]
+                                                          "keep_every": keep, "keep_optimizer": True,
+                                                          "out_dir": wso_dir})], total)]
     kept = [os.path.join(wso_dir, f"ckpt_{step:06d}.pt") for step in range(branch, total + 1, keep)]
     finals = {"wso": wso_dir}
     cool_dir = os.path.join(seed_dir, "wso_cooldown")

@@ -14,8 +14,9 @@ Pre-training and mid-training of a Llama-3 model with the paper's LR schedules
 
 Writes out_dir/ckpt.pt (weights, optimizer, RNG states, data position, config) and
 out_dir/log.jsonl (one JSON object per logged step; eval records carry val_loss).
-With --keep_every=N it also keeps out_dir/ckpt_<step:06d>.pt every N steps: full
-checkpoints, to merge (merge.py) or to branch a cooldown from (stage=cooldown).
+With --keep_every=N it also keeps out_dir/ckpt_<step:06d>.pt every N steps: weights and the
+run's state without AdamW's moments, what merge.py needs (a third of the size); add
+--keep_optimizer=true to branch a cooldown from them (stage=cooldown continues AdamW).
 
 Reading order: TrainConfig (every option), starting_point (scratch, resume, mid-training,
 cooldown), train_step (one update), main (set-up, then the loop).
@@ -42,7 +43,8 @@ from data.loaders import TokenWindows, pretrain_batches, resolve_dataset, sft_ba
 from hessian import sharpness_during_training
 from model import PRESETS, Llama, LlamaConfig, build_config
 from training import (RESUMABLE_CHANGES, Interrupts, Runtime, check_resume, load_optimizer_state, make_optimizer,
-                      mean_loss, optimizer_step, refuse_config_changes, resume_command, set_lr, setup_distributed)
+                      mean_loss, optimizer_step, refuse_config_changes, resume_command, set_lr, setup_distributed,
+                      to_device)
 
 
 @dataclass
@@ -83,6 +85,7 @@ class TrainConfig:
     eval_tokens: int = 65536  # fixed held-out tokens used for val_loss
     checkpoint_interval: int = 0  # steps between checkpoints; 0 means at every eval
     keep_every: int = 0  # also keep out_dir/ckpt_<step>.pt every N steps (merge.py, stage=cooldown); 0 = off
+    keep_optimizer: bool = False  # kept checkpoints also hold AdamW's state (3x the size): a cooldown needs it
     init_from: str = "scratch"  # scratch | resume (out_dir/ckpt.pt) | path to a checkpoint
     # sharpness during training (Figure 3; sharpness.py)
     sharpness_interval: int = 0  # steps between Hessian-trace measurements (and at the end); 0 = off
@@ -183,6 +186,11 @@ def starting_point(cfg, tokenizer, world_size):
         return Start(model_cfg, None, None, None, Counters(), None, asdict(cfg), cfg.max_iters, [])
     resume = cfg.init_from == "resume"
     ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt") if resume else cfg.init_from)
+    if cfg.stage != "pre" and "optimizer" not in ckpt:
+        raise SystemExit(f"error: {cfg.init_from} holds weights without AdamW's state (a checkpoint kept by "
+                         f"--keep_every, or a merge of such), and stage={cfg.stage} continues the optimizer: "
+                         f"branch from a full checkpoint (the run's ckpt.pt), or keep them with "
+                         f"--keep_optimizer=true")
     changes = list(ckpt.get("changes", [])) if resume or cfg.stage == "cooldown" else []
     if resume:
         if cfg.warmup_by_rule:
@@ -279,12 +287,12 @@ def train_step(model, optimizer, data, first_sample, cfg, grad_accum, rt: Runtim
     loss_sum = torch.zeros((), device=rt.device)
     for micro in range(grad_accum):
         sample = first_sample + (micro * rt.world_size + rt.rank) * cfg.batch_size
-        x, y = data.batch(sample, cfg.batch_size)
-        x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+        x, y = (to_device(t, rt.device) for t in data.batch(sample, cfg.batch_size))
         last = micro == grad_accum - 1
         sync = model.no_sync() if rt.distributed and not last else nullcontext()
-        with sync, rt.autocast:
-            _, loss = model(x, y)
+        with sync:
+            with rt.autocast:  # the forward pass only: backward runs in the forward's dtypes
+                _, loss = model(x, y)
             loss = loss / grad_accum
             loss.backward()
         loss_sum += loss.detach()
@@ -313,12 +321,14 @@ def log_record(run, record):
         append_jsonl(run.log_path, record)
 
 
-def checkpoint(run, path):
-    """Write everything a resume needs (the master only; atomic, see common.save_checkpoint)."""
+def checkpoint(run, path, optimizer=True):
+    """Write everything a resume needs (the master only; atomic, see common.save_checkpoint);
+    optimizer=False leaves out AdamW's state (kept checkpoints: merge.py reads weights)."""
     if run.rt.master:
         counters = run.start.counters
         save_checkpoint(path, {
-            "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "config": run.start.run_config,
+            "model": run.model.state_dict(), **({"optimizer": run.optimizer.state_dict()} if optimizer else {}),
+            "config": run.start.run_config,
             "model_config": run.start.model_config.to_dict(), "tokenizer": run.tokenizer.to_dict(),
             "step": counters.step, "samples_seen": counters.samples_seen, "tokens_seen": counters.tokens_seen,
             "rng": rng_state(), "branch": run.start.branch and asdict(run.start.branch),
@@ -360,8 +370,8 @@ def start_log(cfg, start, model, data_dir, tokens_per_update, grad_accum, rt):
            f"compile={cfg.compile}")
     if cfg.keep_every:
         kept = start.last_step // cfg.keep_every - start.counters.step // cfg.keep_every
-        # weights and AdamW's two moments, each the size of the parameters
-        per_checkpoint = 3 * sum(p.numel() * p.element_size() for p in model.parameters())
+        # weights, and with --keep_optimizer AdamW's two moments, each the size of the parameters
+        per_checkpoint = (3 if cfg.keep_optimizer else 1) * sum(p.numel() * p.element_size() for p in model.parameters())
         rt.log(f"keeping {cfg.out_dir}/ckpt_<step>.pt every {cfg.keep_every} steps: {kept} checkpoints of "
                f"~{format_bytes(per_checkpoint)}, ~{format_bytes(kept * per_checkpoint)} in all")
     return log_path
@@ -396,9 +406,12 @@ def set_up(cfg):
     model, optimizer = build_model(start, cfg, rt)
     train_data = TokenWindows(train_shards, cfg.seq_len, cfg.seed)
     val_batches = validation_batches(val_shards, cfg.seq_len, cfg.eval_tokens, cfg.batch_size)
-    step_model = torch.compile(model) if cfg.compile else model
+    # Wrapped, then compiled, as torch documents for DDP: the compiler splits the graph at
+    # DDP's gradient buckets (DDPOptimizer), so their all-reduces overlap the backward pass.
+    step_model = model
     if rt.distributed:
-        step_model = DDP(step_model, device_ids=[int(os.environ["LOCAL_RANK"])] if rt.device.startswith("cuda") else None)
+        step_model = DDP(model, device_ids=[int(os.environ["LOCAL_RANK"])] if rt.device.startswith("cuda") else None)
+    step_model = torch.compile(step_model) if cfg.compile else step_model
     tokens_per_update = cfg.batch_size * cfg.seq_len * rt.world_size * grad_accum
     log_path = start_log(cfg, start, model, data_dir, tokens_per_update, grad_accum, rt)
     sharpness_sets = sharpness_data(cfg, data_dir, tokenizer) if cfg.sharpness_interval and rt.master else {}
@@ -480,7 +493,7 @@ def train_one(run, step, ckpt_path, eta, pace, argv, compiling):
     if run.sharpness_sets and due(step, cfg.sharpness_interval, last_step):
         measure_sharpness(run)  # on the master; the other ranks wait at their next all-reduce
     if cfg.keep_every and step % cfg.keep_every == 0:
-        checkpoint(run, os.path.join(cfg.out_dir, f"ckpt_{step:06d}.pt"))
+        checkpoint(run, os.path.join(cfg.out_dir, f"ckpt_{step:06d}.pt"), optimizer=cfg.keep_optimizer)
     saved = due(step, cfg.checkpoint_interval or cfg.eval_interval, last_step)
     if saved:  # last: a kill after it loses nothing
         checkpoint(run, ckpt_path)

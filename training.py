@@ -62,6 +62,14 @@ def setup_distributed(device="auto", dtype="auto", tf32=False):
     return Runtime(rank, world_size, device, dtype, autocast)
 
 
+def to_device(t, device):
+    """A CPU batch on `device`: to CUDA through pinned (page-locked) host memory, so the copy
+    is asynchronous (non_blocking=True does nothing from pageable memory)."""
+    if str(device).startswith("cuda"):
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def make_optimizer(model, cfg, device):
     """AdamW with cfg's learning_rate, weight_decay, beta1, beta2, eps (Table 6). Weight decay
     on matrices only: RMSNorm gains are scales that the following normalization makes
@@ -122,7 +130,7 @@ def mean_loss(model, batches, device, autocast):
 # checkpoints merge.py merges): they change what is printed or where, not the training
 # trajectory. max_iters may grow: for WSO that extends a finished run exactly.
 RESUMABLE_CHANGES = frozenset({"out_dir", "init_from", "log_interval", "eval_interval", "eval_tokens",
-                               "checkpoint_interval", "keep_every", "compile", "max_iters", "sharpness_interval",
+                               "checkpoint_interval", "keep_every", "keep_optimizer", "compile", "max_iters", "sharpness_interval",
                                "sharpness_batches", "sharpness_samples"})
 # Fields a resume may change although the trajectory then differs from the resumed step on: the
 # remedy for a loss that went to NaN. train.py prints and records them (log.jsonl, config.json,

@@ -19,7 +19,7 @@ from common import load_checkpoint
 from data import loaders
 from data.chat import generation_prompt
 from data.common import Tokenizer, read_jsonl, write_jsonl
-from model import Llama, LlamaConfig
+from model import KVCache, Llama, LlamaConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(REPO, "tests", "fixtures", "lm_eval")
@@ -150,6 +150,30 @@ def test_greedy_generate_is_argmax_decoding(tiny, tokenizer):
     other = tokenizer.encode("Where was Alice born?")[:len(prompt)]
     batch = scoring.greedy_generate_batch(tiny, [prompt, other], 5, stop_id=-1)
     assert batch == [ids[len(prompt):], scoring.greedy_generate(tiny, other, 5, stop_id=-1)]
+
+
+
+def test_kv_cache_gives_the_logits_and_tokens_of_full_recomputation():
+    """Cached decoding: each step's logits equal a forward pass over the whole sequence, and
+    greedy generation gives the same tokens with and without the cache, as rows finish and
+    leave the batch and once the sequence outgrows max_seq_len (then it recomputes)."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(dim=32, ffn_dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=40, max_seq_len=24)
+    model = Llama(cfg).eval()
+    ids = torch.randint(0, 40, (3, 7))
+    cache = KVCache(cfg.n_layers, cfg.max_seq_len)
+    with torch.no_grad():
+        logits, _ = model(ids[:, :4], cache=cache)  # a prompt of 4, then 3 positions one by one
+        steps = [logits] + [model(ids[:, t:t + 1], cache=cache)[0] for t in range(4, 7)]
+        full, _ = model(ids)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+    prompts = torch.randint(0, 40, (6, 9)).tolist()
+    free = scoring.greedy_generate_batch(model, prompts, 30, stop_id=-1)  # 9 + 30 > max_seq_len = 24
+    assert free == scoring.greedy_generate_batch(model, prompts, 30, stop_id=-1, use_cache=False)
+    for stop in {row[k] for row, k in zip(free, (2, 12, 20))}:  # stops that end some rows early
+        cached = scoring.greedy_generate_batch(model, prompts, 30, stop_id=stop)
+        assert cached == scoring.greedy_generate_batch(model, prompts, 30, stop_id=stop, use_cache=False)
+        assert 1 < len({len(row) for row in cached})  # rows left the batch at different steps
 
 
 def test_alpaca_eval_has_no_number_without_a_judge(tokenizer):

@@ -171,12 +171,24 @@ def test_keep_every_keeps_checkpoints_across_a_resume(testbed, tmp_path, capsys)
     kept = sorted(name for name in os.listdir(tmp_path) if name.startswith("ckpt_"))
     assert kept == ["ckpt_000003.pt", "ckpt_000006.pt", "ckpt_000012.pt", "ckpt_000016.pt"]
     train.main(config(testbed, tmp_path / "straight", max_iters=16))
-    for name in kept:
+    for name in kept:  # weights and the run's state, without AdamW's (merge.py reads weights)
         ckpt = load_checkpoint(str(tmp_path / name))
-        assert ckpt["step"] == int(name[5:11]) and set(ckpt) == set(load_checkpoint(str(tmp_path / "ckpt.pt")))
+        assert ckpt["step"] == int(name[5:11]) and set(ckpt) == set(load_checkpoint(str(tmp_path / "ckpt.pt"))) - {"optimizer"}
     final = load_checkpoint(str(tmp_path / "straight" / "ckpt.pt"))["model"]
     last_kept = load_checkpoint(str(tmp_path / "ckpt_000016.pt"))["model"]
     assert all(torch.equal(final[k], last_kept[k]) for k in final)
+
+
+def test_a_cooldown_from_a_weights_only_checkpoint_is_refused(testbed, tmp_path):
+    """Kept checkpoints hold no AdamW state unless --keep_optimizer=true; a cooldown continues
+    the optimizer, so it says so instead of failing on a missing key (or starting a fresh AdamW)."""
+    train.main(config(testbed, tmp_path / "wso", max_iters=4, keep_every=2))
+    assert "optimizer" not in load_checkpoint(str(tmp_path / "wso" / "ckpt_000002.pt"))
+    with pytest.raises(SystemExit, match="holds weights without AdamW's state .* --keep_optimizer=true"):
+        train.main(config(testbed, tmp_path / "cool", stage="cooldown", alpha=0.0, max_iters=2,
+                          init_from=str(tmp_path / "wso" / "ckpt_000002.pt")))
+    train.main(config(testbed, tmp_path / "wso", max_iters=6, keep_every=2, keep_optimizer=True, init_from="resume"))
+    assert "optimizer" in load_checkpoint(str(tmp_path / "wso" / "ckpt_000006.pt"))
 
 
 def test_cooldown_branch_is_wsd_decaying_from_the_branch_step(testbed, tmp_path, monkeypatch):
@@ -350,7 +362,7 @@ def test_starting_point_of_scratch_resume_mid_and_cooldown(testbed, tmp_path):
     scratch = train.starting_point(config(testbed, tmp_path / "pre", max_iters=6, keep_every=3), tokenizer, 1)
     assert (scratch.model_state, scratch.optimizer_state, scratch.rng, scratch.branch) == (None, None, None, None)
     assert scratch.counters == train.Counters(0, 0, 0) and scratch.last_step == 6
-    train.main(config(testbed, tmp_path / "pre", max_iters=6, keep_every=3))
+    train.main(config(testbed, tmp_path / "pre", max_iters=6, keep_every=3, keep_optimizer=True))
     pre = load_checkpoint(str(tmp_path / "pre" / "ckpt.pt"))
 
     resume = train.starting_point(config(testbed, tmp_path / "pre", max_iters=9, init_from="resume"), tokenizer, 1)
@@ -448,7 +460,8 @@ def test_trajectories_are_pinned(testbed, tmp_path):
 
     got = {}
     for schedule in ("wso", "wsd", "cosine", "linear"):
-        train.main(config(testbed, tmp_path / schedule, schedule=schedule, alpha=0.1, max_iters=8, keep_every=4))
+        train.main(config(testbed, tmp_path / schedule, schedule=schedule, alpha=0.1, max_iters=8, keep_every=4,
+                          keep_optimizer=True))
         got[schedule] = losses(tmp_path / schedule)
     train.main(config(testbed, tmp_path / "mid", stage="mid", init_from=str(tmp_path / "wsd" / "ckpt.pt"),
                       dataset=str(testbed / "mid"), alpha=0.1, alpha_mid=0.0, max_iters=4))
