@@ -1,7 +1,9 @@
 """
 Training throughput: tokens/s and model FLOPs utilization (MFU) of one train step
-(forward, backward, AdamW update), eager and torch.compile'd, against this machine's
-own matmul peak measured in the same run. Speed lives here, never in tests.
+(forward, backward, AdamW update), eager and torch.compile'd, against the device's bf16
+dense peak on a known GPU (H100/H200 SXM 989 TFLOP/s, A100 312), else this machine's own
+matmul peak measured in the same run; peak memory on a GPU. Speed lives here, never in tests.
+gpu_check.py is the one GPU check (training, resume, MFU, HVP, FSDP2).
 
     python bench.py --dim=256 --ffn_dim=768 --vocab_size=50304   # the CPU reference size (README, Speed)
     python bench.py --preset=125m --batch_size=16 --seq_len=1024 --device=cuda
@@ -47,6 +49,22 @@ def model_config(cfg):
     sizes = {k: getattr(cfg, k) or None for k in ("dim", "ffn_dim", "n_layers", "n_heads", "n_kv_heads")}
     vocab = cfg.vocab_size or PRESETS[cfg.preset]["vocab_size"] or DEFAULT_VOCAB
     return build_config(cfg.preset, **sizes, vocab_size=vocab, max_seq_len=cfg.seq_len)
+
+
+# bf16 dense peaks from the vendors' datasheets (no sparsity), matched in the device's name in
+# this order: MFU on a GPU is quoted against these (PaLM, Appendix B; nanochat; torchtitan).
+BF16_PEAKS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
+
+
+def device_peak(device, dtype):
+    """(FLOP/s, where it comes from): the datasheet's bf16 dense peak of a known GPU, else
+    the matmul peak measured now (a CPU, or fp32)."""
+    if device.startswith("cuda") and dtype == "bfloat16":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in BF16_PEAKS:
+            if key in name:
+                return peak, f"{key} bf16 dense peak"
+    return matmul_peak(device, dtype), "matmul peak measured now"
 
 
 def matmul_peak(device, dtype, n=2048, repeats=10):
@@ -100,10 +118,10 @@ def main(cfg):
     device = resolve_device(cfg.device)
     dtype, autocast = autocast_context(device, cfg.dtype)
     model_cfg = model_config(cfg)
-    peak = matmul_peak(device, dtype)
+    peak, source = device_peak(device, dtype)
     tokens = cfg.batch_size * cfg.seq_len
     print(f"device={device} dtype={dtype} threads={torch.get_num_threads()} "
-          f"matmul peak {peak / 1e9:,.1f} GFLOP/s (2048^3, measured now)")
+          f"peak {peak / 1e9:,.1f} GFLOP/s ({source})")
     results = {}
     for mode in cfg.modes.split(","):
         torch.manual_seed(0)
@@ -111,8 +129,13 @@ def main(cfg):
         flops = model.flops_per_token(cfg.seq_len) * tokens
         seconds = time_train_step(model, cfg, device, autocast, compiled=(mode == "compiled"))
         results[mode] = dict(step_ms=seconds * 1e3, tokens_per_sec=tokens / seconds, mfu=flops / seconds / peak)
+        memory = ""
+        if device.startswith("cuda"):
+            results[mode]["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            memory = f" | peak memory {results[mode]['peak_memory_gib']:.1f} GiB"
+            torch.cuda.reset_peak_memory_stats(device)
         print(f"{mode:>9}: {model.num_params():,} params | {seconds * 1e3:8.1f} ms/step | "
-              f"{tokens / seconds:10,.0f} tok/s | MFU {100 * flops / seconds / peak:5.1f}% of measured peak")
+              f"{tokens / seconds:10,.0f} tok/s | MFU {100 * flops / seconds / peak:5.1f}% of peak{memory}")
     return results
 
 

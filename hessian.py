@@ -37,6 +37,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.func import functional_call, grad, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -200,7 +201,8 @@ def batch_loss_fn(model, x, y):
     return lambda params: functional_call(model, params, (x, y), kwargs, tie_weights=True)[1]
 
 
-def model_sharpness(model, batches, num_samples, seed=0, progress=None, probes_per_call=0, compile=False):
+def model_sharpness(model, batches, num_samples, seed=0, progress=None, probes_per_call=0, compile=False,
+                    rank=0, world_size=1):
     """Tr(H) of the model's loss averaged over `batches` [(x, y), ...] (Appendix H).
     probes_per_call: probes vmapped together (hutchinson_trace); 0 picks
     auto_probes_per_call(x.numel(), compile) per batch. compile: torch.compile the HVP,
@@ -209,7 +211,11 @@ def model_sharpness(model, batches, num_samples, seed=0, progress=None, probes_p
     The model is measured in eval mode and left in the mode it came in; its weights,
     .grad fields and torch's global RNG are not touched. It runs in true float32 (no autocast,
     TF32 off: full_fp32) whatever the caller set. progress(done, total, record) is called
-    after each batch. Returns a dict of every number (see LOSS_NORMALIZATION)."""
+    after each batch this process measures. Under torchrun (rank, world_size of the process
+    group) each process measures batches b = rank, rank + world_size, ... with the same seeds,
+    and the per-batch records are gathered: the numbers of one process, in a world_size-th of
+    the time, and no process waits long in a collective (NCCL's watchdog stops a job after 10
+    minutes by default). Returns a dict of every number (see LOSS_NORMALIZATION)."""
     if not batches:
         raise ValueError("no batches to measure sharpness on")
     params = {name: p.detach() for name, p in model.named_parameters()}
@@ -222,7 +228,8 @@ def model_sharpness(model, batches, num_samples, seed=0, progress=None, probes_p
         batches = pad_batches(batches, max(x.shape[1] for x, _ in batches))
     with full_fp32(device.type):
         try:
-            for b, (x, y) in enumerate(batches):
+            mine = [(b, batch) for b, batch in enumerate(batches) if b % world_size == rank]
+            for done, (b, (x, y)) in enumerate(mine, 1):
                 x, y = x.to(device), y.to(device)
                 loss_fn = batch_loss_fn(model, x, y)
                 generator = torch.Generator(device).manual_seed(seed + b)
@@ -230,11 +237,16 @@ def model_sharpness(model, batches, num_samples, seed=0, progress=None, probes_p
                 trace, stderr = hutchinson_trace(loss_fn, params, num_samples, generator, width, compile)
                 with torch.no_grad():
                     loss = loss_fn(params).item()
-                records.append({"trace": trace, "stderr": stderr, "loss": loss, "tokens": int((y != IGNORE).sum())})
+                records.append({"batch": b, "trace": trace, "stderr": stderr, "loss": loss,
+                                "tokens": int((y != IGNORE).sum())})
                 if progress is not None:
-                    progress(b + 1, len(batches), records[-1])
+                    progress(done, len(mine), records[-1])
         finally:
             model.train(was_training)
+    if world_size > 1:  # every process's records, in batch order
+        parts = [None] * world_size
+        dist.all_gather_object(parts, records)
+        records = sorted((r for part in parts for r in part), key=lambda r: r["batch"])
     traces = np.array([r["trace"] for r in records])
     stderr = traces.std(ddof=1) / math.sqrt(len(traces)) if len(traces) > 1 else records[0]["stderr"]
     return {"trace": float(traces.mean()), "stderr": float(stderr),
@@ -269,15 +281,15 @@ def pad_batches(batches, length):
     return [(pad(x, 0), pad(y, IGNORE)) for x, y in batches]
 
 
-def sharpness_during_training(raw_model, batches, num_samples, seed=0):
+def sharpness_during_training(raw_model, batches, num_samples, seed=0, rank=0, world_size=1):
     """For train.py's --sharpness_interval: {"sharpness", "sharpness_stderr"} of the
     uncompiled, unwrapped model on fixed batches (data.loaders.pretrain_batches and
     sft_batches, made once). Training is not disturbed: probes come from a private
     generator (no draw from the global RNG), the model returns to train mode, weights and
-    .grad are untouched. Call it outside autocast: it measures in float32. No collective
-    is involved: train.py measures on the master while the other ranks wait at their
-    next all-reduce. On a GPU it needs memory for the gradient's graph."""
-    result = model_sharpness(raw_model, batches, num_samples, seed)
+    .grad are untouched. Call it outside autocast: it measures in float32. Under DDP every
+    process calls it and measures its share of the batches (model_sharpness). On a GPU it
+    needs memory for the gradient's graph."""
+    result = model_sharpness(raw_model, batches, num_samples, seed, rank=rank, world_size=world_size)
     return {"sharpness": result["trace"], "sharpness_stderr": result["stderr"]}
 
 

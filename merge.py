@@ -49,7 +49,8 @@ def source_paths(cfg):
         if cfg.last < 1:
             raise SystemExit(f"error: --ckpts={cfg.ckpts} is a directory; pass --last=k to merge its last k+1 "
                              f"kept checkpoints")
-        kept = {int(m.group(1)): m.group(0) for m in map(re.compile(r"ckpt_(\d+)\.pt").fullmatch, os.listdir(cfg.ckpts))
+        kept = {int(m.group(1)): m.group(0) for m in map(re.compile(r"ckpt_(\d+)(\.pt|_sharded)").fullmatch,
+                                                                  os.listdir(cfg.ckpts))
                 if m}
         if len(kept) < cfg.last + 1:
             raise SystemExit(f"error: {cfg.ckpts} holds {len(kept)} kept checkpoints (ckpt_<step>.pt), fewer than "

@@ -224,6 +224,15 @@ class Llama(nn.Module):
         self.reset_parameters()
 
     @torch.no_grad()
+    def init_rope(self):
+        """Recompute the RoPE tables in place: a model built on the meta device and then
+        materialized with to_empty (parallel.shard_model) has them uninitialized."""
+        cfg = self.config
+        cos, sin = precompute_rope(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
+    @torch.no_grad()
     def reset_parameters(self):
         """Initialization (GPT-2 / OLMo style, what small Llama reproductions use):
         every matrix ~ N(0, 0.02^2); the two projections that write into the residual

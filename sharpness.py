@@ -7,6 +7,7 @@ The estimator itself, with its equations, is hessian.py.
     python sharpness.py --ckpt=out/ckpt.pt --datasets=sft --num_batches=64
     python sharpness.py --ckpt=out/ckpt.pt --pretrain_split=train   # on the training text itself
     python sharpness.py --ckpt=out/ckpt.pt --compile        # long measurements: compiles once
+    torchrun --nproc_per_node=8 sharpness.py --ckpt=...      # the batches split over 8 processes
     python sharpness.py --figures=out-wso,out-wsd,out-cos     # Figures 3-4 from runs of
                                                             # train.py --sharpness_interval=N
     python sharpness.py --help
@@ -22,13 +23,16 @@ import json
 import os
 from dataclasses import asdict, dataclass
 
-from common import Eta, format_duration, load_checkpoint, parse_args, resolve_device
+import torch.distributed as dist
+
+from common import Eta, format_duration, load_checkpoint, parse_args
 from data.common import Tokenizer, load_meta, read_jsonl, write_atomic
 from data.loaders import pretrain_batches, resolve_dataset, sft_batches, testbed_of
 from figures import plot_sharpness_curves, plot_sharpness_vs_score
 from hessian import LOSS_NORMALIZATION, model_sharpness
 from runs import load_model
 from schedules import wsd_t_stable
+from training import setup_distributed
 
 @dataclass
 class SharpnessConfig:
@@ -98,7 +102,8 @@ def main(cfg):
             print(f"{key}: {value}")
         return written
     ckpt = load_checkpoint(cfg.ckpt)
-    device = resolve_device(cfg.device)
+    rt = setup_distributed(cfg.device)  # under torchrun: one process group, the batches split over it
+    device = rt.device
     seq_len = cfg.seq_len or ckpt["config"]["seq_len"]
     model = load_model(ckpt, device)
     tokenizer = Tokenizer.from_dict(ckpt["tokenizer"])
@@ -111,26 +116,30 @@ def main(cfg):
                 batches = sft_batches(path, tokenizer, seq_len, cfg.batch_size, cfg.num_batches)
         except (OSError, ValueError, KeyError) as e:
             raise SystemExit(f"error: cannot use the {name} data at {path}: {e}") from None
-        print(f"{name}: {len(batches)} batches of {cfg.batch_size} x <= {seq_len} tokens from {path}, "
-              f"{cfg.num_samples} probes each")
-        eta = Eta(len(batches))
+        split = f" over {rt.world_size} processes" if rt.distributed else ""
+        rt.log(f"{name}: {len(batches)} batches of {cfg.batch_size} x <= {seq_len} tokens from {path}, "
+               f"{cfg.num_samples} probes each{split}")
+        eta = Eta(len(range(rt.rank, len(batches), rt.world_size)))
 
         def progress(done, total, record):
-            print(f"  {name} batch {done}/{total}: Tr(H) {record['trace']:.4g} +- {record['stderr']:.2g} "
-                  f"(loss {record['loss']:.3f}, {record['tokens']} tokens) | ETA {eta(done)}", flush=True)
+            rt.log(f"  {name} batch {record['batch'] + 1}/{len(batches)}: Tr(H) {record['trace']:.4g} +- "
+                   f"{record['stderr']:.2g} (loss {record['loss']:.3f}, {record['tokens']} tokens) | ETA {eta(done)}")
 
         eta(0)
         results[name] = model_sharpness(model, batches, cfg.num_samples, cfg.seed, progress, cfg.probes_per_call,
-                                        cfg.compile)
+                                        cfg.compile, rt.rank, rt.world_size)
         results[name]["data"] = path if name == "sft" else f"{path} ({cfg.pretrain_split} split)"
         r = results[name]
-        print(f"{name}: sharpness Tr(H) = {r['trace']:.4g} +- {r['stderr']:.2g} (stderr over {r['stderr_over']}; "
+        rt.log(f"{name}: sharpness Tr(H) = {r['trace']:.4g} +- {r['stderr']:.2g} (stderr over {r['stderr_over']}; "
               f"{format_duration(r['seconds'])})")
     out = cfg.out or os.path.join(os.path.dirname(os.path.abspath(cfg.ckpt)), "sharpness.json")
     settings = {**asdict(cfg), "seq_len": seq_len, "device": device, "loss_normalization": LOSS_NORMALIZATION}
     report = {"ckpt": os.path.abspath(cfg.ckpt), "step": ckpt.get("step"), "settings": settings, "results": results}
-    write_atomic(out, (json.dumps(report, indent=1) + "\n").encode())
-    print(f"wrote {out}")
+    if rt.master:
+        write_atomic(out, (json.dumps(report, indent=1) + "\n").encode())
+        print(f"wrote {out}")
+    if rt.distributed:
+        dist.destroy_process_group()
     return results
 
 

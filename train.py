@@ -10,9 +10,11 @@ Pre-training and mid-training of a Llama-3 model with the paper's LR schedules
     python train.py --stage=cooldown --init_from=out/ckpt_000400.pt --max_iters=100 \
                     --alpha=0.0 --out_dir=out-cool    # WSO + cooldown: decay over steps 401..500
     torchrun --nproc_per_node=2 train.py ...          # DDP (gloo on CPU, NCCL on CUDA)
+    torchrun --nproc_per_node=8 train.py --preset=8b --parallel=fsdp ...  # FSDP2 (parallel.py)
     python train.py --help                            # every option and its default
 
-Writes out_dir/ckpt.pt (weights, optimizer, RNG states, data position, config) and
+Writes out_dir/ckpt.pt (weights, optimizer, RNG states, data position, config; with
+--parallel=fsdp the directory out_dir/ckpt_sharded, which every script reads too) and
 out_dir/log.jsonl (one JSON object per logged step; eval records carry val_loss).
 With --keep_every=N it also keeps out_dir/ckpt_<step:06d>.pt every N steps: weights and the
 run's state without AdamW's moments, what merge.py needs (a third of the size); add
@@ -79,6 +81,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, else fp32) | float32 | bfloat16
     compile: bool = True  # torch.compile the training step's model
+    parallel: str = "ddp"  # under torchrun: ddp (a replica per process) | fsdp (sharded, parallel.py: 1b, 8b)
     # logging, evaluation, checkpoints
     log_interval: int = 10  # steps between log lines and log.jsonl records
     eval_interval: int = 100  # steps between validation losses (and at the end)
@@ -118,6 +121,11 @@ class TrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate={self.learning_rate} must be > 0")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"parallel={self.parallel!r}; choose ddp or fsdp")
+        if self.parallel == "fsdp" and self.sharpness_interval:
+            raise ValueError("sharpness_interval needs the whole model in one process, and parallel=fsdp shards it: "
+                             "measure the saved checkpoints with sharpness.py instead (torchrun splits its batches)")
 
 
 # A cooldown branch continues the run of its checkpoint: beyond what a resume may change
@@ -157,6 +165,7 @@ class Start:
     run_config: dict  # saved with every checkpoint: this run's config, init_from as the run began
     last_step: int
     changes: list  # RECORDED_CHANGES made by resumes: [{"step": n, field: [old, new]}, ...]
+    sharded: str | None = None  # a sharded checkpoint that holds model_state (and optimizer_state) instead
 
 
 def lr_of_update(step, cfg, branch):
@@ -185,7 +194,8 @@ def starting_point(cfg, tokenizer, world_size):
                              f"{tokenizer.vocab_size}")
         return Start(model_cfg, None, None, None, Counters(), None, asdict(cfg), cfg.max_iters, [])
     resume = cfg.init_from == "resume"
-    ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt") if resume else cfg.init_from)
+    source = checkpoint_path(cfg) if resume else cfg.init_from
+    ckpt = read_checkpoint(source, cfg)
     if cfg.stage != "pre" and "optimizer" not in ckpt:
         raise SystemExit(f"error: {cfg.init_from} holds weights without AdamW's state (a checkpoint kept by "
                          f"--keep_every, or a merge of such), and stage={cfg.stage} continues the optimizer: "
@@ -216,7 +226,35 @@ def starting_point(cfg, tokenizer, world_size):
     first_step = branch.pretrain_iters + 1 if branch else 1
     return Start(LlamaConfig.from_dict(ckpt["model_config"]), ckpt["model"],
                  ckpt["optimizer"] if resume or cfg.stage != "pre" else None, ckpt["rng"] if same_run else None,
-                 counters, branch, run_config, first_step + cfg.max_iters - 1, changes)
+                 counters, branch, run_config, first_step + cfg.max_iters - 1, changes, ckpt.get("sharded"))
+
+
+def fsdp():
+    """parallel.py, imported for --parallel=fsdp only: with it imported, rank 0 of a 2-process
+    DDP run hung at exit (torch 2.13, gloo; a minimal DDP script with the same imports did not)."""
+    import parallel
+    return parallel
+
+
+def checkpoint_path(cfg):
+    """Where this run writes its checkpoint: out_dir/ckpt.pt, or with --parallel=fsdp the
+    sharded directory out_dir/ckpt_sharded."""
+    return os.path.join(cfg.out_dir, "ckpt_sharded" if cfg.parallel == "fsdp" else "ckpt.pt")
+
+
+def read_checkpoint(path, cfg):
+    """The checkpoint a run starts from. A sharded one read by an FSDP run gives run.pt, its
+    model and optimizer standing for the shards that build_model loads into place (DCP
+    reshards to this run's processes); any other pairing gives the whole dict (memory-mapped:
+    the processes of one machine share its pages)."""
+    if cfg.parallel == "fsdp" and fsdp().is_sharded(path):
+        return {**fsdp().load_run_state(path), "model": None, "optimizer": "sharded", "sharded": path}
+    if cfg.init_from == "resume" and not os.path.exists(path):
+        other = "ckpt.pt" if cfg.parallel == "fsdp" else "ckpt_sharded"
+        if os.path.exists(os.path.join(cfg.out_dir, other)):
+            raise SystemExit(f"error: {cfg.out_dir} holds {other}, written with --parallel="
+                             f"{'ddp' if cfg.parallel == 'fsdp' else 'fsdp'}: resume with that")
+    return load_checkpoint(path, mmap=cfg.parallel == "fsdp")
 
 
 def branch_point(ckpt, cfg):
@@ -288,8 +326,10 @@ def train_step(model, optimizer, data, first_sample, cfg, grad_accum, rt: Runtim
     for micro in range(grad_accum):
         sample = first_sample + (micro * rt.world_size + rt.rank) * cfg.batch_size
         x, y = (to_device(t, rt.device) for t in data.batch(sample, cfg.batch_size))
-        last = micro == grad_accum - 1
-        sync = model.no_sync() if rt.distributed and not last else nullcontext()
+        last = micro == grad_accum - 1  # gradients are reduced across processes after the last only
+        if cfg.parallel == "fsdp":
+            model.set_requires_gradient_sync(last)
+        sync = model.no_sync() if rt.distributed and cfg.parallel == "ddp" and not last else nullcontext()
         with sync:
             with rt.autocast:  # the forward pass only: backward runs in the forward's dtypes
                 _, loss = model(x, y)
@@ -303,14 +343,30 @@ def train_step(model, optimizer, data, first_sample, cfg, grad_accum, rt: Runtim
 
 
 def build_model(start, cfg, rt):
-    """The model and AdamW of `start` on this process's device, seeded by --seed."""
+    """The model and AdamW of `start` on this process's device, seeded by --seed; with
+    --parallel=fsdp sharded over the processes (parallel.py), starting from the same weights."""
     torch.manual_seed(cfg.seed)
-    model = Llama(start.model_config).to(rt.device)
-    optimizer = make_optimizer(model, cfg, rt.device)
-    if start.model_state is not None:
-        model.load_state_dict(start.model_state)
-    if start.optimizer_state is not None:
-        load_optimizer_state(optimizer, start.optimizer_state)  # this run's AdamW settings win
+    if cfg.parallel == "fsdp":
+        parallel = fsdp()
+        model = parallel.shard_model(start.model_config, rt.device, bf16=rt.dtype == "bfloat16")
+        optimizer = make_optimizer(model, cfg, rt.device)
+        own = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+        if start.sharded:
+            parallel.load_sharded(start.sharded, model, optimizer if start.optimizer_state else None)
+        else:  # the single-process initialization (made on rank 0 only), or a ckpt.pt's state
+            initial = start.model_state
+            if initial is None and rt.master:
+                initial = Llama(start.model_config).state_dict()
+            parallel.load_full_state(model, optimizer, initial, start.optimizer_state)
+        for group, settings in zip(optimizer.param_groups, own):
+            group.update(settings)  # this run's AdamW settings win, as load_optimizer_state
+    else:
+        model = Llama(start.model_config).to(rt.device)
+        optimizer = make_optimizer(model, cfg, rt.device)
+        if start.model_state is not None:
+            model.load_state_dict(start.model_state)
+        if start.optimizer_state is not None:
+            load_optimizer_state(optimizer, start.optimizer_state)  # this run's AdamW settings win
     if start.rng is not None:
         set_rng_state(start.rng)
     return model, optimizer
@@ -322,17 +378,20 @@ def log_record(run, record):
 
 
 def checkpoint(run, path, optimizer=True):
-    """Write everything a resume needs (the master only; atomic, see common.save_checkpoint);
+    """Write everything a resume needs, atomically (common.save_checkpoint; by the master), or
+    with --parallel=fsdp as a sharded directory (parallel.save_sharded; by every process).
     optimizer=False leaves out AdamW's state (kept checkpoints: merge.py reads weights)."""
-    if run.rt.master:
-        counters = run.start.counters
-        save_checkpoint(path, {
-            "model": run.model.state_dict(), **({"optimizer": run.optimizer.state_dict()} if optimizer else {}),
-            "config": run.start.run_config,
-            "model_config": run.start.model_config.to_dict(), "tokenizer": run.tokenizer.to_dict(),
-            "step": counters.step, "samples_seen": counters.samples_seen, "tokens_seen": counters.tokens_seen,
-            "rng": rng_state(), "branch": run.start.branch and asdict(run.start.branch),
-            "world_size": run.rt.world_size, "changes": run.start.changes})
+    counters = run.start.counters
+    state = {"config": run.start.run_config, "model_config": run.start.model_config.to_dict(),
+             "tokenizer": run.tokenizer.to_dict(), "step": counters.step, "samples_seen": counters.samples_seen,
+             "tokens_seen": counters.tokens_seen, "rng": rng_state(),
+             "branch": run.start.branch and asdict(run.start.branch), "world_size": run.rt.world_size,
+             "changes": run.start.changes}
+    if run.cfg.parallel == "fsdp":
+        fsdp().save_sharded(path, run.model, run.optimizer if optimizer else None, state)
+    elif run.rt.master:
+        save_checkpoint(path, {"model": run.model.state_dict(),
+                               **({"optimizer": run.optimizer.state_dict()} if optimizer else {}), **state})
 
 
 def measure_sharpness(run):
@@ -340,7 +399,8 @@ def measure_sharpness(run):
     counters, cfg = run.start.counters, run.cfg
     record = {"step": counters.step, "tokens": counters.tokens_seen}
     for name, batches in run.sharpness_sets.items():
-        result = sharpness_during_training(run.model, batches, cfg.sharpness_samples, seed=cfg.seed)
+        result = sharpness_during_training(run.model, batches, cfg.sharpness_samples, seed=cfg.seed, rank=run.rt.rank,
+                                           world_size=run.rt.world_size)
         record[f"sharpness_{name}"], record[f"sharpness_{name}_stderr"] = result["sharpness"], result["sharpness_stderr"]
         run.rt.log(f"step {counters.step}: sharpness ({name}) {result['sharpness']:.2f} +- "
                    f"{result['sharpness_stderr']:.2f}")
@@ -397,7 +457,7 @@ class Run:
 def set_up(cfg):
     """The Run of `cfg`: processes, data, where it starts, the model; config.json and the
     log's first lines are written."""
-    rt = setup_distributed(cfg.device, cfg.dtype, tf32=True)
+    rt = setup_distributed(cfg.device, cfg.dtype, tf32=True, process_group=cfg.parallel == "fsdp")
     grad_accum = grad_accumulation(cfg, rt.world_size)
     data_dir, tokenizer, train_shards, val_shards = load_data(cfg)
     start = starting_point(cfg, tokenizer, rt.world_size)
@@ -408,13 +468,13 @@ def set_up(cfg):
     val_batches = validation_batches(val_shards, cfg.seq_len, cfg.eval_tokens, cfg.batch_size)
     # Wrapped, then compiled, as torch documents for DDP: the compiler splits the graph at
     # DDP's gradient buckets (DDPOptimizer), so their all-reduces overlap the backward pass.
-    step_model = model
-    if rt.distributed:
+    step_model = model  # with --parallel=fsdp already sharded: FSDP2 wraps the module in place
+    if rt.distributed and cfg.parallel == "ddp":
         step_model = DDP(model, device_ids=[int(os.environ["LOCAL_RANK"])] if rt.device.startswith("cuda") else None)
     step_model = torch.compile(step_model) if cfg.compile else step_model
     tokens_per_update = cfg.batch_size * cfg.seq_len * rt.world_size * grad_accum
     log_path = start_log(cfg, start, model, data_dir, tokens_per_update, grad_accum, rt)
-    sharpness_sets = sharpness_data(cfg, data_dir, tokenizer) if cfg.sharpness_interval and rt.master else {}
+    sharpness_sets = sharpness_data(cfg, data_dir, tokenizer) if cfg.sharpness_interval else {}
     return Run(cfg, rt, start, tokenizer, model, step_model, optimizer, train_data, val_batches, sharpness_sets,
                grad_accum, log_path)
 
@@ -427,11 +487,11 @@ def due(step, interval, last_step):
 def non_finite(step, error, ckpt_path, cfg, argv):
     """The error for a NaN or inf at `step`: which checkpoint is kept, and a command that goes on."""
     lower = [a for a in argv if not a.startswith("--learning_rate=")] + [f"--learning_rate={cfg.learning_rate / 2:g}"]
-    if os.path.isfile(ckpt_path) and cfg.stage != "pre":  # Eq. 11 and the cooldown take eta from the branch point
+    if os.path.exists(ckpt_path) and cfg.stage != "pre":  # Eq. 11 and the cooldown take eta from the branch point
         advice = (f"{ckpt_path} (step {checkpoint_step(ckpt_path)}) is kept. stage={cfg.stage} takes its LR from the "
                   f"pre-training checkpoint, so check the data, or branch from an earlier checkpoint; to retry as is:"
                   f"\n  python train.py {shlex.join(resume_command(argv))}")
-    elif os.path.isfile(ckpt_path):
+    elif os.path.exists(ckpt_path):
         advice = (f"{ckpt_path} (step {checkpoint_step(ckpt_path)}) is kept. To go on from it with half the LR "
                   f"(or check the data):\n  python train.py {shlex.join(resume_command(lower))}")
     else:
@@ -444,7 +504,7 @@ def main(cfg: TrainConfig, argv=None):
     run = set_up(cfg)
     rt, counters, last_step = run.rt, run.start.counters, run.start.last_step
     argv = sys.argv[1:] if argv is None else argv  # for the commands printed on a stop
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    ckpt_path = checkpoint_path(cfg)
     eta, pace = Eta(last_step, counters.step), Pace(counters.tokens_seen)
     interrupts, begin = Interrupts(rt), counters.step + 1
     try:
@@ -456,7 +516,7 @@ def main(cfg: TrainConfig, argv=None):
                 interrupts.stop(f"{ckpt_path} holds step {step} of {last_step}", resume_command(argv))
     finally:
         interrupts.restore()
-    if rt.distributed:
+    if dist.is_initialized():
         dist.destroy_process_group()
     return run.model
 
@@ -491,9 +551,10 @@ def train_one(run, step, ckpt_path, eta, pace, argv, compiling):
         rt.log(f"step {step}: val_loss {val_loss:.4f}")
         log_record(run, {"step": step, "tokens": counters.tokens_seen, "val_loss": val_loss})
     if run.sharpness_sets and due(step, cfg.sharpness_interval, last_step):
-        measure_sharpness(run)  # on the master; the other ranks wait at their next all-reduce
+        measure_sharpness(run)  # every rank measures its share of the batches
     if cfg.keep_every and step % cfg.keep_every == 0:
-        checkpoint(run, os.path.join(cfg.out_dir, f"ckpt_{step:06d}.pt"), optimizer=cfg.keep_optimizer)
+        kept = f"ckpt_{step:06d}_sharded" if cfg.parallel == "fsdp" else f"ckpt_{step:06d}.pt"
+        checkpoint(run, os.path.join(cfg.out_dir, kept), optimizer=cfg.keep_optimizer)
     saved = due(step, cfg.checkpoint_interval or cfg.eval_interval, last_step)
     if saved:  # last: a kill after it loses nothing
         checkpoint(run, ckpt_path)

@@ -44,22 +44,35 @@ class Runtime:
             print(*args, **kwargs, flush=True)
 
 
-def setup_distributed(device="auto", dtype="auto", tf32=False):
+def setup_distributed(device="auto", dtype="auto", tf32=False, process_group=False):
     """The Runtime of this process. Under torchrun (WORLD_SIZE > 1) joins the process group:
-    NCCL with one GPU per process (LOCAL_RANK), gloo on the CPU. tf32: let CUDA matmuls use
-    TF32 (pre-training's speed; hessian.model_sharpness switches it off while it measures)."""
+    NCCL with one GPU per process (LOCAL_RANK), gloo on the CPU. process_group: join one even
+    as a single process (FSDP needs it; without torchrun, on this machine's loopback).
+    tf32: let CUDA matmuls use TF32 (pre-training's speed; hessian.model_sharpness switches it
+    off while it measures)."""
     rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     device = resolve_device(device)
-    if world_size > 1:
+    if world_size > 1 or process_group:
         if device.startswith("cuda"):
-            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
             torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        if "MASTER_ADDR" not in os.environ:  # a single process started without torchrun
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     if tf32 and device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     dtype, autocast = autocast_context(device, dtype)
     return Runtime(rank, world_size, device, dtype, autocast)
+
+
+def free_port():
+    """A TCP port nothing listens on now, for a process group of one."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def to_device(t, device):
@@ -100,7 +113,8 @@ def optimizer_step(model, optimizer, clip, loss):
     """After backward: clip the global gradient norm to `clip` (0: no clipping), then one
     AdamW update. Returns the norm before clipping, or raises FloatingPointError (the
     weights untouched, the gradients dropped) when it or `loss` is not finite."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf")).item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf"))
+    grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()  # FSDP: a DTensor
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         optimizer.zero_grad(set_to_none=True)
         raise FloatingPointError(f"loss={loss}, grad_norm={grad_norm}")
