@@ -6,6 +6,7 @@ Supervised fine-tuning (SFT) with the paper's learning-rate sweep (Section 3.1; 
     python sft.py --init_from=out-1b/ckpt.pt --dataset=tulu3 --lrs=paper --global_batch_size=128 \
                   --epochs=1 --warmup_iters=100 --compile=true --out_dir=sft-1b   # Table 8 as printed
     python sft.py --init_from=out/ckpt.pt --dataset=my_chats.jsonl   # any file with a `messages` column
+    torchrun --nproc_per_node=8 sft.py --init_from=out-1b/ckpt.pt ...  # DDP: micro-batches split over 8
     python sft.py --help                                       # every option and its default
 
 Every peak LR of the sweep fine-tunes all parameters of the same checkpoint, with a fresh
@@ -45,10 +46,13 @@ import math
 import os
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import schedules
 from common import (Eta, append_jsonl, load_checkpoint, parse_args, rng_state, save_checkpoint, set_rng_state,
@@ -143,15 +147,25 @@ def train_step(model, optimizer, micro_batches, cfg, rt: Runtime):
     """One update over the micro-batches; returns (loss, grad_norm, supervised tokens) or raises
     FloatingPointError before touching the weights. The loss is the mean over every supervised
     token of the global batch (each micro-batch's mean weighted by its token share), so short and
-    long answers count the same wherever they fall (Tulu 3 sums per token for the same reason)."""
+    long answers count the same wherever they fall (Tulu 3 sums per token for the same reason).
+    Under torchrun (DDP) process r takes micro-batches r, r + world_size, ...: DDP averages the
+    processes' gradients, so each weight is scaled by world_size to keep the sum; a process left
+    without one (the last, smaller update) runs one with weight 0, as DDP needs every process's
+    backward."""
     supervised = sum(int((y != IGNORE).sum()) for _, y in micro_batches)
-    loss_sum = 0.0
-    for x, y in micro_batches:
-        with rt.autocast:
-            _, loss = model(to_device(x, rt.device), to_device(y, rt.device))
-        loss = loss * (int((y != IGNORE).sum()) / supervised)
-        loss.backward()
+    mine = [(x, y, 1.0) for x, y in micro_batches[rt.rank::rt.world_size]] or [(*micro_batches[0], 0.0)]
+    loss_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
+    for i, (x, y, weight) in enumerate(mine):
+        last = i == len(mine) - 1  # DDP reduces the gradients in the last backward only
+        with model.no_sync() if rt.distributed and not last else nullcontext():
+            with rt.autocast:
+                _, loss = model(to_device(x, rt.device), to_device(y, rt.device))
+            loss = loss * (weight * int((y != IGNORE).sum()) / supervised)
+            (loss * rt.world_size).backward()
         loss_sum += loss.item()
+    if rt.distributed:
+        dist.all_reduce(loss_sum)  # the global batch's loss (gloo and NCCL both sum float64)
+    loss_sum = loss_sum.item()
     return loss_sum, optimizer_step(model, optimizer, cfg.grad_clip, loss_sum), supervised
 
 
@@ -213,7 +227,7 @@ def finetune(lr, run_dir, sweep, identity):
         except FloatingPointError as e:  # a too-large LR: this point of the sweep failed, not the sweep
             print(f"[lr {lr:g}] non-finite values at step {step} ({e}); this LR is marked diverged")
             result.update(diverged_at_step=step, final_train_loss=None, val_loss=None)
-            if os.path.exists(resume_path):
+            if sweep.rt.master and os.path.exists(resume_path):
                 os.remove(resume_path)
             return result
         losses.append(loss)
@@ -225,12 +239,13 @@ def finetune(lr, run_dir, sweep, identity):
             print(f"[lr {lr:g}] step {step}/{len(batches)} | loss {loss:.4f} | lr {lr_now:.2e} | "
                   f"grad_norm {grad_norm:.3f} | {tokens_per_sec:,.0f} supervised tok/s | "
                   f"ETA {eta(step)} (sweep {sweep.eta(sweep.updates_done)})")
-            append_jsonl(log_path, {"step": step, "lr": lr_now, "loss": loss, "grad_norm": grad_norm,
-                                    "supervised_tokens": supervised, "tokens_per_sec": tokens_per_sec})
+            if sweep.rt.master:
+                append_jsonl(log_path, {"step": step, "lr": lr_now, "loss": loss, "grad_norm": grad_norm,
+                                        "supervised_tokens": supervised, "tokens_per_sec": tokens_per_sec})
         if step == len(batches):
             break
         stop = sweep.interrupts.requested()
-        if stop or (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0):
+        if sweep.rt.master and (stop or (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0)):
             save_checkpoint(resume_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                           "step": step, "losses": losses, "rng": rng_state(), "identity": identity})
         if stop:
@@ -238,12 +253,13 @@ def finetune(lr, run_dir, sweep, identity):
                                   f"are kept", sweep.argv)
     # The final checkpoint has no optimizer state: a finished LR is never continued, and a 1B
     # model's AdamW state is 8 GB.
-    save_checkpoint(os.path.join(run_dir, "ckpt.pt"), {
-        "model": model.state_dict(), "model_config": model.config.to_dict(),
-        "tokenizer": sweep.tokenizer.to_dict(), "config": {**asdict(cfg), "learning_rate": lr, "stage": "sft"},
-        "init_config": sweep.init_config, "step": len(batches), "rng": rng_state()})
-    if os.path.exists(resume_path):
-        os.remove(resume_path)
+    if sweep.rt.master:
+        save_checkpoint(os.path.join(run_dir, "ckpt.pt"), {
+            "model": model.state_dict(), "model_config": model.config.to_dict(),
+            "tokenizer": sweep.tokenizer.to_dict(), "config": {**asdict(cfg), "learning_rate": lr, "stage": "sft"},
+            "init_config": sweep.init_config, "step": len(batches), "rng": rng_state()})
+        if os.path.exists(resume_path):
+            os.remove(resume_path)
     result.update(final_train_loss=float(np.mean(losses[-FINAL_LOSS_STEPS:])), val_loss=val_loss(sweep))
     return result
 
@@ -253,17 +269,20 @@ def start_lr(lr, sweep, optimizer, log_path, resume_path, identity):
     (updates done, their losses)."""
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     state = resumable(resume_path, identity)
+    master = sweep.rt.master  # the only process that writes (every process reads resume.pt)
     if state:
         sweep.model.load_state_dict(state["model"])
         load_optimizer_state(optimizer, state["optimizer"])
         set_rng_state(state["rng"])
-        truncate_log(log_path, state["step"])
+        if master:
+            truncate_log(log_path, state["step"])
         print(f"[lr {lr:g}] resuming at update {state['step'] + 1} of {len(sweep.examples.batches)} from {resume_path}")
     else:
         sweep.model.load_state_dict(sweep.init_weights)
-        if os.path.exists(log_path):  # an attempt that left no resume.pt: start this LR over
+        if master and os.path.exists(log_path):  # an attempt that left no resume.pt: start this LR over
             os.remove(log_path)
-        append_jsonl(log_path, {"step": 0, **sweep.examples.counts})
+        if master:
+            append_jsonl(log_path, {"step": 0, **sweep.examples.counts})
     sweep.model.train()  # evaluation of the previous LR left it in eval mode
     done = state["step"] if state else 0
     sweep.updates_done += done
@@ -376,6 +395,8 @@ def set_up(cfg):
     if not cfg.init_from:
         raise SystemExit("error: pass --init_from=<checkpoint to fine-tune> (e.g. out/ckpt.pt from train.py)")
     rt = setup_distributed(cfg.device, cfg.dtype)
+    if not rt.master:  # under torchrun the master prints; the others' lines would repeat its own
+        sys.stdout = open(os.devnull, "w")
     ckpt = load_checkpoint(cfg.init_from)
     tokenizer = Tokenizer.from_dict(ckpt["tokenizer"])
     train_chats, val_chats, testbed = load_data(cfg, tokenizer)
@@ -388,8 +409,11 @@ def set_up(cfg):
     examples = prepare_examples(cfg, tokenizer, train_chats, val_chats)
     torch.manual_seed(cfg.seed)
     model = load_model(ckpt, rt.device)
+    step_model = model  # under torchrun wrapped in DDP, then compiled (the order torch documents)
+    if rt.distributed:
+        step_model = DDP(model, device_ids=[int(os.environ["LOCAL_RANK"])] if rt.device.startswith("cuda") else None)
     # padded lengths differ from batch to batch: dynamic shapes
-    step_model = torch.compile(model, dynamic=True) if cfg.compile else model
+    step_model = torch.compile(step_model, dynamic=True) if cfg.compile else step_model
     init = dict(zip(("schedule", "alpha_pre", "alpha_mid"), schedule_of(ckpt)), stage=ckpt["config"].get("stage"),
                 step=ckpt["step"])
     sweep = Sweep(cfg, rt, model, step_model, examples, ckpt["model"], ckpt["config"], tokenizer, Eta(0))
@@ -399,9 +423,10 @@ def set_up(cfg):
 def main(cfg: SFTConfig, argv=None):
     sweep, init, testbed, metric = set_up(cfg)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-        json.dump({"sft": asdict(cfg), "model": sweep.model.config.to_dict(), "init_config": sweep.init_config}, f,
-                  indent=2)
+    if sweep.rt.master:
+        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+            json.dump({"sft": asdict(cfg), "model": sweep.model.config.to_dict(), "init_config": sweep.init_config},
+                      f, indent=2)
     lrs, updates = sweep_lrs(cfg), len(sweep.examples.batches)
     print(f"SFT of {cfg.init_from} ({sweep.model.num_params():,} parameters) on {cfg.dataset}: "
           f"{len(sweep.examples.train)} training conversations, {updates} updates of {cfg.global_batch_size} "
@@ -419,7 +444,10 @@ def main(cfg: SFTConfig, argv=None):
                 sweep.interrupts.stop(f"the LRs up to {lr:g} are finished", sweep.argv)
     finally:
         sweep.interrupts.restore()
-    return summarize(cfg, sweep, init, metric, lrs, runs)
+    summary = summarize(cfg, sweep, init, metric, lrs, runs)
+    if sweep.rt.distributed:
+        dist.destroy_process_group()
+    return summary
 
 
 def run_lr(lr, sweep, identity, testbed):
@@ -428,10 +456,11 @@ def run_lr(lr, sweep, identity, testbed):
     result = finetune(lr, run_dir, sweep, identity)
     result.update(testbed_scores(sweep.model if result["diverged_at_step"] is None else None, sweep.tokenizer,
                                  testbed))
-    append_jsonl(os.path.join(run_dir, "log.jsonl"), {"step": result["steps"], **{
-        k: result[k] for k in ("val_loss", "sft_select_task_avg", "sft_test_task_avg")}})
-    write_atomic(os.path.join(run_dir, "result.json"),
-                 json.dumps({"config": identity, "result": result}, indent=1).encode())
+    if sweep.rt.master:
+        append_jsonl(os.path.join(run_dir, "log.jsonl"), {"step": result["steps"], **{
+            k: result[k] for k in ("val_loss", "sft_select_task_avg", "sft_test_task_avg")}})
+        write_atomic(os.path.join(run_dir, "result.json"),
+                     json.dumps({"config": identity, "result": result}, indent=1).encode())
     return result
 
 
@@ -444,7 +473,8 @@ def summarize(cfg, sweep, init, metric, lrs, runs):
                "best_ckpt": best["run_dir"] and os.path.join(best["run_dir"], "ckpt.pt"),
                "sft_task_avg": best["sft_task_avg"], "data": sweep.examples.counts, "runs": runs}
     summary["best_lr_at_edge"] = at_edge(best["lr"], lrs)
-    write_atomic(os.path.join(cfg.out_dir, "summary.json"), (json.dumps(summary, indent=1) + "\n").encode())
+    if sweep.rt.master:
+        write_atomic(os.path.join(cfg.out_dir, "summary.json"), (json.dumps(summary, indent=1) + "\n").encode())
     print_table(summary)
     if summary["best_lr_at_edge"]:
         print(f"warning: the chosen LR {best['lr']:g} is at the {'low' if best['lr'] == lrs[0] else 'high'} edge of "

@@ -391,3 +391,29 @@ def test_a_crash_after_a_periodic_save_resumes_from_it(small_testbed, pretrained
         r["loss"] for r in step_records(tmp_path / "whole" / "lr_0.003")]
     assert resumed["runs"][0]["final_train_loss"] == whole["runs"][0]["final_train_loss"]
     assert resumed["runs"][0]["val_loss"] == whole["runs"][0]["val_loss"]
+
+
+def test_ddp_two_processes_match_one(testbed, pretrained, tmp_path):
+    """torchrun sft.py: the micro-batches of each update split over 2 processes equal one
+    process's update, also where they do not divide (3 micro-batches: 2 + 1) and where a
+    process has none (the last update's 1: it runs one with weight 0); only rank 0 writes.
+    120 conversations in updates of 9, micro-batches of 3: 13 updates of 3 micro-batches, one of 1."""
+    import subprocess
+    import sys
+    args = [f"--init_from={pretrained}", f"--dataset={testbed}", "--learning_rate=3e-3", "--epochs=1",
+            "--warmup_iters=3", "--global_batch_size=9", "--batch_size=3", "--log_interval=1", "--device=cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "sft.py", *args, f"--out_dir={tmp_path / 'ddp'}"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    sft.main(config(testbed, pretrained, tmp_path / "one", global_batch_size=9, batch_size=3))
+    ddp, one = step_records(tmp_path / "ddp" / "lr_0.003"), step_records(tmp_path / "one" / "lr_0.003")
+    assert [r["step"] for r in ddp] == [r["step"] for r in one] == list(range(1, 15))  # 120 = 13 x 9 + 3
+    assert ddp[-1]["supervised_tokens"] == one[-1]["supervised_tokens"]
+    for a, b in zip(ddp, one):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["runs"][0]["final_train_loss"] == pytest.approx(
+        json.loads((tmp_path / "one" / "summary.json").read_text())["runs"][0]["final_train_loss"], rel=1e-4)
+    assert done.stdout.count("step 1/") == 1  # one process prints
