@@ -59,7 +59,7 @@ from common import (Eta, append_jsonl, load_checkpoint, parse_args, rng_state, s
                     truncate_log)
 from data.chat import IGNORE
 from data.common import Tokenizer, write_atomic
-from data.conversations import load_data, tokenize, update_batches
+from data.conversations import load_data, message_lists, tokenize, update_batches
 from data.loaders import pad_collate
 from runs import load_model, schedule_of
 from schedules import SFT_LR_GRIDS
@@ -90,6 +90,7 @@ class SFTConfig:
     seq_len: int = 2048  # render(max_len=seq_len): a longer conversation is cut; cut conversations are counted
     max_train: int = 0  # Tulu 3 or a file: only the first N training conversations of the seeded split (0: all)
     max_val: int = 0  # likewise for the validation conversations that choose the LR (0: all)
+    num_proc: int = 0  # processes that tokenize (datasets.map); 0: one per core from 10,000 conversations
     # AdamW (Table 8), a fresh state: SFT starts a new optimization
     weight_decay: float = 0.0  # Table 8
     beta1: float = 0.9  # Table 8 gives no betas or eps: pre-training's (Table 6)
@@ -106,7 +107,7 @@ class SFTConfig:
 
     def __post_init__(self):
         for name, least in (("warmup_iters", 0), ("epochs", 1), ("global_batch_size", 1), ("batch_size", 1),
-                            ("log_interval", 1), ("checkpoint_interval", 0)):
+                            ("log_interval", 1), ("checkpoint_interval", 0), ("num_proc", 0)):
             if getattr(self, name) < least:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= {least}")
         if self.seq_len < 2:
@@ -123,7 +124,7 @@ class SFTConfig:
 
 # Fields that may change between a sweep and its rerun without changing any LR's result.
 RERUN_CHANGES = {"out_dir", "lrs", "learning_rate", "select_by", "log_interval", "compile", "device",
-                 "checkpoint_interval"}
+                 "checkpoint_interval", "num_proc"}
 
 
 def sweep_lrs(cfg):
@@ -349,10 +350,11 @@ def print_table(summary):
 
 def prepare_examples(cfg, tokenizer, train_chats, val_chats):
     """Tokenized conversations, the order of every update, and the counts for the log."""
-    train, train_cut = tokenize(train_chats, tokenizer, cfg.seq_len, "train")
-    val, val_cut = tokenize(val_chats, tokenizer, cfg.seq_len, "val")
+    train, train_cut = tokenize(train_chats, tokenizer, cfg.seq_len, "train", cfg.num_proc)
+    val, val_cut = tokenize(val_chats, tokenizer, cfg.seq_len, "val", cfg.num_proc)
     if not train or not val:
         split, chats = ("training", train_chats) if not train else ("validation", val_chats)
+        chats = message_lists(chats)
         if not any(m.get("role") == "assistant" for messages in chats for m in messages):
             roles = sorted({str(m.get("role")) for messages in chats for m in messages})
             raise SystemExit(f"error: no {split} conversation has an assistant turn (roles: {', '.join(roles)}); SFT "

@@ -1,14 +1,17 @@
 """SFT conversations, from where they live to tokenized examples: Tulu 3 on the Hub or a local
 file in its schema (a `messages` column of {role, content} turns), read with Hugging Face
 `datasets` and split 9:1 as the paper does (Appendix D); or a testbed's SFT files (data/testbed);
-then rendered with the tulu chat template (data/chat.py) into (ids, labels). sft.py trains on
-them; the seeded order of every update is update_batches'.
+then rendered with the tulu chat template (data/chat.py) into (ids, labels) by
+`datasets.Dataset.map` over worker processes. sft.py trains on them; the seeded order of every
+update is update_batches'. Tulu 3 stays a `datasets.Dataset` (Arrow, memory-mapped) until its
+tokens are numpy arrays: its 939k conversations are never a Python list.
 """
 
+import hashlib
 import os
 
 import numpy as np
-from datasets import load_dataset
+from datasets import Dataset, load_dataset
 
 from data.chat import has_supervision, render
 from data.common import Tokenizer, load_meta, load_rows, read_jsonl
@@ -35,14 +38,26 @@ def load_messages(name):
         columns = rows.column_names
     if "messages" not in columns:
         raise SystemExit(f"error: data set {name!r} has no `messages` column (it has {columns})")
-    return [row["messages"] for row in rows] if name != "tulu3" else list(rows["messages"])
+    return [row["messages"] for row in rows] if name != "tulu3" else rows.select_columns(["messages"])
+
+
+def take(conversations, indices):
+    """The conversations at `indices`: of a list, or of a Dataset (Dataset.select, no copy)."""
+    if isinstance(conversations, Dataset):
+        return conversations.select(indices)
+    return [conversations[i] for i in indices]
+
+
+def message_lists(conversations):
+    """Each conversation's list of messages, from a list or a Dataset."""
+    return conversations["messages"] if isinstance(conversations, Dataset) else conversations
 
 
 def split_train_val(conversations, seed):
     """The paper's own 9:1 train/validation split (Appendix D), seeded."""
     order = np.random.default_rng(seed).permutation(len(conversations))
     n_val = max(1, len(conversations) // 10)
-    return [conversations[i] for i in order[n_val:]], [conversations[i] for i in order[:n_val]]
+    return take(conversations, order[n_val:]), take(conversations, order[:n_val])
 
 
 def load_data(cfg, tokenizer):
@@ -56,7 +71,8 @@ def load_data(cfg, tokenizer):
             raise SystemExit(f"error: data set {cfg.dataset!r} has {len(conversations)} conversation(s); the 9:1 "
                              f"train/validation split needs at least 2 (10 or more to train on 9 in 10)")
         train, val = split_train_val(conversations, cfg.seed)
-        return train[:cfg.max_train or None], val[:cfg.max_val or None], None
+        return (take(train, range(min(cfg.max_train or len(train), len(train)))),
+                take(val, range(min(cfg.max_val or len(val), len(val)))), None)
     try:
         testbed_tokenizer = Tokenizer.from_dict(load_meta(testbed)["tokenizer"])
     except FileNotFoundError as e:
@@ -70,20 +86,39 @@ def load_data(cfg, tokenizer):
     return [r["messages"] for r in train], [r["messages"] for r in val], testbed
 
 
-def tokenize(conversations, tokenizer, seq_len, split):
+def tokenize(conversations, tokenizer, seq_len, split, num_proc=0):
     """[(ids, labels)] of the conversations that keep supervision after the cut, and the
     number of those that lose it: they would add nothing to the loss, so they are left out
-    of the batches, and counted so that the cut never drops data silently."""
-    examples, without_supervision = [], 0
-    for i, messages in enumerate(conversations):
+    of the batches, and counted so that the cut never drops data silently. The rendering runs
+    as Dataset.map over num_proc processes (0: one per CPU core from 10,000 conversations on;
+    fewer run in this process)."""
+    rows = conversations if isinstance(conversations, Dataset) else Dataset.from_dict({"messages": conversations})
+    if num_proc == 0:
+        num_proc = min(os.cpu_count() or 1, 32) if len(rows) >= 10_000 else None
+
+    def render_row(row, index):
         try:
-            ids, labels = render(messages, tokenizer, max_len=seq_len)
+            ids, labels = render(row["messages"], tokenizer, max_len=seq_len)
         except ValueError as e:
-            raise SystemExit(f"error: {split} conversation {i}: {e}") from None
-        if has_supervision(labels[1:]):  # labels[0] has no token before it to predict it from
-            examples.append((np.array(ids, dtype=np.int32), np.array(labels, dtype=np.int32)))  # Tulu 3: GBs
-        else:
-            without_supervision += 1
+            return {"ids": [], "labels": [], "supervised": False, "error": f"{split} conversation {index}: {e}"}
+        # labels[0] has no token before it to predict it from
+        return {"ids": ids, "labels": labels, "supervised": has_supervision(labels[1:]), "error": ""}
+
+    # The fingerprint names the result for datasets' cache; hashing render_row's closure (the
+    # tokenizer) would not be stable, and would warn.
+    key = f"{getattr(rows, '_fingerprint', '')} {tokenizer.to_dict()} {seq_len} {split}"
+    rendered = rows.map(render_row, with_indices=True, num_proc=num_proc, remove_columns=rows.column_names,
+                        new_fingerprint=hashlib.sha256(key.encode()).hexdigest()[:32], desc=f"tokenizing {split}")
+    errors = [e for e in rendered["error"] if e]
+    if errors:
+        raise SystemExit(f"error: {errors[0]}")
+    examples, without_supervision = [], 0
+    for batch in rendered.iter(batch_size=1024):
+        for ids, labels, supervised in zip(batch["ids"], batch["labels"], batch["supervised"]):
+            if supervised:
+                examples.append((np.array(ids, dtype=np.int32), np.array(labels, dtype=np.int32)))  # Tulu 3: GBs
+            else:
+                without_supervision += 1
     return examples, without_supervision
 
 

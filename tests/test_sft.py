@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 
+import numpy as np
 import pytest
 import torch
 
@@ -264,6 +265,25 @@ def test_tulu_format_file_split_and_truncation(testbed, pretrained, tmp_path, mo
     assert log[0]["train_without_supervision"] == data["train_without_supervision"]
     assert summary["select_by"] == "val_loss" and summary["sft_task_avg"] is None
     assert summary["runs"][0]["val_loss"] > 0 and summary["best_lr"] == 3e-3
+
+
+def test_tokenize_over_processes_equals_rendering_each_conversation(testbed):
+    """data.conversations.tokenize (datasets.map over 2 processes, and in this process) gives
+    each conversation's data.chat.render, in order, leaving out those the cut empties."""
+    tokenizer = Tokenizer.from_dict(json.loads((testbed / "meta.json").read_text())["tokenizer"])
+    chats = conversations.load_messages(TULU_SAMPLE) + [r["messages"] for r in read_jsonl(testbed / "sft_train.jsonl")]
+    want, cut = [], 0
+    for messages in chats:
+        ids, labels = render(messages, tokenizer, max_len=256)
+        if any(label != IGNORE for label in labels[1:]):
+            want.append((ids, labels))
+        else:
+            cut += 1
+    assert cut == 1  # the long Tulu conversation's answer starts past 256 tokens
+    for num_proc in (2, None):
+        got, got_cut = conversations.tokenize(chats, tokenizer, 256, "train", num_proc)
+        assert got_cut == cut and [(list(i), list(l)) for i, l in got] == want
+        assert got[0][0].dtype == np.int32
 
 
 def test_bad_inputs_are_clear_errors(testbed, pretrained, tmp_path):
