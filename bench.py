@@ -7,9 +7,12 @@ gpu_check.py is the one GPU check (training, resume, MFU, HVP, FSDP2).
 
     python bench.py --dim=256 --ffn_dim=768 --vocab_size=50304   # the CPU reference size (README, Speed)
     python bench.py --preset=125m --batch_size=16 --seq_len=1024 --device=cuda
+    torchrun --nproc_per_node=8 bench.py --preset=1b --parallel=fsdp --batch_size=4 --seq_len=2048
 
 MFU = flops_per_token * tokens/s / peak, with flops_per_token = 6 * (matmul weights)
-+ 12 * n_layers * dim * seq_len (model.Llama.flops_per_token).
++ 12 * n_layers * dim * seq_len (model.Llama.flops_per_token). Under torchrun (--parallel=ddp
+or fsdp, as train.py's) every process times its own batch_size x seq_len: tokens/s is the
+sum over the processes, MFU and peak memory are per GPU.
 """
 
 import statistics
@@ -17,9 +20,12 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import autocast_context, parse_args, resolve_device
+from common import parse_args
 from model import PRESETS, Llama, build_config
+from training import setup_distributed
 
 
 # The vocabulary of presets that take theirs from the data (tiny, 125m, 350m): cl100k_base's
@@ -42,6 +48,7 @@ class BenchConfig:
     device: str = "auto"
     dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     modes: str = "eager,compiled"  # which variants to time
+    parallel: str = "ddp"  # under torchrun: ddp | fsdp (train.py's --parallel)
 
 
 def model_config(cfg):
@@ -87,10 +94,12 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_train_step(model, cfg, device, autocast, compiled):
+def time_train_step(model, cfg, device, autocast, compiled, wrapped=None):
+    """Median seconds of one step; `wrapped` is what the step runs (model in DDP), if not model."""
     torch.manual_seed(0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.startswith("cuda"))
-    step_model = torch.compile(model) if compiled else model
+    step_model = wrapped or model
+    step_model = torch.compile(step_model) if compiled else step_model
     vocab = model.config.vocab_size
     x = torch.randint(0, vocab, (cfg.batch_size, cfg.seq_len), device=device)
     y = torch.randint(0, vocab, (cfg.batch_size, cfg.seq_len), device=device)
@@ -114,28 +123,48 @@ def time_train_step(model, cfg, device, autocast, compiled):
     return statistics.median(times)
 
 
+def build(model_cfg, cfg, rt):
+    """(the model, what a step runs): one process; under torchrun DDP around it, or FSDP2."""
+    if cfg.parallel == "fsdp":
+        import parallel
+        model = parallel.shard_model(model_cfg, rt.device, bf16=rt.dtype == "bfloat16")
+        model.reset_parameters()  # timing only: each process's shards, drawn from its own RNG
+        return model, model
+    model = Llama(model_cfg).to(rt.device)
+    if rt.distributed:
+        return model, DDP(model, device_ids=[torch.device(rt.device).index] if rt.device.startswith("cuda") else None)
+    return model, model
+
+
 def main(cfg):
-    device = resolve_device(cfg.device)
-    dtype, autocast = autocast_context(device, cfg.dtype)
+    if cfg.parallel not in ("ddp", "fsdp"):
+        raise SystemExit(f"error: --parallel={cfg.parallel!r}; choose ddp or fsdp")
+    rt = setup_distributed(cfg.device, cfg.dtype, process_group=cfg.parallel == "fsdp")
+    device, dtype, autocast = rt.device, rt.dtype, rt.autocast
     model_cfg = model_config(cfg)
     peak, source = device_peak(device, dtype)
-    tokens = cfg.batch_size * cfg.seq_len
-    print(f"device={device} dtype={dtype} threads={torch.get_num_threads()} "
-          f"peak {peak / 1e9:,.1f} GFLOP/s ({source})")
+    tokens = cfg.batch_size * cfg.seq_len  # per process
+    where = f" x {rt.world_size} processes ({cfg.parallel})" if rt.distributed or cfg.parallel == "fsdp" else ""
+    rt.log(f"device={device}{where} dtype={dtype} threads={torch.get_num_threads()} "
+           f"peak {peak / 1e9:,.1f} GFLOP/s ({source})")
     results = {}
     for mode in cfg.modes.split(","):
         torch.manual_seed(0)
-        model = Llama(model_cfg).to(device)
+        model, wrapped = build(model_cfg, cfg, rt)
         flops = model.flops_per_token(cfg.seq_len) * tokens
-        seconds = time_train_step(model, cfg, device, autocast, compiled=(mode == "compiled"))
-        results[mode] = dict(step_ms=seconds * 1e3, tokens_per_sec=tokens / seconds, mfu=flops / seconds / peak)
+        seconds = time_train_step(model, cfg, device, autocast, compiled=(mode == "compiled"), wrapped=wrapped)
+        results[mode] = dict(step_ms=seconds * 1e3, tokens_per_sec=rt.world_size * tokens / seconds,
+                             mfu=flops / seconds / peak)
         memory = ""
         if device.startswith("cuda"):
             results[mode]["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             memory = f" | peak memory {results[mode]['peak_memory_gib']:.1f} GiB"
             torch.cuda.reset_peak_memory_stats(device)
-        print(f"{mode:>9}: {model.num_params():,} params | {seconds * 1e3:8.1f} ms/step | "
-              f"{tokens / seconds:10,.0f} tok/s | MFU {100 * flops / seconds / peak:5.1f}% of peak{memory}")
+        rt.log(f"{mode:>9}: {model.num_params():,} params | {seconds * 1e3:8.1f} ms/step | "
+               f"{results[mode]['tokens_per_sec']:10,.0f} tok/s | MFU {100 * flops / seconds / peak:5.1f}% of peak "
+               f"per {'GPU' if device.startswith('cuda') else 'process'}{memory}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return results
 
 

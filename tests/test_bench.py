@@ -1,8 +1,16 @@
 """bench.py's model sizes (its timings are measurements, never tested)."""
 
+import os
+import subprocess
+import sys
+
+import pytest
+
 import bench
 from common import parse_args
 from model import build_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_preset_is_benchmarked_at_its_own_size():
@@ -24,3 +32,16 @@ def test_gpu_check_runs_every_check_on_a_cpu(tmp_path):
     assert names == ["train", "resume", "flash", "mfu", "hvp", "fsdp"], report.lines
     assert not report.failed, report.lines
     assert "difference 0.0e+00" in report.lines[1]  # a resume on a CPU is bit-exact
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_bench_runs_under_torchrun(parallel):
+    """bench.py with 2 CPU processes (gloo): one line for the run, summed tokens/s (timings
+    themselves are never tested)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "bench.py", f"--parallel={parallel}", "--vocab_size=512", "--batch_size=2", "--seq_len=32",
+                           "--steps=2", "--modes=eager", "--device=cpu"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert f"x 2 processes ({parallel})" in done.stdout and done.stdout.count("eager:") == 1
