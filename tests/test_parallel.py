@@ -117,6 +117,27 @@ def test_sharded_checkpoints_are_atomic_directories_every_reader_takes(runs, tmp
         convert_checkpoint.main([str(tmp_path), str(tmp_path / "x.pt")])
 
 
+def test_fsdp_mid_training_from_a_single_file_checkpoint_matches_one_process(runs, testbed, tmp_path):
+    """A ckpt.pt of one process (weights and AdamW keyed by index) into FSDP shards on 2
+    processes (parallel.load_full_state, by_name): Eq. 11 mid-training continues as it does in
+    one process."""
+    pre = str(runs / "one" / "ckpt.pt")
+    mid = ["--stage=mid", f"--init_from={pre}", "--max_iters=3", "--alpha_mid=0.0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "train.py", f"--dataset={testbed / 'mid'}", f"--out_dir={tmp_path / 'fsdp'}",
+                           "--parallel=fsdp", *COMMON, *mid], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    one_process(testbed, tmp_path / "one", dataset=str(testbed / "mid"), stage="mid", init_from=pre, max_iters=3,
+                alpha_mid=0.0)
+    fsdp, one = records(tmp_path / "fsdp"), records(tmp_path / "one")
+    assert [r["step"] for r in fsdp] == [r["step"] for r in one] == [5, 6, 7]
+    for a, b in zip(fsdp, one):
+        assert a["lr"] == b["lr"] and a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
+
+
 def test_fsdp_refuses_in_training_sharpness():
     with pytest.raises(ValueError, match="measure the saved checkpoints with sharpness.py"):
         train.TrainConfig(parallel="fsdp", sharpness_interval=10)
