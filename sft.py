@@ -7,6 +7,7 @@ Supervised fine-tuning (SFT) with the paper's learning-rate sweep (Section 3.1; 
                   --epochs=1 --warmup_iters=100 --compile=true --out_dir=sft-1b   # Table 8 as printed
     python sft.py --init_from=out/ckpt.pt --dataset=my_chats.jsonl   # any file with a `messages` column
     torchrun --nproc_per_node=8 sft.py --init_from=out-1b/ckpt.pt ...  # DDP: micro-batches split over 8
+    torchrun --nproc_per_node=8 sft.py --init_from=out-8b/ckpt.pt --parallel=fsdp ...  # FSDP2 (parallel.py)
     python sft.py --help                                       # every option and its default
 
 Every peak LR of the sweep fine-tunes all parameters of the same checkpoint, with a fresh
@@ -61,6 +62,7 @@ from data.chat import IGNORE
 from data.common import Tokenizer, write_atomic
 from data.conversations import load_data, message_lists, tokenize, update_batches
 from data.loaders import pad_collate
+from model import LlamaConfig
 from runs import load_model, schedule_of
 from schedules import SFT_LR_GRIDS
 from scoring import testbed_sft_accuracy
@@ -102,6 +104,7 @@ class SFTConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, else fp32) | float32 | bfloat16
     compile: bool = False  # torch.compile the training model; pays off on GPUs (on the CPU testbed: +90 s)
+    parallel: str = "ddp"  # under torchrun: ddp (a replica per process) | fsdp (sharded, parallel.py: 1b, 8b)
     log_interval: int = 10  # updates between progress lines and log.jsonl records
     checkpoint_interval: int = 100  # updates between lr_<lr>/resume.pt (weights + AdamW) inside an LR; 0: only on Ctrl-C
 
@@ -119,12 +122,14 @@ class SFTConfig:
             raise ValueError(f"select_by={self.select_by!r}; choose auto or one of {sorted(HIGHER_IS_BETTER)}")
         if self.learning_rate < 0:
             raise ValueError(f"learning_rate={self.learning_rate} must be > 0 (or 0 to sweep --lrs)")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"parallel={self.parallel!r}; choose ddp or fsdp")
         sweep_lrs(self)
 
 
 # Fields that may change between a sweep and its rerun without changing any LR's result.
 RERUN_CHANGES = {"out_dir", "lrs", "learning_rate", "select_by", "log_interval", "compile", "device",
-                 "checkpoint_interval", "num_proc"}
+                 "checkpoint_interval", "num_proc", "parallel"}
 
 
 def sweep_lrs(cfg):
@@ -149,16 +154,20 @@ def train_step(model, optimizer, micro_batches, cfg, rt: Runtime):
     FloatingPointError before touching the weights. The loss is the mean over every supervised
     token of the global batch (each micro-batch's mean weighted by its token share), so short and
     long answers count the same wherever they fall (Tulu 3 sums per token for the same reason).
-    Under torchrun (DDP) process r takes micro-batches r, r + world_size, ...: DDP averages the
-    processes' gradients, so each weight is scaled by world_size to keep the sum; a process left
-    without one (the last, smaller update) runs one with weight 0, as DDP needs every process's
-    backward."""
+    Under torchrun process r takes micro-batches r, r + world_size, ...: DDP and FSDP average the
+    processes' gradients, so each weight is scaled by world_size to keep the sum. Every process
+    runs as many micro-batches (ceil(n / world_size)), a process short of one (an update whose
+    count does not divide) repeating one with weight 0: FSDP gathers each block's weights in
+    every forward and backward, so all processes must run the same number of them."""
     supervised = sum(int((y != IGNORE).sum()) for _, y in micro_batches)
-    mine = [(x, y, 1.0) for x, y in micro_batches[rt.rank::rt.world_size]] or [(*micro_batches[0], 0.0)]
+    mine = [(x, y, 1.0) for x, y in micro_batches[rt.rank::rt.world_size]]
+    mine += [(*micro_batches[0], 0.0)] * (-(-len(micro_batches) // rt.world_size) - len(mine))
     loss_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
     for i, (x, y, weight) in enumerate(mine):
-        last = i == len(mine) - 1  # DDP reduces the gradients in the last backward only
-        with model.no_sync() if rt.distributed and not last else nullcontext():
+        last = i == len(mine) - 1  # DDP (and FSDP) reduce the gradients in the last backward only
+        if cfg.parallel == "fsdp":
+            model.set_requires_gradient_sync(last)
+        with model.no_sync() if rt.distributed and cfg.parallel == "ddp" and not last else nullcontext():
             with rt.autocast:
                 _, loss = model(to_device(x, rt.device), to_device(y, rt.device))
             loss = loss * (weight * int((y != IGNORE).sum()) / supervised)
@@ -194,6 +203,36 @@ class Sweep:
     interrupts: Interrupts | None = None  # Ctrl-C / SIGTERM: stop at an update boundary (main sets it)
     argv: tuple = ()  # the command's arguments: rerunning it resumes
     updates_done: int = 0
+
+
+def fsdp():
+    """parallel.py, imported for --parallel=fsdp only (as train.py does)."""
+    import parallel
+    return parallel
+
+
+def load_weights(sweep, model_state, optimizer=None, optimizer_state=None):
+    """Weights (and AdamW's state, single-process form) into the model; under FSDP rank 0's are
+    broadcast into every process's shards (parallel.load_full_state)."""
+    if sweep.cfg.parallel == "fsdp":
+        fsdp().load_full_state(sweep.model, optimizer, model_state, optimizer_state)
+        return
+    sweep.model.load_state_dict(model_state)
+    if optimizer_state is not None:
+        load_optimizer_state(optimizer, optimizer_state)
+
+
+def full_state(sweep, optimizer=None):
+    """(weights, AdamW's state or None) as one process holds them. Under FSDP they are gathered
+    to rank 0's CPU memory, a collective every process calls (the others get empty dicts)."""
+    if sweep.cfg.parallel != "fsdp":
+        return sweep.model.state_dict(), optimizer.state_dict() if optimizer else None
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(sweep.model, options=options)
+    adam = get_optimizer_state_dict(sweep.model, optimizer, options=options) if optimizer else None
+    return weights, fsdp().by_index(adam) if adam and sweep.rt.master else adam
 
 
 def micro_batches(sweep, batch):
@@ -246,17 +285,20 @@ def finetune(lr, run_dir, sweep, identity):
         if step == len(batches):
             break
         stop = sweep.interrupts.requested()
-        if sweep.rt.master and (stop or (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0)):
-            save_checkpoint(resume_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                          "step": step, "losses": losses, "rng": rng_state(), "identity": identity})
+        if stop or (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0):
+            weights, adam = full_state(sweep, optimizer)  # every process: under FSDP a gather
+            if sweep.rt.master:
+                save_checkpoint(resume_path, {"model": weights, "optimizer": adam, "step": step, "losses": losses,
+                                              "rng": rng_state(), "identity": identity})
         if stop:
             sweep.interrupts.stop(f"{resume_path} holds update {step} of {len(batches)} at lr {lr:g}; finished LRs "
                                   f"are kept", sweep.argv)
     # The final checkpoint has no optimizer state: a finished LR is never continued, and a 1B
     # model's AdamW state is 8 GB.
+    weights, _ = full_state(sweep)
     if sweep.rt.master:
         save_checkpoint(os.path.join(run_dir, "ckpt.pt"), {
-            "model": model.state_dict(), "model_config": model.config.to_dict(),
+            "model": weights, "model_config": model.config.to_dict(),
             "tokenizer": sweep.tokenizer.to_dict(), "config": {**asdict(cfg), "learning_rate": lr, "stage": "sft"},
             "init_config": sweep.init_config, "step": len(batches), "rng": rng_state()})
         if os.path.exists(resume_path):
@@ -272,14 +314,13 @@ def start_lr(lr, sweep, optimizer, log_path, resume_path, identity):
     state = resumable(resume_path, identity)
     master = sweep.rt.master  # the only process that writes (every process reads resume.pt)
     if state:
-        sweep.model.load_state_dict(state["model"])
-        load_optimizer_state(optimizer, state["optimizer"])
+        load_weights(sweep, state["model"], optimizer, state["optimizer"])
         set_rng_state(state["rng"])
         if master:
             truncate_log(log_path, state["step"])
         print(f"[lr {lr:g}] resuming at update {state['step'] + 1} of {len(sweep.examples.batches)} from {resume_path}")
     else:
-        sweep.model.load_state_dict(sweep.init_weights)
+        load_weights(sweep, sweep.init_weights)
         if master and os.path.exists(log_path):  # an attempt that left no resume.pt: start this LR over
             os.remove(log_path)
         if master:
@@ -396,10 +437,10 @@ def set_up(cfg):
     """(the Sweep, what was fine-tuned, the testbed folder or None, the selection metric)."""
     if not cfg.init_from:
         raise SystemExit("error: pass --init_from=<checkpoint to fine-tune> (e.g. out/ckpt.pt from train.py)")
-    rt = setup_distributed(cfg.device, cfg.dtype)
+    rt = setup_distributed(cfg.device, cfg.dtype, process_group=cfg.parallel == "fsdp")
     if not rt.master:  # under torchrun the master prints; the others' lines would repeat its own
         sys.stdout = open(os.devnull, "w")
-    ckpt = load_checkpoint(cfg.init_from)
+    ckpt = load_checkpoint(cfg.init_from, mmap=cfg.parallel == "fsdp")  # FSDP: the processes share its pages
     tokenizer = Tokenizer.from_dict(ckpt["tokenizer"])
     train_chats, val_chats, testbed = load_data(cfg, tokenizer)
     metric = cfg.select_by if cfg.select_by != "auto" else "sft_select_task_avg" if testbed else "val_loss"
@@ -410,9 +451,12 @@ def set_up(cfg):
         raise SystemExit(f"error: seq_len={cfg.seq_len} > the model's max_seq_len={max_seq_len}")
     examples = prepare_examples(cfg, tokenizer, train_chats, val_chats)
     torch.manual_seed(cfg.seed)
-    model = load_model(ckpt, rt.device)
+    if cfg.parallel == "fsdp":  # sharded, its weights loaded per LR (start_lr)
+        model = fsdp().shard_model(LlamaConfig.from_dict(ckpt["model_config"]), rt.device, bf16=rt.dtype == "bfloat16")
+    else:
+        model = load_model(ckpt, rt.device)
     step_model = model  # under torchrun wrapped in DDP, then compiled (the order torch documents)
-    if rt.distributed:
+    if rt.distributed and cfg.parallel == "ddp":
         step_model = DDP(model, device_ids=[int(os.environ["LOCAL_RANK"])] if rt.device.startswith("cuda") else None)
     # padded lengths differ from batch to batch: dynamic shapes
     step_model = torch.compile(step_model, dynamic=True) if cfg.compile else step_model
@@ -447,7 +491,7 @@ def main(cfg: SFTConfig, argv=None):
     finally:
         sweep.interrupts.restore()
     summary = summarize(cfg, sweep, init, metric, lrs, runs)
-    if sweep.rt.distributed:
+    if dist.is_initialized():  # torchrun's, or --parallel=fsdp's group of one
         dist.destroy_process_group()
     return summary
 

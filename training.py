@@ -56,10 +56,13 @@ def setup_distributed(device="auto", dtype="auto", tf32=False, process_group=Fal
         if device.startswith("cuda"):
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
             torch.cuda.set_device(device)
-        if "MASTER_ADDR" not in os.environ:  # a single process started without torchrun
-            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
-        if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        if dist.is_initialized():
+            pass
+        elif "MASTER_ADDR" in os.environ:  # torchrun's environment
+            dist.init_process_group(backend=backend)
+        else:  # a single process started without torchrun: a group of one on the loopback
+            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     if tf32 and device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -413,15 +413,17 @@ def test_a_crash_after_a_periodic_save_resumes_from_it(small_testbed, pretrained
     assert resumed["runs"][0]["val_loss"] == whole["runs"][0]["val_loss"]
 
 
-def test_ddp_two_processes_match_one(testbed, pretrained, tmp_path):
-    """torchrun sft.py: the micro-batches of each update split over 2 processes equal one
-    process's update, also where they do not divide (3 micro-batches: 2 + 1) and where a
-    process has none (the last update's 1: it runs one with weight 0); only rank 0 writes.
-    120 conversations in updates of 9, micro-batches of 3: 13 updates of 3 micro-batches, one of 1."""
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_match_one(testbed, pretrained, tmp_path, parallel):
+    """torchrun sft.py (DDP, or FSDP2 shards): the micro-batches of each update split over 2
+    processes equal one process's update, also where they do not divide (3 micro-batches: 2 + 1
+    and a weight-0 one) and where a process has none (the last update's 1); only rank 0
+    writes. 120 conversations in updates of 9, micro-batches of 3: 13 updates of 3, one of 1."""
     import subprocess
     import sys
     args = [f"--init_from={pretrained}", f"--dataset={testbed}", "--learning_rate=3e-3", "--epochs=1",
-            "--warmup_iters=3", "--global_batch_size=9", "--batch_size=3", "--log_interval=1", "--device=cpu"]
+            "--warmup_iters=3", "--global_batch_size=9", "--batch_size=3", "--log_interval=1", "--device=cpu",
+            f"--parallel={parallel}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "sft.py", *args, f"--out_dir={tmp_path / 'ddp'}"], cwd=REPO, env=env, capture_output=True,
@@ -437,3 +439,35 @@ def test_ddp_two_processes_match_one(testbed, pretrained, tmp_path):
     assert summary["runs"][0]["final_train_loss"] == pytest.approx(
         json.loads((tmp_path / "one" / "summary.json").read_text())["runs"][0]["final_train_loss"], rel=1e-4)
     assert done.stdout.count("step 1/") == 1  # one process prints
+    a = torch.load(tmp_path / "ddp" / "lr_0.003" / "ckpt.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "one" / "lr_0.003" / "ckpt.pt", weights_only=False)["model"]
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-5) for k in a)
+
+
+def test_fsdp_resumes_from_a_periodic_save(small_testbed, pretrained, tmp_path, monkeypatch):
+    """--parallel=fsdp in one process (a process group of one): resume.pt holds the gathered
+    weights and AdamW state in the single-process form; a crash after it resumes, and the LR
+    ends where an uninterrupted single-process LR ends."""
+    monkeypatch.setattr(sft, "testbed_sft_accuracy", lambda *a, **k: {"exact_match": 0.5, "choice": 0.5, "n": 1})
+    whole = sft.main(config(small_testbed, pretrained, tmp_path / "whole", epochs=2))
+    real_step, updates = sft.train_step, []
+
+    def crash_at_update_5(*args):
+        updates.append(1)
+        if len(updates) == 5:
+            raise RuntimeError("simulated crash")
+        return real_step(*args)
+
+    monkeypatch.setattr(sft, "train_step", crash_at_update_5)
+    cfg = config(small_testbed, pretrained, tmp_path / "cut", epochs=2, checkpoint_interval=2, parallel="fsdp")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        sft.main(cfg)
+    saved = torch.load(tmp_path / "cut" / "lr_0.003" / "resume.pt", weights_only=False)
+    assert saved["step"] == 4 and set(saved["optimizer"]["state"]) == set(range(len(saved["optimizer"]["state"])))
+    monkeypatch.setattr(sft, "train_step", real_step)
+    resumed = sft.main(cfg)
+    got, want = step_records(tmp_path / "cut" / "lr_0.003"), step_records(tmp_path / "whole" / "lr_0.003")
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for a, b in zip(got, want):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert resumed["runs"][0]["val_loss"] == pytest.approx(whole["runs"][0]["val_loss"], rel=1e-5)
