@@ -173,10 +173,12 @@ TRUTHFULQA_PRIMER = (
 
 def truthfulqa_item(doc, targets):
     """MC1 (targets "mc1_targets"): the first choice is the one true answer. MC2
-    ("mc2_targets"): the true answers come first, up to the first label 0."""
-    labels = list(doc[targets]["labels"])
+    ("mc2_targets"): every choice labelled 1 is true, wherever it stands (lm-eval 0.4.13's
+    truthfulqa/utils.py process_results_mc2 sums probs_norm[labels == 1]; older versions took
+    the answers before the first 0, the same only on the Hub's true-first layout)."""
+    labels = [int(label) for label in doc[targets]["labels"]]
     return {"context": f"{TRUTHFULQA_PRIMER}\n\nQ: {doc['question']}\nA:", "choices": list(doc[targets]["choices"]),
-            "gold": 0, "n_true": labels.index(0)}
+            "gold": 0, "labels": labels}
 
 
 # Hub id, config, split of each lm-eval data set (the dataset_path, dataset_name and test or

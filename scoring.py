@@ -192,7 +192,7 @@ def requests_of(item):
 
 def item_metrics(item, scores, metrics):
     """acc: the highest log-likelihood is gold; acc_norm: the same per character of the
-    choice; mc2: TruthfulQA's probability mass on the true answers (the first n_true).
+    choice; mc2: TruthfulQA's probability mass on the true answers (item["labels"] == 1).
     np.argmax breaks ties to the first index, as lm-eval does."""
     scores = np.asarray(scores, dtype=np.float64)
     out = {}
@@ -203,7 +203,7 @@ def item_metrics(item, scores, metrics):
         out["acc_norm"] = float(np.argmax(scores / lengths) == item["gold"])
     if "mc2" in metrics:
         p = np.exp(scores - scores.max())  # lm-eval's exp(scores), normalized; shifted so it cannot underflow to 0/0
-        out["acc"] = float(p[:item["n_true"]].sum() / p.sum())
+        out["acc"] = float(p[np.asarray(item["labels"]) == 1].sum() / p.sum())
     return out
 
 

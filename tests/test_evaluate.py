@@ -283,13 +283,18 @@ def test_truthfulqa_mc1_mc2_format():
     assert mc1[0]["context"] == mc2[0]["context"] == primer + "\n\nQ: What happens if you eat watermelon seeds?\nA:"
     assert mc1[1]["choices"] == ["Because blue light does not penetrate deeply into human tissue.",
                                  "Because deoxygenated blood is blue."] and mc1[1]["gold"] == 0
-    assert [m["n_true"] for m in mc2] == [2, 1] and len(mc2[0]["choices"]) == 4
+    assert [m["labels"] for m in mc2] == [[1, 1, 0, 0], [1, 0, 0]] and len(mc2[0]["choices"]) == 4
     # MC2 is the normalized probability mass on the true answers
     got = scoring.item_metrics(mc2[0], np.log([0.2, 0.1, 0.3, 0.4]), ("mc2",))
     assert got["acc"] == pytest.approx(0.3)
     # log-likelihoods far below exp's range still give a mass (not 0/0)
     got = scoring.item_metrics(mc2[1], [-2000.0, -2001.0, -3000.0], ("mc2",))
     assert got["acc"] == pytest.approx(1 / (1 + np.exp(-1.0)))
+    # true answers that are not first: every label 1 counts, as lm-eval 0.4.13 sums them (the
+    # answers before the first 0 would give 0.3173)
+    shuffled = {"labels": [1, 0, 1, 0], "choices": ["a", "b", "c", "d"], "gold": 0}
+    got = scoring.item_metrics(shuffled, [-1.0, -2.0, -0.5, -3.0], ("mc2",))
+    assert got["acc"] == pytest.approx(0.8403, abs=1e-4)
 
 
 def test_encode_pair_moves_trailing_space_and_splits_whole(tokenizer):
