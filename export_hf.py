@@ -6,7 +6,13 @@ LlamaConfig and modeling_llama.py name the keys written here).
     python export_hf.py --ckpt=out/ckpt.pt --out_dir=hf/
     python -c "from transformers import LlamaForCausalLM; LlamaForCausalLM.from_pretrained('hf/')"
 
-Writes out_dir/config.json, out_dir/model.safetensors and out_dir/nanowso_tokenizer.json.
+Writes out_dir/config.json, out_dir/model.safetensors and out_dir/nanowso_tokenizer.json, and
+for a model on the full cl100k vocabulary a Hugging Face tokenizer (tokenizer.json,
+tokenizer_config.json: <|endoftext|> as bos and eos, and for an SFT checkpoint the tulu chat
+template), so `AutoTokenizer.from_pretrained(out_dir)`, `lm_eval --model hf` and vLLM load the
+export as it is. A compact (testbed) vocabulary has no exact Hugging Face form: its tokenizer
+runs cl100k's BPE and spells the tokens it lacks in bytes, which a BPE restricted to the
+compact tokens would merge differently; nanowso_tokenizer.json describes it instead.
 model.py already rotates halves (`rotate_half`) as Hugging Face does, so the export only
 renames keys: no weight is permuted. A tied output matrix is written once, as the
 embedding, and lm_head is left out (tie_word_embeddings). Token ids are the checkpoint's
@@ -76,6 +82,82 @@ def hf_config(cfg: LlamaConfig, tokenizer: Tokenizer, dtype):
     }
 
 
+# open-instruct's CHAT_TEMPLATES["tulu"] (open_instruct/dataset_transformation.py), which
+# data/chat.py renders by hand.
+TULU_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ '<|system|>\n' + message['content'] + '\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + '\n' }}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{% if not loop.last %}{{ '<|assistant|>\n' + message['content'] + eos_token + '\n' }}"
+    "{% else %}{{ '<|assistant|>\n' + message['content'] + eos_token }}{% endif %}"
+    "{% endif %}"
+    "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+    "{% endfor %}")
+
+
+def bytes_to_unicode():
+    """GPT-2's byte-level alphabet: each byte as a printable character (Hugging Face's
+    ByteLevel pre-tokenizer and decoder use the same table)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + \
+        list(range(ord("\xae"), ord("\xff") + 1))
+    chars, extra = printable[:], 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, chars)))
+
+
+def tokenizer_json(enc):
+    """tiktoken's encoding as a Hugging Face tokenizer.json: byte-level BPE whose vocabulary is
+    the ranks and whose merges are, for each token, its splits into two tokens, in rank order
+    (transformers' convert_slow_tokenizer.TikTokenConverter builds them the same way); the
+    encoding's own split regex; its special tokens as added tokens."""
+    ranks = enc._mergeable_ranks  # bytes -> id
+    to_text = bytes_to_unicode()
+
+    def text(b):
+        return "".join(to_text[x] for x in b)
+
+    merges = []
+    for token, rank in ranks.items():
+        splits = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in ranks and token[i:] in ranks]
+        merges += [(ranks[left], ranks[right], rank, left, right) for left, right in splits]
+    merges.sort(key=lambda m: (m[2], m[0], m[1]))
+    special = sorted(enc._special_tokens.items(), key=lambda kv: kv[1])
+    return {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": True} for t, i in special],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": enc._pat_str}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
+                  # the special tokens too, at their ids: added tokens outside the vocabulary
+                  # would be numbered after it (100256, ...) instead
+                  "vocab": {**{text(t): i for t, i in ranks.items()}, **dict(special)},
+                  "merges": [[text(left), text(right)] for *_, left, right in merges]},
+    }
+
+
+def tokenizer_config(sft):
+    """tokenizer_config.json: documents start and end with <|endoftext|> (data/common.py), so it
+    is bos, eos and the padding id; nothing is added around a text (the harness adds nothing,
+    and evaluate.py scores as it does)."""
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|endoftext|>",
+              "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "add_bos_token": False,
+              "add_eos_token": False, "clean_up_tokenization_spaces": False, "model_max_length": 1_000_000}
+    if sft:
+        config["chat_template"] = TULU_TEMPLATE
+    return config
+
+
 def export(ckpt_path, out_dir, dtype="float32"):
     ckpt = load_checkpoint(ckpt_path)
     cfg = LlamaConfig.from_dict(ckpt["model_config"])
@@ -90,6 +172,14 @@ def export(ckpt_path, out_dir, dtype="float32"):
             if compact else "token ids are cl100k_base ids")
     with open(os.path.join(out_dir, "nanowso_tokenizer.json"), "w") as f:
         json.dump({"note": note, **tokenizer.to_dict()}, f)
+    if not compact:
+        with open(os.path.join(out_dir, "tokenizer.json"), "w") as f:
+            json.dump(tokenizer_json(tokenizer.enc), f, ensure_ascii=False)
+        with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+            json.dump(tokenizer_config(ckpt.get("config", {}).get("stage") == "sft"), f, indent=2)
+    else:
+        note += ("; no Hugging Face tokenizer is written: a compact vocabulary spells the cl100k tokens it lacks "
+                 "in bytes, which no BPE over its tokens reproduces exactly")
     print(f"wrote {out_dir}: {len(tensors)} tensors ({dtype}), vocab_size {cfg.vocab_size} "
           f"(tokenizer {tokenizer.vocab_size}; rows beyond it are padding)")
     print(f"note: {note} (see {os.path.join(out_dir, 'nanowso_tokenizer.json')})")

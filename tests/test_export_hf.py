@@ -93,3 +93,59 @@ def test_untied_gqa_checkpoint_matches_transformers(tmp_path):
 def test_unknown_key_is_an_error():
     with pytest.raises(KeyError, match="no Hugging Face name"):
         export_hf.hf_key("layers.0.attention.wqkv.weight")
+
+
+@pytest.fixture(scope="module")
+def full_vocab_exports(tmp_path_factory):
+    """A small model on the full cl100k vocabulary, exported as a pre-trained and as an SFT
+    checkpoint."""
+    root = tmp_path_factory.mktemp("full")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(dim=16, ffn_dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=100288, max_seq_len=64,
+                      tie_embeddings=True)
+    state = {"model": Llama(cfg).state_dict(), "model_config": cfg.to_dict(), "tokenizer": Tokenizer().to_dict()}
+    for name, stage in (("pre", "pre"), ("sft", "sft")):
+        save_checkpoint(root / f"{name}.pt", {**state, "config": {"stage": stage}})
+        export_hf.export(str(root / f"{name}.pt"), str(root / name))
+    return root
+
+
+TEXTS = ["Cedric Nakamura was born in Krakow. He majored in Nursing.", "  two spaces,\n\nnew lines\n",
+         "数字 123456 émigré naïve", "<|endoftext|>A document after the separator", "def f(x):\n    return x**2",
+         "don't 'LL 've", "\t tabs\tand   runs   of spaces  "]
+
+
+def test_full_vocab_export_has_a_tokenizer_that_equals_ours(full_vocab_exports):
+    ours = Tokenizer()
+    hf = transformers.AutoTokenizer.from_pretrained(str(full_vocab_exports / "pre"))
+    assert hf.eos_token == hf.bos_token == "<|endoftext|>" and hf.eos_token_id == ours.eot
+    for text in TEXTS:
+        want = ours.enc.encode(text, allowed_special={"<|endoftext|>"})
+        assert hf(text)["input_ids"] == want, text  # nothing added around the text
+        assert hf.decode(want) == text
+    assert hf.chat_template is None  # a pre-trained model has no chat format
+    model = transformers.LlamaForCausalLM.from_pretrained(str(full_vocab_exports / "pre"))
+    assert model.config.vocab_size == 100288
+
+
+def test_sft_export_carries_the_tulu_chat_template(full_vocab_exports):
+    from data.chat import generation_prompt, render
+    ours = Tokenizer()
+    hf = transformers.AutoTokenizer.from_pretrained(str(full_vocab_exports / "sft"))
+    conversations = [
+        [{"role": "user", "content": "Where was Cedric Nakamura born?"}, {"role": "assistant", "content": " Krakow"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+         {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Name a city."},
+         {"role": "assistant", "content": "Lisbon"}]]
+    for messages in conversations:
+        ids, _ = render(messages, ours, max_len=1000)
+        assert hf.apply_chat_template(messages, tokenize=True, return_dict=False) == ids
+        prompt = messages[:-1]
+        assert hf.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True,
+                                      return_dict=False) == generation_prompt(prompt, ours)
+
+
+def test_compact_vocab_export_says_why_it_has_no_hf_tokenizer(trained_ckpt, tmp_path, capsys):
+    export_hf.export(str(trained_ckpt), str(tmp_path))
+    assert not (tmp_path / "tokenizer.json").exists()
+    assert "no Hugging Face tokenizer is written" in capsys.readouterr().out
