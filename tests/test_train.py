@@ -125,9 +125,10 @@ def test_ddp_two_processes_match_one(testbed, tmp_path):
               "--warmup_iters=1", "--log_interval=1", "--eval_interval=4", "--eval_tokens=1024",
               "--compile=false", "--device=cpu", f"--tokens_per_step={8 * 64}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    "train.py", f"--out_dir={tmp_path / 'ddp'}", *common], cwd=REPO, env=env, check=True,
-                   capture_output=True, timeout=300)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "train.py", f"--out_dir={tmp_path / 'ddp'}", *common], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]  # the failing rank's traceback
     train.main(config(testbed, tmp_path / "one", batch_size=2, max_iters=4, warmup_iters=1, eval_tokens=1024,
                       tokens_per_step=8 * 64))
     ddp, one = records(tmp_path / "ddp"), records(tmp_path / "one")
