@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import parse_args
 from model import PRESETS, Llama, build_config
-from training import setup_distributed
+from training import fsdp, setup_distributed
 
 
 # The vocabulary of presets that take theirs from the data (tiny, 125m, 350m): cl100k_base's
@@ -126,8 +126,7 @@ def time_train_step(model, cfg, device, autocast, compiled, wrapped=None):
 def build(model_cfg, cfg, rt):
     """(the model, what a step runs): one process; under torchrun DDP around it, or FSDP2."""
     if cfg.parallel == "fsdp":
-        import parallel
-        model = parallel.shard_model(model_cfg, rt.device, bf16=rt.dtype == "bfloat16")
+        model = fsdp().shard_model(model_cfg, rt.device, bf16=rt.dtype == "bfloat16")
         model.reset_parameters()  # timing only: each process's shards, drawn from its own RNG
         return model, model
     model = Llama(model_cfg).to(rt.device)

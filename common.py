@@ -96,7 +96,8 @@ def checkpoint_step(path):
     """The step a checkpoint holds, reading only those bytes (mmap: the weights stay on disk;
     a sharded one's run.pt)."""
     if os.path.isdir(path):
-        path = os.path.join(path, "run.pt")  # parallel.RUN_STATE
+        import parallel  # torch.distributed.checkpoint, only for sharded checkpoints
+        return parallel.load_run_state(path)["step"]
     return torch.load(path, map_location="cpu", weights_only=False, mmap=True)["step"]
 
 
@@ -104,9 +105,10 @@ def load_checkpoint(path, mmap=False):
     """A train.py checkpoint as a dict: a ckpt.pt file, or a sharded checkpoint directory
     (train.py --parallel=fsdp) gathered into the same dict (parallel.to_single_file).
     mmap: map the file instead of reading it (processes on one machine share its pages)."""
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, ".metadata")):
+    if os.path.isdir(path):
         import parallel  # torch.distributed.checkpoint, only for sharded checkpoints
-        return parallel.to_single_file(path)
+        if parallel.is_sharded(path):
+            return parallel.to_single_file(path)
     if not os.path.isfile(path):
         raise SystemExit(f"error: no checkpoint at {path}; train one first (python train.py --out_dir=...)")
     try:

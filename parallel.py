@@ -38,7 +38,6 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from model import Llama
 
-SHARDED = "ckpt_sharded"  # the directory of a run's sharded checkpoint, beside where ckpt.pt would be
 RUN_STATE = "run.pt"  # inside it: what is not sharded
 FULL = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
 
@@ -46,6 +45,13 @@ FULL = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
 def is_sharded(path):
     """Whether `path` is a sharded checkpoint directory (DCP writes .metadata)."""
     return os.path.isfile(os.path.join(path, ".metadata"))
+
+
+def holds_optimizer(path):
+    """Whether the sharded checkpoint `path` holds AdamW's state (kept checkpoints may not),
+    read from DCP's metadata: the flattened keys of what save_sharded wrote."""
+    keys = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    return any(key.startswith("optimizer.") for key in keys)
 
 
 def shard_model(model_config, device, bf16):

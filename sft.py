@@ -67,8 +67,8 @@ from runs import load_model, schedule_of
 from schedules import SFT_LR_GRIDS
 from scoring import testbed_sft_accuracy
 from tables import sft_task_avg
-from training import (Interrupts, Runtime, load_optimizer_state, make_optimizer, mean_loss, optimizer_step, set_lr,
-                      setup_distributed, to_device)
+from training import (Interrupts, Runtime, fsdp, load_optimizer_state, make_optimizer, mean_loss, optimizer_step,
+                      own_settings, set_lr, setup_distributed, to_device)
 
 HIGHER_IS_BETTER = {"sft_select_task_avg": True, "sft_select_exact_match": True, "val_loss": False}  # the --select_by metrics
 FINAL_LOSS_STEPS = 10  # final_train_loss averages the last updates: one batch alone is noisy
@@ -205,17 +205,12 @@ class Sweep:
     updates_done: int = 0
 
 
-def fsdp():
-    """parallel.py, imported for --parallel=fsdp only (as train.py does)."""
-    import parallel
-    return parallel
-
-
 def load_weights(sweep, model_state, optimizer=None, optimizer_state=None):
     """Weights (and AdamW's state, single-process form) into the model; under FSDP rank 0's are
     broadcast into every process's shards (parallel.load_full_state)."""
     if sweep.cfg.parallel == "fsdp":
-        fsdp().load_full_state(sweep.model, optimizer, model_state, optimizer_state)
+        with own_settings(optimizer) if optimizer else nullcontext():
+            fsdp().load_full_state(sweep.model, optimizer, model_state, optimizer_state)
         return
     sweep.model.load_state_dict(model_state)
     if optimizer_state is not None:

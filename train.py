@@ -44,9 +44,9 @@ from data.common import Tokenizer, load_meta, load_split
 from data.loaders import TokenWindows, pretrain_batches, resolve_dataset, sft_batches, testbed_of, validation_batches
 from hessian import sharpness_during_training
 from model import PRESETS, Llama, LlamaConfig, build_config
-from training import (RESUMABLE_CHANGES, Interrupts, Runtime, check_resume, load_optimizer_state, make_optimizer,
-                      mean_loss, optimizer_step, refuse_config_changes, resume_command, set_lr, setup_distributed,
-                      to_device)
+from training import (RESUMABLE_CHANGES, Interrupts, Runtime, check_resume, fsdp, load_optimizer_state,
+                      make_optimizer, mean_loss, optimizer_step, own_settings, refuse_config_changes, resume_command,
+                      set_lr, setup_distributed, to_device)
 
 
 @dataclass
@@ -229,13 +229,6 @@ def starting_point(cfg, tokenizer, world_size):
                  counters, branch, run_config, first_step + cfg.max_iters - 1, changes, ckpt.get("sharded"))
 
 
-def fsdp():
-    """parallel.py, imported for --parallel=fsdp only: with it imported, rank 0 of a 2-process
-    DDP run hung at exit (torch 2.13, gloo; a minimal DDP script with the same imports did not)."""
-    import parallel
-    return parallel
-
-
 def checkpoint_path(cfg):
     """Where this run writes its checkpoint: out_dir/ckpt.pt, or with --parallel=fsdp the
     sharded directory out_dir/ckpt_sharded."""
@@ -248,7 +241,8 @@ def read_checkpoint(path, cfg):
     reshards to this run's processes); any other pairing gives the whole dict (memory-mapped:
     the processes of one machine share its pages)."""
     if cfg.parallel == "fsdp" and fsdp().is_sharded(path):
-        return {**fsdp().load_run_state(path), "model": None, "optimizer": "sharded", "sharded": path}
+        state = {**fsdp().load_run_state(path), "model": None, "sharded": path}
+        return {**state, "optimizer": "sharded"} if fsdp().holds_optimizer(path) else state
     if cfg.init_from == "resume" and not os.path.exists(path):
         other = "ckpt.pt" if cfg.parallel == "fsdp" else "ckpt_sharded"
         if os.path.exists(os.path.join(cfg.out_dir, other)):
@@ -350,16 +344,14 @@ def build_model(start, cfg, rt):
         parallel = fsdp()
         model = parallel.shard_model(start.model_config, rt.device, bf16=rt.dtype == "bfloat16")
         optimizer = make_optimizer(model, cfg, rt.device)
-        own = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-        if start.sharded:
-            parallel.load_sharded(start.sharded, model, optimizer if start.optimizer_state else None)
-        else:  # the single-process initialization (made on rank 0 only), or a ckpt.pt's state
-            initial = start.model_state
-            if initial is None and rt.master:
-                initial = Llama(start.model_config).state_dict()
-            parallel.load_full_state(model, optimizer, initial, start.optimizer_state)
-        for group, settings in zip(optimizer.param_groups, own):
-            group.update(settings)  # this run's AdamW settings win, as load_optimizer_state
+        with own_settings(optimizer):  # this run's AdamW settings win, as in load_optimizer_state
+            if start.sharded:
+                parallel.load_sharded(start.sharded, model, optimizer if start.optimizer_state else None)
+            else:  # the single-process initialization (made on rank 0 only), or a ckpt.pt's state
+                initial = start.model_state
+                if initial is None and rt.master:
+                    initial = Llama(start.model_config).state_dict()
+                parallel.load_full_state(model, optimizer, initial, start.optimizer_state)
     else:
         model = Llama(start.model_config).to(rt.device)
         optimizer = make_optimizer(model, cfg, rt.device)

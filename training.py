@@ -10,6 +10,7 @@ import os
 import shlex
 import signal
 import sys
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import ContextManager
 
@@ -97,14 +98,29 @@ def make_optimizer(model, cfg, device):
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
 
 
-def load_optimizer_state(optimizer, state):
-    """Load a saved AdamW state (its moments and step counts) but keep this optimizer's own
-    hyperparameters: loading param_groups would silently replace this run's --weight_decay,
-    --beta1, --beta2 and --eps by the saved run's."""
+@contextmanager
+def own_settings(optimizer):
+    """Inside, a saved AdamW state may be loaded (its moments and step counts); on exit this
+    optimizer's own hyperparameters are back: loading param_groups would silently replace this
+    run's --weight_decay, --beta1, --beta2 and --eps by the saved run's."""
     own = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-    optimizer.load_state_dict(state)
+    yield
     for group, settings in zip(optimizer.param_groups, own):
         group.update(settings)
+
+
+def load_optimizer_state(optimizer, state):
+    """A saved AdamW state into `optimizer`, keeping its own settings (own_settings)."""
+    with own_settings(optimizer):
+        optimizer.load_state_dict(state)
+
+
+def fsdp():
+    """parallel.py, imported for --parallel=fsdp only: with it imported, rank 0 of a 2-process
+    DDP train.py run hung at exit (torch 2.13, gloo; a minimal DDP script with the same imports
+    did not)."""
+    import parallel
+    return parallel
 
 
 def set_lr(optimizer, lr):

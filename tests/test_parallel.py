@@ -138,6 +138,19 @@ def test_fsdp_mid_training_from_a_single_file_checkpoint_matches_one_process(run
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
 
 
+def test_fsdp_cooldown_from_weights_only_shards_is_refused(runs, testbed):
+    """A kept sharded checkpoint holds no AdamW state (parallel.holds_optimizer reads DCP's
+    metadata); a cooldown continues AdamW, so it says so instead of failing inside dcp.load."""
+    kept, full = runs / "fsdp" / "ckpt_000002_sharded", runs / "fsdp" / "ckpt_sharded"
+    assert not parallel.holds_optimizer(str(kept)) and parallel.holds_optimizer(str(full))
+    tokenizer = train.Tokenizer.from_dict(load_checkpoint(str(full))["tokenizer"])
+    cfg = train.TrainConfig(dataset=str(testbed / "pretrain"), parallel="fsdp", stage="cooldown", alpha=0.0,
+                            max_iters=2, init_from=str(kept), batch_size=2, seq_len=64, warmup_iters=1,
+                            tokens_per_step=8 * 64, device="cpu")
+    with pytest.raises(SystemExit, match="holds weights without AdamW's state"):
+        train.starting_point(cfg, tokenizer, 2)
+
+
 def test_fsdp_refuses_in_training_sharpness():
     with pytest.raises(ValueError, match="measure the saved checkpoints with sharpness.py"):
         train.TrainConfig(parallel="fsdp", sharpness_interval=10)
