@@ -45,3 +45,12 @@ def test_bench_runs_under_torchrun(parallel):
                           text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert f"x 2 processes ({parallel})" in done.stdout and done.stdout.count("eager:") == 1
+
+
+def test_sizes_prints_the_readme_table(capsys):
+    """sizes.py: the figures of the README's table (16 bytes per parameter under DDP; 8b does not fit)."""
+    import sizes
+    sizes.main(sizes.SizesConfig())
+    out = capsys.readouterr().out
+    assert "8b: 8,030,261,248 parameters" in out and "DDP 128.2 GiB, FSDP2 25.1 GiB" in out
+    assert "Table 6 350B tokens: 10.5 days" in out
