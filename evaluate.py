@@ -5,6 +5,7 @@ be compared; and --compare, the tables themselves from several runs (tables.py).
 
     python evaluate.py --ckpt=out/ckpt.pt --tasks=val_loss,testbed_recall,testbed_probes,testbed_sft_test
     python evaluate.py --ckpt=out/ckpt.pt --tasks=hellaswag,arc_easy --data_files=hellaswag=h.jsonl,arc_easy=a.parquet
+    python evaluate.py --ckpt=out/sft/ckpt.pt --harness=gsm8k_cot,drop --harness_fewshot=drop=5   # lm-eval's tasks
     python evaluate.py --compare out-wso out-wsd-0.1 out-cosine-0.0 ...   # the paper's tables
     python evaluate.py --help
 
@@ -19,6 +20,9 @@ Tasks (TASKS below):
                         x100, tables.sft_task_avg); testbed_sft_select on the selection people
     arc_easy arc_challenge boolq hellaswag openbookqa piqa winogrande   zero-shot (Section 3.1)
     mmlu (5-shot), truthfulqa_mc1, truthfulqa_mc2, alpaca_eval           after SFT (Appendix E)
+--harness runs any task of lm-evaluation-harness with lm-eval's own configs (harness.py);
+each named task's metrics go to tasks[name] ("metric,filter" keys), every item to
+<out>_harness_samples.jsonl.
 Hub tasks load from the Hub id in HUB, or offline from --data_files=task=path[,task=path]
 (.jsonl/.json/.parquet in the Hub schema; MMLU's shots come from mmlu_dev=path). Prompts
 and metrics follow lm-evaluation-harness's task YAMLs (lm_eval/tasks/<task>/*.yaml).
@@ -280,6 +284,10 @@ class EvalConfig:
     batch_size: int = 16  # sequences per forward pass
     limit: int = 0  # score only the first N items of each task (0: all)
     judge: str = ""  # module:callable implementing Judge, for alpaca_eval; none offline
+    harness: str = ""  # lm-eval tasks or groups (gsm8k,drop,agieval,bbh,...) run by harness.py; alone, no --tasks
+    harness_files: str = ""  # task=path or task:split=path: local files in the Hub schema for --harness tasks
+    harness_fewshot: str = ""  # task=N[,task=N]: shots where the paper differs from lm-eval's config (drop=5)
+    harness_chat: str = "auto"  # lm-eval prompts in the chat template: auto (for SFT checkpoints) | true | false
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, else fp32) | float32 | bfloat16
 
@@ -345,7 +353,10 @@ def run_task(task, model, tokenizer, ckpt, cfg, data_files):
 
 
 def main(cfg: EvalConfig):
-    tasks = [t for t in cfg.tasks.split(",") if t]
+    alone = cfg.harness and cfg.tasks == EvalConfig.tasks  # --harness without --tasks runs only the harness
+    tasks = [] if alone else [t for t in cfg.tasks.split(",") if t]
+    if cfg.harness_chat not in ("auto", "true", "false"):
+        raise SystemExit(f"error: --harness_chat={cfg.harness_chat}: expected auto, true or false")
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise SystemExit(f"error: unknown task(s) {', '.join(unknown)}; known tasks: {', '.join(TASKS)}")
@@ -367,7 +378,8 @@ def main(cfg: EvalConfig):
         if (previous.get("ckpt"), previous.get("step")) == (results["ckpt"], results["step"]):
             results["tasks"] = previous["tasks"]
     print(f"evaluating {cfg.ckpt} (step {results['step']}, {results['stage']}, schedule {schedule}, "
-          f"alpha_pre {alpha_pre}, alpha_mid {alpha_mid}) on {', '.join(tasks)}; device={device}")
+          f"alpha_pre {alpha_pre}, alpha_mid {alpha_mid}) on {', '.join(tasks + [cfg.harness] * bool(cfg.harness))}; "
+          f"device={device}")
     eta = Eta(len(tasks))
     eta(0)
     for k, task in enumerate(tasks):
@@ -376,11 +388,38 @@ def main(cfg: EvalConfig):
             results["tasks"][task] = run_task(task, model, tokenizer, ckpt, cfg, data_files)
         shown = {key: round(v, 4) if isinstance(v, float) else v for key, v in results["tasks"][task].items()}
         print(f"[{k + 1}/{len(tasks)}] {task}: {shown} ({time.perf_counter() - t0:.1f}s, ETA {eta(k + 1)})")
-        with open(out + ".tmp", "w") as f:
-            json.dump(results, f, indent=1)
-        os.replace(out + ".tmp", out)
+        write_results(results, out)
+    if cfg.harness:
+        run_harness(cfg, model, tokenizer, results, autocast, out)
     print(f"wrote {out}")
     return results
+
+
+def write_results(results, out):
+    with open(out + ".tmp", "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(out + ".tmp", out)
+
+
+def run_harness(cfg, model, tokenizer, results, autocast, out):
+    """--harness: lm-eval's tasks through harness.py. Each named task's (or group's) metrics,
+    lm-eval's "metric,filter" keys, go to tasks[name]; lm-eval's whole results under "harness";
+    every scored item, to look at, to <out>_harness_samples.jsonl."""
+    import harness
+    names = [t for t in cfg.harness.split(",") if t]
+    chat = {"auto": results["stage"] == "sft", "true": True, "false": False}[cfg.harness_chat]
+    samples = os.path.splitext(out)[0] + "_harness_samples.jsonl"
+    t0 = time.perf_counter()
+    with autocast:
+        got = harness.run(model, tokenizer, names, cfg.harness_files, cfg.harness_fewshot, cfg.limit,
+                          cfg.batch_size, chat, samples)
+    print(got.pop("table"))
+    for name in names:
+        results["tasks"][name] = got["results"].get(name, {})
+    results["harness"] = got
+    write_results(results, out)
+    print(f"harness: {', '.join(names)} ({time.perf_counter() - t0:.1f}s, chat template {chat}); "
+          f"every item in {samples}")
 
 
 # ------------------------------------------------------------------ the paper's tables

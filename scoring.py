@@ -22,9 +22,10 @@ from model import KVCache
 
 
 @torch.no_grad()
-def greedy_generate_batch(model, prompts, max_new_tokens, stop_id, vocab_size=None, use_cache=True):
+def greedy_generate_batch(model, prompts, max_new_tokens, stop_id, vocab_size=None, use_cache=True, done=None):
     """Greedy continuations of equally long prompts (lists of ids), each up to (not
-    including) its stop_id. Equal lengths need no padding: the model takes no attention
+    including) its stop_id, or up to the token after which done(ids so far) is true
+    (lm-eval's stop strings, harness.py). Equal lengths need no padding: the model takes no attention
     mask, so a padded prompt would attend to pad tokens. Finished rows leave the batch.
     vocab_size excludes the embedding's padding rows, which no tokenizer can decode.
     With use_cache (and a model whose forward takes one, as model.Llama's), a KVCache holds
@@ -45,6 +46,8 @@ def greedy_generate_batch(model, prompts, max_new_tokens, stop_id, vocab_size=No
         going = [row for row, token in enumerate(next_id.tolist()) if token != stop_id]
         for row in going:
             outputs[active[row]].append(int(next_id[row]))
+        if done is not None:
+            going = [row for row in going if not done(outputs[active[row]])]
         if not going:
             break
         active = [active[row] for row in going]
@@ -135,11 +138,13 @@ def recall_accuracy(model, tokenizer, probes, batch_size=64):
 
 
 @torch.no_grad()
-def loglikelihoods(model, requests, batch_size=16, desc=None):
+def loglikelihoods(model, requests, batch_size=16, desc=None, with_greedy=False):
     """log P(continuation | context) for each (context_ids, continuation_ids), as
     lm-evaluation-harness computes it: the input is context + continuation without its
     last token, cut from the left to max_seq_len; batches are right-padded (a causal model
-    never looks right, so padding changes nothing) and run longest first."""
+    never looks right, so padding changes nothing) and run longest first. with_greedy:
+    (log P, whether greedy decoding would produce the continuation) pairs, lm-eval's
+    loglikelihood answer (HFLM._loglikelihood_tokens)."""
     model.eval()
     device = next(model.parameters()).device
     window = model.config.max_seq_len + 1
@@ -163,6 +168,8 @@ def loglikelihoods(model, requests, batch_size=16, desc=None):
             logprobs = F.log_softmax(logits[b, end - n:end].float(), dim=-1)  # (n, V)
             targets = torch.tensor(sequences[i][-n:], device=device)
             results[i] = logprobs.gather(-1, targets[:, None]).sum().item()
+            if with_greedy:
+                results[i] = (results[i], bool((logprobs.argmax(dim=-1) == targets).all()))
         done = start + len(chunk)
         if desc and (done == len(order) or (start // batch_size) % report_every == 0):
             print(f"  {desc}: {done}/{len(order)} requests | ETA {eta(done)}", flush=True)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from common import checkpoint_step
 from schedules import MERGE_SHAPES, SFT_LR_GRIDS
-from tables import MT_TASKS, PT_TASKS
+from tables import HARNESS, MT_TASKS, PT_TASKS
 
 # (schedule, alpha_pre) of Table 1 (and Table 3, over-training), and (schedule, alpha_pre,
 # alpha_mid) of Table 2. Pre-training with alpha_pre = 1.0 is WSO's run, shared.
@@ -68,9 +68,12 @@ SCALES = {
                 sft=dict(dataset="tulu3", lrs="5e-5,1e-4,5e-4", epochs=1, global_batch_size=128, batch_size=16,
                          warmup_iters=10, max_train=20000, max_val=2000, compile=True),
                 eval=dict(tasks="val_loss," + ",".join(t for t in PT_TASKS if not t.startswith("testbed"))),
-                mid_eval=dict(tasks="val_loss," + ",".join(t for t in MT_TASKS if not t.startswith("testbed"))),
-                # the paper scores the fine-tuned model on these (AlpacaEval needs a judge: --judge)
-                sft_eval=dict(tasks="mmlu,truthfulqa_mc2")),
+                mid_eval=dict(tasks="val_loss," + ",".join(t for t in MT_TASKS if t not in HARNESS
+                                                           and not t.startswith("testbed")),
+                              harness=",".join(t for t in MT_TASKS if t in HARNESS), harness_fewshot="drop=5"),
+                # Table 18's suite after SFT, less AlpacaEval (it needs a judge: --judge); DROP,
+                # GSM8K, AGIEval and BBH in lm-eval's own configs (harness.py)
+                sft_eval=dict(tasks="mmlu,truthfulqa_mc2", harness=",".join(HARNESS), harness_fewshot="drop=5")),
 }
 
 

@@ -20,10 +20,18 @@ ZERO_SHOT = {"arc_easy": "acc", "arc_challenge": "acc_norm", "boolq": "acc", "he
              "testbed_probes": "acc", "testbed_mid_probes": "acc"}
 PT_TASKS = ["arc_easy", "arc_challenge", "boolq", "hellaswag", "openbookqa", "piqa", "winogrande",
             "testbed_recall"]  # Section 3.1
-MT_TASKS = ["arc_challenge", "hellaswag", "winogrande", "testbed_mid_recall"]  # Section 4.1 (no DROP, GSM8K)
+MT_TASKS = ["arc_challenge", "hellaswag", "winogrande", "drop", "gsm8k_cot", "testbed_mid_recall"]  # Section 4.1
+# The paper's tasks that lm-eval's own configs score (evaluate.py --harness, harness.py), each
+# with the metric it contributes: lm-eval's "metric,filter" key. DROP is 5-shot (Table 15,
+# --harness_fewshot=drop=5), GSM8K 8-shot chain-of-thought; AGIEval's English tasks; BBH 3-shot
+# (its chain-of-thought variant generates up to 1024 tokens, more than a 1024-token model can).
+HARNESS = {"gsm8k_cot": "exact_match,strict-match", "drop": "f1,none", "agieval_en": "acc,none",
+           "bbh_fewshot": "exact_match,none"}
+ZERO_SHOT.update({task: HARNESS[task] for task in ("drop", "gsm8k_cot")})
 
 # SFT Task Avg, the one definition: 100 x the mean, over the post-SFT tasks present, of
-# each task's score in [0, 1] (Appendix E's AlpacaEval win rate, TruthfulQA MC2, MMLU).
+# each task's score in [0, 1] (Appendix E's AlpacaEval win rate, TruthfulQA MC2, MMLU, and
+# HARNESS's GSM8K, DROP, AGIEval, BBH).
 # The testbed's task scores the mean of its exact match and its choice accuracy
 # (scoring.testbed_sft_accuracy): exact match alone sits near its floor on small models.
 SFT_SCORES = {
@@ -31,6 +39,7 @@ SFT_SCORES = {
     "truthfulqa_mc2": lambda r: r["acc"],
     "mmlu": lambda r: r["acc"],
     "testbed_sft_test": lambda r: (r["exact_match"] + r["choice"]) / 2,
+    **{task: (lambda r, m=metric: r.get(m)) for task, metric in HARNESS.items()},
 }
 
 
