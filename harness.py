@@ -5,7 +5,7 @@ own task configs, prompts, few-shot samples, filters and metrics, through Harnes
 TemplateLM (lm_eval/api/model.py) over model.Llama and data.common.Tokenizer (compact
 vocabularies included). evaluate.py --harness calls run(); this file does not run on its own.
 
-    python evaluate.py --ckpt=out/sft/ckpt.pt --harness=gsm8k_cot,drop,agieval_en,bbh_fewshot --harness_fewshot=drop=5
+    python evaluate.py --ckpt=out/sft/ckpt.pt --harness=gsm8k_cot,drop,agieval_en,bbh --harness_fewshot=drop=5
     python evaluate.py --ckpt=out/ckpt.pt --harness=arc_easy --harness_files=arc_easy=arc.jsonl
 
 lm_eval is an optional extra, imported only here: `pip install "lm-eval[hf]>=0.4.13,<0.5"`

@@ -73,7 +73,8 @@ SCALES = {
                               harness=",".join(t for t in MT_TASKS if t in HARNESS), harness_fewshot="drop=5"),
                 # Table 18's suite after SFT, less AlpacaEval (it needs a judge: --judge); DROP,
                 # GSM8K, AGIEval and BBH in lm-eval's own configs (harness.py)
-                sft_eval=dict(tasks="mmlu,truthfulqa_mc2", harness=",".join(HARNESS), harness_fewshot="drop=5")),
+                sft_eval=dict(tasks="mmlu,truthfulqa_mc2", harness=",".join(HARNESS),
+                              harness_fewshot="gsm8k_cot=1,drop=5,agieval_en=3")),
 }
 
 

@@ -22,11 +22,11 @@ PT_TASKS = ["arc_easy", "arc_challenge", "boolq", "hellaswag", "openbookqa", "pi
             "testbed_recall"]  # Section 3.1
 MT_TASKS = ["arc_challenge", "hellaswag", "winogrande", "drop", "gsm8k_cot", "testbed_mid_recall"]  # Section 4.1
 # The paper's tasks that lm-eval's own configs score (evaluate.py --harness, harness.py), each
-# with the metric it contributes: lm-eval's "metric,filter" key. DROP is 5-shot (Table 15,
-# --harness_fewshot=drop=5), GSM8K 8-shot chain-of-thought; AGIEval's English tasks; BBH 3-shot
-# (its chain-of-thought variant generates up to 1024 tokens, more than a 1024-token model can).
+# with the metric it contributes: lm-eval's "metric,filter" key. Appendix E's shots: after
+# mid-training DROP 5-shot and GSM8K 8-shot chain-of-thought (gsm8k_cot's own 8); after SFT
+# GSM8K 1-shot, DROP 5-shot, AGIEval 3-shot (its English tasks), BBH 3-shot with CoT (bbh's own).
 HARNESS = {"gsm8k_cot": "exact_match,strict-match", "drop": "f1,none", "agieval_en": "acc,none",
-           "bbh_fewshot": "exact_match,none"}
+           "bbh": "exact_match,get-answer"}
 ZERO_SHOT.update({task: HARNESS[task] for task in ("drop", "gsm8k_cot")})
 
 # SFT Task Avg, the one definition: 100 x the mean, over the post-SFT tasks present, of
