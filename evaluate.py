@@ -37,7 +37,8 @@ file of the same checkpoint and step):
                "<multiple choice>": {"acc", ["acc_norm"], "n"},          # fractions in [0, 1]
                "truthfulqa_mc2": {"acc", "n"},                           # true-answer mass
                "testbed_sft_test": {"exact_match", "choice", "choice_chance", "n"},
-               "alpaca_eval": {"win_rate": float | null, "n", ["note"]}}}
+               "alpaca_eval": {"win_rate": float | null, "stderr", "position_bias", "n", "reference",
+                               "judge", "items" (every verdict, judge.py), or "note" without --judge}}}
 --compare reads, per run directory:
     eval.json      the pre- or mid-training checkpoint's results:
                    PT/MT Valid Loss = tables.valid_loss: tasks.val_loss.value_loss on the
@@ -51,7 +52,6 @@ file of the same checkpoint and step):
     alpha_mid < 1): WSO, constant throughout, is never the reference (Tables 1-4).
 """
 
-import importlib
 import json
 import math
 import os
@@ -60,39 +60,21 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 import torch
 
 from common import Eta, autocast_context, load_checkpoint, parse_args, resolve_device
-from data.chat import IGNORE, generation_prompt
-from data.common import Tokenizer, load_rows, load_split, load_value_mask, read_jsonl
+from data.chat import IGNORE
+from data.common import Tokenizer, load_rows, load_split, load_value_mask, read_jsonl, write_jsonl
 from data.loaders import resolve_dataset, testbed_of, validation_batches
+from judge import alpaca_eval, alpaca_rows, load_judge, reference_outputs
 from runs import load_model, schedule_of, training_config
-from scoring import generate_all, recall_accuracy, score_items, testbed_sft_accuracy
+from scoring import recall_accuracy, score_items, testbed_sft_accuracy
 from tables import SCHEDULERS, ZERO_SHOT, paper_tables, sft_task_avg, valid_loss, zero_shot_avg
 from training import mean_loss
 
 # ------------------------------------------------------------------ tasks
-
-
-class Judge(Protocol):
-    def __call__(self, instruction: str, output_a: str, output_b: str) -> float:
-        """Preference for output_b over output_a: 1 b is better, 0 a is, 0.5 a tie."""
-
-
-def alpaca_eval(model, tokenizer, rows, judge, max_new_tokens=256, batch_size=16):
-    """AlpacaEval-style win rate against reference outputs (row["output"]; the paper's
-    reference is its WSO model fine-tuned with the lowest LR, judged by Llama-3-70B-Instruct,
-    Appendix E). Without a judge there is no number, only the reason."""
-    if judge is None:
-        return {"win_rate": None, "n": 0, "note": "no judge reachable offline"}
-    prompts = [generation_prompt([{"role": "user", "content": r["instruction"]}], tokenizer) for r in rows]
-    outputs = generate_all(model, tokenizer, prompts, max_new_tokens, batch_size)
-    wins = [judge(r["instruction"], r["output"], out.strip()) for r, out in zip(rows, outputs)]
-    return {"win_rate": float(np.mean(wins)), "n": len(rows)}
-
 
 
 def hellaswag_preprocess(text):
@@ -198,7 +180,6 @@ HUB = {
     "mmlu": ("cais/mmlu", "all", "test"),
     "mmlu_dev": ("cais/mmlu", "all", "dev"),
     "truthfulqa": ("truthful_qa", "multiple_choice", "validation"),
-    "alpaca_eval": ("tatsu-lab/alpaca_eval", "alpaca_eval", "eval"),
 }
 
 
@@ -283,7 +264,9 @@ class EvalConfig:
     out: str = ""  # results JSON; default eval.json beside the checkpoint
     batch_size: int = 16  # sequences per forward pass
     limit: int = 0  # score only the first N items of each task (0: all)
-    judge: str = ""  # module:callable implementing Judge, for alpaca_eval; none offline
+    judge: str = ""  # alpaca_eval's judge: a local HF model dir | an OpenAI-compatible URL | module:callable (judge.py)
+    judge_model: str = ""  # the model name an OpenAI-compatible judge server serves
+    judge_reference: str = ""  # alpaca_eval's reference: a checkpoint | an outputs .jsonl | "" the rows' own output
     harness: str = ""  # lm-eval tasks or groups (gsm8k,drop,agieval,bbh,...) run by harness.py; alone, no --tasks
     harness_files: str = ""  # task=path or task:split=path: local files in the Hub schema for --harness tasks
     harness_fewshot: str = ""  # task=N[,task=N]: shots where the paper differs from lm-eval's config (drop=5)
@@ -309,18 +292,7 @@ def parse_data_files(text):
     return dict(p.split("=", 1) for p in pairs)
 
 
-def load_judge(spec):
-    """--judge=module:callable -> that Judge; "" -> None."""
-    if not spec:
-        return None
-    module, _, name = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError) as e:
-        raise SystemExit(f"error: --judge={spec}: {e}; expected module:callable") from None
-
-
-def run_task(task, model, tokenizer, ckpt, cfg, data_files):
+def run_task(task, model, tokenizer, ckpt, cfg, data_files, out):
     limit = cfg.limit or None
     if task == "val_loss":
         config = training_config(ckpt)
@@ -346,9 +318,16 @@ def run_task(task, model, tokenizer, ckpt, cfg, data_files):
         items = [probe_item(row) for row in read_jsonl(path)[:limit]]
         return score_items(model, tokenizer, items, MC_METRICS[task], cfg.batch_size, task)
     if task == "alpaca_eval":
-        judge = load_judge(cfg.judge)
-        rows = load_docs(task, data_files)[:limit] if judge else []
-        return alpaca_eval(model, tokenizer, rows, judge, batch_size=cfg.batch_size)
+        judge = load_judge(cfg.judge, cfg.judge_model)
+        if judge is None:
+            return alpaca_eval(model, tokenizer, [], None, [])[0]
+        rows = alpaca_rows(data_files.get(task, ""))[:limit]
+        device = next(model.parameters()).device
+        references = reference_outputs(cfg.judge_reference, rows, batch_size=cfg.batch_size, device=device)
+        result, items = alpaca_eval(model, tokenizer, rows, judge, references, batch_size=cfg.batch_size)
+        path = os.path.splitext(out)[0] + "_alpaca_eval.jsonl"
+        write_jsonl(path, items)
+        return {**result, "reference": cfg.judge_reference or "the rows' output", "judge": cfg.judge, "items": path}
     return score_items(model, tokenizer, load_items(task, data_files)[:limit], MC_METRICS[task], cfg.batch_size, task)
 
 
@@ -385,7 +364,7 @@ def main(cfg: EvalConfig):
     for k, task in enumerate(tasks):
         t0 = time.perf_counter()
         with autocast:
-            results["tasks"][task] = run_task(task, model, tokenizer, ckpt, cfg, data_files)
+            results["tasks"][task] = run_task(task, model, tokenizer, ckpt, cfg, data_files, out)
         shown = {key: round(v, 4) if isinstance(v, float) else v for key, v in results["tasks"][task].items()}
         print(f"[{k + 1}/{len(tasks)}] {task}: {shown} ({time.perf_counter() - t0:.1f}s, ETA {eta(k + 1)})")
         write_results(results, out)

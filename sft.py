@@ -22,8 +22,9 @@ Data sets:
                SFT Task Avg as tables.sft_task_avg defines it, 100 x the mean of exact match
                and choice (scoring.testbed_sft_accuracy)
     tulu3      allenai/tulu-3-sft-olmo-2-mixture (train split), split 9:1 (seeded) into
-               train and validation as the paper does; the LR is chosen by validation loss
-               (the paper chose by AlpacaEval, which needs an LLM judge)
+               train and validation as the paper does; the LR is chosen by validation loss, or
+               as the paper chose it with --select_by=alpaca_eval --judge=...: the win rate over
+               the lowest LR's outputs (judge.py; the paper's reference is the WSO sweep's)
     a file     .jsonl/.json/.parquet with a `messages` column: like tulu3
     a folder   a testbed made by data/testbed/prepare.py --out_dir=...: like testbed
 
@@ -39,7 +40,8 @@ that has it is skipped when the sweep is rerun), out_dir/config.json, and out_di
     runs: one per LR, ascending: {lr, run_dir, steps, diverged_at_step, final_train_loss,
           val_loss, sft_{select,test}_{exact_match,choice} in [0, 1], sft_{select,test}_task_avg
           = 50 x (exact_match + choice), sft_task_avg} (null without a testbed; a diverged run
-          has null metrics and is never chosen)
+          has null metrics and is never chosen), and with --select_by=alpaca_eval
+          alpaca_eval, alpaca_eval_stderr (every verdict in lr_<lr>/alpaca_eval.jsonl)
 """
 
 import json
@@ -59,9 +61,10 @@ import schedules
 from common import (Eta, append_jsonl, load_checkpoint, parse_args, rng_state, save_checkpoint, set_rng_state,
                     truncate_log)
 from data.chat import IGNORE
-from data.common import Tokenizer, write_atomic
+from data.common import Tokenizer, write_atomic, write_jsonl
 from data.conversations import load_data, message_lists, tokenize, update_batches
 from data.loaders import pad_collate
+from judge import alpaca_rows, load_judge, model_outputs, pairwise, reference_outputs
 from model import LlamaConfig
 from runs import load_model, schedule_of
 from schedules import SFT_LR_GRIDS
@@ -70,7 +73,9 @@ from tables import sft_task_avg
 from training import (Interrupts, Runtime, fsdp, load_optimizer_state, make_optimizer, mean_loss, optimizer_step,
                       own_settings, set_lr, setup_distributed, to_device)
 
-HIGHER_IS_BETTER = {"sft_select_task_avg": True, "sft_select_exact_match": True, "val_loss": False}  # the --select_by metrics
+# the --select_by metrics; alpaca_eval: the win rate over a reference (judge.py), as the paper selects
+HIGHER_IS_BETTER = {"sft_select_task_avg": True, "sft_select_exact_match": True, "val_loss": False,
+                    "alpaca_eval": True}
 FINAL_LOSS_STEPS = 10  # final_train_loss averages the last updates: one batch alone is noisy
 
 
@@ -82,7 +87,13 @@ class SFTConfig:
     # the LR sweep (Table 8)
     lrs: str = "testbed"  # peak LRs, comma-separated, or a named grid: testbed | paper (Table 8's)
     learning_rate: float = 0.0  # one peak LR instead of the sweep; 0 uses --lrs
-    select_by: str = "auto"  # sft_select_task_avg | sft_select_exact_match | val_loss; auto: the first on a testbed, else val_loss
+    select_by: str = "auto"  # sft_select_task_avg | sft_select_exact_match | val_loss | alpaca_eval; auto: the first on a testbed, else val_loss
+    # --select_by=alpaca_eval (judge.py): the judge, what it compares with, on which instructions
+    judge: str = ""  # a local HF model dir | an OpenAI-compatible URL | module:callable
+    judge_model: str = ""  # the model name an OpenAI-compatible judge server serves
+    judge_reference: str = "lowest"  # lowest (this sweep's lowest LR: the paper's, for the WSO sweep) | a checkpoint | an outputs .jsonl
+    judge_data: str = ""  # AlpacaEval rows (.jsonl/.json/.parquet with `instruction`); "" the Hub's 805
+    judge_limit: int = 0  # judge only the first N instructions (0: all)
     # schedule and batch: the testbed's 1,500 conversations need more passes and smaller batches
     # than Table 8's ~845k; 10 epochs x 1,500 / 32 = 469 updates (the paper: ~6.6k)
     warmup_iters: int = 20  # updates of linear warmup before the cosine to 0 (the paper: 100)
@@ -128,7 +139,8 @@ class SFTConfig:
 
 
 # Fields that may change between a sweep and its rerun without changing any LR's result.
-RERUN_CHANGES = {"out_dir", "lrs", "learning_rate", "select_by", "log_interval", "compile", "device",
+RERUN_CHANGES = {"out_dir", "lrs", "learning_rate", "select_by", "log_interval", "compile", "device", "judge",
+                 "judge_model", "judge_reference", "judge_data", "judge_limit",
                  "checkpoint_interval", "num_proc", "parallel"}
 
 
@@ -203,6 +215,7 @@ class Sweep:
     interrupts: Interrupts | None = None  # Ctrl-C / SIGTERM: stop at an update boundary (main sets it)
     argv: tuple = ()  # the command's arguments: rerunning it resumes
     updates_done: int = 0
+    alpaca: tuple | None = None  # --select_by=alpaca_eval: (judge, rows, reference outputs or "lowest")
 
 
 def load_weights(sweep, model_state, optimizer=None, optimizer_state=None):
@@ -370,13 +383,15 @@ def at_edge(lr, lrs):
 
 
 def print_table(summary):
-    print(f"{'lr':>9} {'train_loss':>10} {'val_loss':>9} {'select_avg':>10} {'test_em':>8} {'test_choice':>11}")
+    alpaca = any("alpaca_eval" in r for r in summary["runs"])
+    print(f"{'lr':>9} {'train_loss':>10} {'val_loss':>9} {'select_avg':>10} {'test_em':>8} {'test_choice':>11}"
+          + f" {'alpaca_win':>10}" * alpaca)
     fmt = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
     for r in summary["runs"]:
         mark = "  <- best" if r["lr"] == summary["best_lr"] else ""
         print(f"{r['lr']:>9g} {fmt(r['final_train_loss'], '>10.4f')} {fmt(r['val_loss'], '>9.4f')} "
               f"{fmt(r['sft_select_task_avg'], '>10.1f')} {fmt(r['sft_test_exact_match'], '>8.3f')} "
-              f"{fmt(r['sft_test_choice'], '>11.3f')}{mark}")
+              f"{fmt(r['sft_test_choice'], '>11.3f')}" + f" {fmt(r.get('alpaca_eval'), '>10.3f')}" * alpaca + mark)
     avg = summary["sft_task_avg"]
     print(f"selected by {summary['select_by']}: lr {summary['best_lr']}, sft_task_avg "
           f"{'-' if avg is None else f'{avg:.1f}'}")
@@ -441,6 +456,7 @@ def set_up(cfg):
     metric = cfg.select_by if cfg.select_by != "auto" else "sft_select_task_avg" if testbed else "val_loss"
     if metric.startswith("sft_select") and not testbed:
         raise SystemExit(f"error: --select_by={metric} needs a testbed; use --select_by=val_loss")
+    alpaca = alpaca_setup(cfg, rt) if metric == "alpaca_eval" else None
     max_seq_len = ckpt["model_config"]["max_seq_len"]
     if cfg.seq_len > max_seq_len:
         raise SystemExit(f"error: seq_len={cfg.seq_len} > the model's max_seq_len={max_seq_len}")
@@ -457,8 +473,45 @@ def set_up(cfg):
     step_model = torch.compile(step_model, dynamic=True) if cfg.compile else step_model
     init = dict(zip(("schedule", "alpha_pre", "alpha_mid"), schedule_of(ckpt)), stage=ckpt["config"].get("stage"),
                 step=ckpt["step"])
-    sweep = Sweep(cfg, rt, model, step_model, examples, ckpt["model"], ckpt["config"], tokenizer, Eta(0))
+    sweep = Sweep(cfg, rt, model, step_model, examples, ckpt["model"], ckpt["config"], tokenizer, Eta(0),
+                  alpaca=alpaca)
     return sweep, init, testbed, metric
+
+
+def alpaca_setup(cfg, rt):
+    """--select_by=alpaca_eval: the judge, the AlpacaEval rows and the reference outputs."""
+    if not cfg.judge:
+        raise SystemExit("error: --select_by=alpaca_eval needs --judge (a local HF model directory, an "
+                         "OpenAI-compatible URL with --judge_model, or module:callable; judge.py)")
+    rows = alpaca_rows(cfg.judge_data)[:cfg.judge_limit or None]
+    references = "lowest" if cfg.judge_reference == "lowest" else reference_outputs(
+        cfg.judge_reference, rows, batch_size=cfg.batch_size, device=rt.device)
+    return load_judge(cfg.judge, cfg.judge_model), rows, references
+
+
+def alpaca_score(lr, run_dir, sweep, model):
+    """The fine-tuned model's AlpacaEval win rate, every verdict in run_dir/alpaca_eval.jsonl."""
+    if sweep.alpaca is None:
+        return {}
+    if model is None:  # diverged
+        return {"alpaca_eval": None, "alpaca_eval_stderr": None}
+    judge, rows, references = sweep.alpaca
+    lowest = sweep_lrs(sweep.cfg)[0]
+    if references == "lowest" and lr != lowest:
+        path = os.path.join(sweep.cfg.out_dir, f"lr_{lowest:g}", "alpaca_eval.jsonl")
+        if not os.path.isfile(path):
+            raise SystemExit(f"error: the reference, the lowest LR's outputs ({path}), is missing: it diverged or "
+                             f"was fine-tuned without --select_by=alpaca_eval; pass --judge_reference")
+        references = reference_outputs(path, rows)
+    outputs = model_outputs(model, sweep.tokenizer, rows, batch_size=sweep.cfg.batch_size)
+    if references == "lowest":  # the lowest LR itself: its own outputs are the reference
+        references = outputs
+    result, items = pairwise(judge, [r["instruction"] for r in rows], outputs, references)
+    if sweep.rt.master:
+        write_jsonl(os.path.join(run_dir, "alpaca_eval.jsonl"), items)
+    print(f"[lr {lr:g}] alpaca_eval win rate {result['win_rate']:.3f} +- {result['stderr'] or 0:.3f} over "
+          f"{result['n']} instructions (position bias {result['position_bias']:+.3f})")
+    return {"alpaca_eval": result["win_rate"], "alpaca_eval_stderr": result["stderr"]}
 
 
 def main(cfg: SFTConfig, argv=None):
@@ -477,6 +530,10 @@ def main(cfg: SFTConfig, argv=None):
     # A finished LR is reused only if it was made from the same settings and checkpoint.
     identity = {**{k: v for k, v in asdict(cfg).items() if k not in RERUN_CHANGES}, "init": init}
     runs, todo = finished_runs(cfg, lrs, identity)
+    unjudged = [f"{r['lr']:g}" for r in runs if metric == "alpaca_eval" and "alpaca_eval" not in r]
+    if unjudged:
+        raise SystemExit(f"error: LRs {', '.join(unjudged)} in {cfg.out_dir} finished without AlpacaEval scores; "
+                         f"fine-tune into another --out_dir to select by alpaca_eval")
     sweep.eta, sweep.interrupts, sweep.argv = Eta(len(todo) * updates), Interrupts(sweep.rt), tuple(argv or ())
     try:
         for lr in todo:
@@ -495,8 +552,9 @@ def run_lr(lr, sweep, identity, testbed):
     """One LR of the sweep, fine-tuned and scored; its result.json is written last."""
     run_dir = os.path.join(sweep.cfg.out_dir, f"lr_{lr:g}")
     result = finetune(lr, run_dir, sweep, identity)
-    result.update(testbed_scores(sweep.model if result["diverged_at_step"] is None else None, sweep.tokenizer,
-                                 testbed))
+    model = sweep.model if result["diverged_at_step"] is None else None
+    result.update(testbed_scores(model, sweep.tokenizer, testbed))
+    result.update(alpaca_score(lr, run_dir, sweep, model))
     if sweep.rt.master:
         append_jsonl(os.path.join(run_dir, "log.jsonl"), {"step": result["steps"], **{
             k: result[k] for k in ("val_loss", "sft_select_task_avg", "sft_test_task_avg")}})

@@ -18,7 +18,7 @@ import training
 from common import load_checkpoint
 from data import loaders
 from data.chat import generation_prompt
-from data.common import Tokenizer, read_jsonl, write_jsonl
+from data.common import Tokenizer, write_jsonl
 from model import KVCache, Llama, LlamaConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -174,24 +174,6 @@ def test_kv_cache_gives_the_logits_and_tokens_of_full_recomputation():
         cached = scoring.greedy_generate_batch(model, prompts, 30, stop_id=stop)
         assert cached == scoring.greedy_generate_batch(model, prompts, 30, stop_id=stop, use_cache=False)
         assert 1 < len({len(row) for row in cached})  # rows left the batch at different steps
-
-
-def test_alpaca_eval_has_no_number_without_a_judge(tokenizer):
-    rows = read_jsonl(os.path.join(FIXTURES, "alpaca_eval.jsonl"))
-    assert evaluate.alpaca_eval(None, tokenizer, rows, judge=None) == \
-        {"win_rate": None, "n": 0, "note": "no judge reachable offline"}
-    # a pluggable judge sees (instruction, reference, model output) and its preferences are averaged
-    scripts = {tuple(generation_prompt([{"role": "user", "content": r["instruction"]}], tokenizer)):
-               tokenizer.encode("Porto") for r in rows}
-    seen = []
-
-    def judge(instruction, output_a, output_b):
-        seen.append((instruction, output_a, output_b))
-        return 1.0 if output_a == "Porto" else 0.0
-
-    result = evaluate.alpaca_eval(ScriptedModel(scripts, tokenizer.vocab_size, tokenizer.eot), tokenizer, rows, judge)
-    assert result == {"win_rate": 0.5, "n": 2}
-    assert seen == [("Name a city in Portugal.", "Porto", "Porto"), ("When was Alice born?", "I do not know.", "Porto")]
 
 
 # ------------------------------------------------------------------ lm-eval formats
@@ -456,13 +438,6 @@ def test_schedule_of_pre_mid_and_sft_checkpoints(tmp_path):
     wso = {"stage": "pre", "schedule": "wso", "alpha": 0.1}  # merge.py keeps the newest source's config
     assert runs.schedule_of({"config": wso, "merge": {"shape": "1-sqrt"}}) == ("wso+merge 1-sqrt", None, None)
     assert runs.schedule_of({"config": {**wso, "stage": "cooldown", "alpha": 0.0}}) == ("wso+cooldown", 0.0, None)
-
-
-def test_judge_is_loaded_from_module_and_name():
-    import operator
-    assert evaluate.load_judge("operator:add") is operator.add and evaluate.load_judge("") is None
-    with pytest.raises(SystemExit, match="expected module:callable"):
-        evaluate.load_judge("operator:no_such_judge")
 
 
 # ------------------------------------------------------------------ the paper's tables

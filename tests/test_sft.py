@@ -203,6 +203,32 @@ def test_an_optimum_at_the_edge_of_the_sweep_is_warned_and_flagged(small_testbed
     assert not sft.at_edge(2e-3, [1e-3, 2e-3, 4e-3]) and not sft.at_edge(1e-3, [1e-3]) and sft.at_edge(4e-3, [1e-3, 4e-3])
 
 
+def test_select_by_alpaca_eval_judges_each_lr_against_the_lowest(small_testbed, pretrained, tmp_path, monkeypatch):
+    monkeypatch.setattr(sft, "testbed_sft_accuracy", lambda *a, **k: {"exact_match": 0.5, "choice": 0.5, "n": 5})
+    words = iter([5, 9, 2])  # the length of every answer per LR, in the order LRs run
+
+    def outputs(model, tokenizer, rows, **kwargs):
+        n = next(words)
+        return [" ".join(["word"] * n)] * len(rows)
+
+    def longer(instruction, a, b):  # a judge that likes long answers
+        return 1.0 if len(b) > len(a) else 0.0 if len(b) < len(a) else 0.5
+
+    monkeypatch.setattr(sft, "model_outputs", outputs)
+    monkeypatch.setattr(sft, "load_judge", lambda spec, model_name: longer)
+    alpaca = os.path.join(REPO, "tests", "fixtures", "lm_eval", "alpaca_eval.jsonl")
+    cfg = config(small_testbed, pretrained, tmp_path, learning_rate=0.0, lrs="1e-3,2e-3,4e-3",
+                 select_by="alpaca_eval", judge="longer", judge_data=alpaca)
+    summary = sft.main(cfg)
+    # the lowest LR is its own reference (0.5); 9 words beat its 5, 2 words lose to them
+    assert [r["alpaca_eval"] for r in summary["runs"]] == [0.5, 1.0, 0.0]
+    assert summary["best_lr"] == 2e-3 and summary["select_by"] == "alpaca_eval"
+    verdicts = read_jsonl(tmp_path / "lr_0.002" / "alpaca_eval.jsonl")
+    assert [(v["output"], v["reference"]) for v in verdicts] == [(" ".join(["word"] * 9), " ".join(["word"] * 5))] * 2
+    with pytest.raises(SystemExit, match="needs --judge"):
+        sft.main(dataclasses.replace(cfg, judge="", out_dir=str(tmp_path / "other")))
+
+
 def test_selection_rule():
     runs = [{"lr": 1e-3, "sft_select_exact_match": 0.5, "val_loss": 1.2},
             {"lr": 2e-3, "sft_select_exact_match": 0.7, "val_loss": 0.9},
