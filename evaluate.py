@@ -421,7 +421,8 @@ def load_run(run_dir):
     row = {"run": run_dir, "seed": 0, "stage": ev["stage"], "schedule": ev["schedule"], "alpha_pre": ev["alpha_pre"],
            "alpha_mid": ev["alpha_mid"], "valid_loss": valid_loss(ev["tasks"].get("val_loss", {})),
            "task_avg": zero_shot_avg(ev["tasks"], ev["stage"]), "sft_task_avg": sft_avg}
-    return {**row, **{t: 100 * ev["tasks"][t][m] for t, m in ZERO_SHOT.items() if t in ev["tasks"]}}
+    return {**row, **{t: 100 * ev["tasks"][t][m] for t, m in ZERO_SHOT.items()
+                      if ev["tasks"].get(t, {}).get(m) is not None}}
 
 
 def compare(run_dirs):

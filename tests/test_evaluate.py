@@ -515,6 +515,19 @@ def test_sft_task_avg_has_one_definition(tmp_path, monkeypatch):
     assert evaluate.load_run(from_summary)["sft_task_avg"] == 40.0
 
 
+def test_harness_tasks_join_the_averages_under_their_lm_eval_metric(tmp_path):
+    """--harness stores lm-eval's "metric,filter" keys; the tables read the one tables.HARNESS names."""
+    mid = {"arc_challenge": {"acc_norm": 0.30}, "drop": {"f1,none": 0.10, "em,none": 0.02},
+           "gsm8k_cot": {"exact_match,strict-match": 0.05, "exact_match,flexible-extract": 0.07}}
+    assert tables.zero_shot_avg(mid, "mid") == pytest.approx(100 * (0.30 + 0.10 + 0.05) / 3)
+    sft_tasks = {"mmlu": {"acc": 0.26}, "gsm8k_cot": {"exact_match,strict-match": 0.04}, "drop": {"f1,none": 0.12},
+                 "agieval_en": {"acc,none": 0.22}, "bbh": {"exact_match,get-answer": 0.10}, "alpaca_eval": {}}
+    assert tables.sft_task_avg(sft_tasks) == pytest.approx(100 * (0.04 + 0.12 + 0.22 + 0.10 + 0.26) / 5)
+    run = write_run(tmp_path / "m", "wsd", 0.0, 0.0, 2.0, {**mid, "winogrande": {}})
+    row = evaluate.load_run(run)
+    assert row["drop"] == pytest.approx(10.0) and "winogrande" not in row  # a task without its metric: no column
+
+
 def test_valid_loss_is_the_value_loss_where_the_corpus_marks_values(tmp_path):
     assert tables.valid_loss({"loss": 0.6, "value_loss": 0.1}) == 0.1
     assert tables.valid_loss({"loss": 2.5}) == 2.5  # FineWeb-Edu, the mid-training corpus
