@@ -318,11 +318,11 @@ def run_task(task, model, tokenizer, ckpt, cfg, data_files, out):
         items = [probe_item(row) for row in read_jsonl(path)[:limit]]
         return score_items(model, tokenizer, items, MC_METRICS[task], cfg.batch_size, task)
     if task == "alpaca_eval":
-        judge = load_judge(cfg.judge, cfg.judge_model)
+        device = next(model.parameters()).device
+        judge = load_judge(cfg.judge, cfg.judge_model, device)
         if judge is None:
             return alpaca_eval(model, tokenizer, [], None, [])[0]
         rows = alpaca_rows(data_files.get(task, ""))[:limit]
-        device = next(model.parameters()).device
         references = reference_outputs(cfg.judge_reference, rows, batch_size=cfg.batch_size, device=device)
         result, items = alpaca_eval(model, tokenizer, rows, judge, references, batch_size=cfg.batch_size)
         path = os.path.splitext(out)[0] + "_alpaca_eval.jsonl"

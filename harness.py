@@ -32,6 +32,7 @@ a task's number of shots the same way (the paper's DROP is 5-shot, lm-eval's def
 
 import difflib
 import functools
+import hashlib
 import json
 import os
 import tempfile
@@ -145,13 +146,19 @@ class HarnessLM(TemplateLM):
     # ---------------------------------------------------------------- chat (--harness_chat)
 
     def apply_chat_template(self, chat_history, add_generation_prompt=True):
-        """The tulu template of data/chat.py as text, end-of-text after each assistant turn."""
+        """The tulu template of data/chat.py as text, end-of-text after each assistant turn;
+        without a generation prompt a final assistant message is a prefix the model continues
+        (lm-eval's gen_prefix), so it stays open, as HFLM's continue_final_message leaves it."""
         pieces = segments(chat_history, add_generation_prompt)
-        return "".join(piece + (EOT_TEXT if k % 2 else "") for k, piece in enumerate(pieces))
+        text = "".join(piece + (EOT_TEXT if k % 2 else "") for k, piece in enumerate(pieces))
+        if not add_generation_prompt and chat_history[-1]["role"] == "assistant":
+            text = text.removesuffix(EOT_TEXT)
+        return text
 
     @property
-    def tokenizer_name(self):
-        return f"{self.tok.name}-{self.tok.vocab_size}"
+    def tokenizer_name(self):  # lm-eval's request caches are keyed by it
+        vocab = hashlib.sha1(json.dumps(self.tok.compact_vocab).encode()).hexdigest()[:10]
+        return f"{self.tok.name}-{self.tok.vocab_size}-{vocab}"
 
     def chat_template(self, chat_template=False):
         return "tulu" if chat_template else None
@@ -186,6 +193,9 @@ def local_task(name, splits, shots, task_manager, folder):
         raise SystemExit(f"error: --harness_files names {name!r}, a {entry.kind.name.lower()} of tasks: give "
                          f"files for its tasks (python -m lm_eval ls tasks lists them) and list those in --harness")
     config = load_yaml(entry.yaml_path, resolve_func=False)
+    if "class" in config or config.get("custom_dataset"):
+        raise SystemExit(f"error: {name} builds its data in Python (a class or custom_dataset), so --harness_files "
+                         f"cannot replace it")
     scored = config.get("test_split") or config.get("validation_split")
     paths = {scored if split is None else split: path for split, path in splits.items()}
     for path in paths.values():
@@ -197,10 +207,13 @@ def local_task(name, splits, shots, task_manager, folder):
     for key in SPLITS:  # a split with no local file is one the task cannot read
         if config.get(key) and config[key] not in paths:
             overrides[key] = None
+    # where lm-eval takes the shots from (ConfigurableTask.fewshot_docs): samples in the config
+    # (a list, or a !function), else the few-shot split, else the training, validation or test split
     shots = config.get("num_fewshot") if shots is None else shots
-    shot_split = config.get("fewshot_split") or config.get("training_split") or config.get("validation_split")
-    inline = isinstance((config.get("fewshot_config") or {}).get("samples"), list)
-    if shots and not inline and shot_split not in paths:
+    given = (config.get("fewshot_config") or {}).get("samples") is not None
+    shot_split = next(filter(None, (config.get(k) for k in ("fewshot_split", "training_split", "validation_split",
+                                                           "test_split"))), None)
+    if shots and not given and shot_split not in paths:
         raise SystemExit(f"error: {name} takes {shots} shots from its {shot_split!r} split: add "
                          f"--harness_files={name}:{shot_split}=path")
     path = os.path.join(folder, f"{name}.yaml")
@@ -253,11 +266,12 @@ def run(model, tokenizer, tasks, files="", fewshot="", limit=0, batch_size=16, c
                 if built is None:
                     raise SystemExit(f"error: --harness_fewshot names {name!r}, a tag: name its tasks instead")
                 for task in built.get_all_tasks() if hasattr(built, "get_all_tasks") else [built]:
-                    task.set_config(key="num_fewshot", value=shots[name])  # as lm_eval --num_fewshot does
+                    # as lm_eval --num_fewshot does, but also where a config says 0: the user named the task
+                    task.set_config(key="num_fewshot", value=shots[name])
             chosen.append(spec if built is None else built)
         out = lm_eval.simple_evaluate(model=HarnessLM(model, tokenizer, batch_size), tasks=chosen,
                                       task_manager=task_manager, limit=limit or None, log_samples=True,
-                                      apply_chat_template=chat, fewshot_as_multiturn=chat, bootstrap_iters=1000)
+                                      apply_chat_template=chat, fewshot_as_multiturn=chat)
     if samples_path:
         with open(samples_path + ".tmp", "w") as f:
             for task, items in out["samples"].items():

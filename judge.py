@@ -17,14 +17,15 @@ mass its next token puts on "B" against "A" after PROMPT (AlpacaEval 2's weighte
 such token probabilities too); a server that returns no log-probabilities gives 1, 0 or 0.5
 from the letter it wrote. Per item, the model's win is the mean of its preference when shown
 second and one minus it when shown first; the win rate is the mean over items, with its
-standard error (std / sqrt(n)). position_bias, the mean preference for the second response
-over both orders minus 0.5, tells how much the two orders disagreed.
+standard error (std / sqrt(n)). position_bias is the judge's mean preference for whichever
+response came second, less 0.5: what the two orders cancel.
 """
 
 import importlib
 import json
 import math
 import os
+import time
 import urllib.error
 import urllib.request
 from typing import Protocol
@@ -69,7 +70,8 @@ def letter_preference(p_a, p_b):
 
 class LocalJudge:
     """A Hugging Face causal LM directory as the judge: its next-token probabilities of "A"
-    and "B" after PROMPT, rendered with the model's chat template (plain text without one)."""
+    and "B" after PROMPT, rendered with the model's chat template (plain text without one;
+    a template that refuses a system message gets it at the top of the user's)."""
 
     def __init__(self, path, device="cpu"):
         import torch
@@ -77,74 +79,97 @@ class LocalJudge:
         self.torch, self.device = torch, device
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
         self.model = transformers.AutoModelForCausalLM.from_pretrained(path).to(device).eval()
-        self.letters = []
-        for letter in ("A", "B"):  # the answer's first token, after the template's assistant header
-            ids = self.tokenizer.encode(letter, add_special_tokens=False)
-            if len(ids) != 1:
-                raise SystemExit(f"error: judge {path}: its tokenizer spells {letter!r} as {len(ids)} tokens; "
-                                 f"the judge reads one token's probability")
-            self.letters.append(ids[0])
+        # the letter's ids: "A" after a chat template's assistant header, " A" after "Answer:"
+        self.letters = [sorted({ids[0] for text in (letter, " " + letter)
+                                if len(ids := self.tokenizer.encode(text, add_special_tokens=False)) == 1})
+                        for letter in ("A", "B")]
+        if not all(self.letters):
+            raise SystemExit(f"error: judge {path}: its tokenizer spells 'A' or 'B' in several tokens; the judge "
+                             f"reads one token's probability")
 
     def prompt_ids(self, instruction, output_a, output_b):
         chat = messages(instruction, output_a, output_b)
-        if self.tokenizer.chat_template:
+        if not self.tokenizer.chat_template:
+            return self.tokenizer.encode("\n\n".join(m["content"] for m in chat) + "\n\nAnswer:")
+        import jinja2
+        try:
             return self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True,
                                                       return_dict=False)
-        text = "\n\n".join(m["content"] for m in chat) + "\n\nAnswer:"
-        return self.tokenizer.encode(text)
+        except jinja2.TemplateError:  # no system role (HFLM.apply_chat_template retries the same way)
+            merged = [{"role": "user", "content": chat[0]["content"] + "\n\n" + chat[1]["content"]}]
+            return self.tokenizer.apply_chat_template(merged, add_generation_prompt=True, tokenize=True,
+                                                      return_dict=False)
 
     def __call__(self, instruction, output_a, output_b):
         ids = self.prompt_ids(instruction, output_a, output_b)
         with self.torch.no_grad():
             logits = self.model(self.torch.tensor([ids], device=self.device)).logits[0, -1].float()
-        p = self.torch.softmax(logits, dim=-1)[self.letters].tolist()
-        return letter_preference(*p)
+        p = self.torch.softmax(logits, dim=-1)
+        return letter_preference(*(p[letter].sum().item() for letter in self.letters))
 
 
 class OpenAIJudge:
     """An OpenAI-compatible /chat/completions endpoint as the judge: one token, temperature 0,
-    with its top log-probabilities."""
+    with its top log-probabilities (else the letter it wrote). Rate limits and server errors
+    (429, 5xx) are retried; `unreadable` counts answers that were neither letter (a tie)."""
+
+    RETRIES = (2, 8, 30)  # seconds before each retry
 
     def __init__(self, url, model, timeout=120):
         if not model:
             raise SystemExit(f"error: --judge={url} needs --judge_model=<the server's model name>")
-        self.url, self.model, self.timeout = url.rstrip("/") + "/chat/completions", model, timeout
+        self.url, self.model, self.timeout, self.unreadable = url.rstrip("/") + "/chat/completions", model, timeout, 0
 
     def request(self, instruction, output_a, output_b):
         return {"model": self.model, "messages": messages(instruction, output_a, output_b), "max_tokens": 1,
                 "temperature": 0, "logprobs": True, "top_logprobs": 5}
 
-    def __call__(self, instruction, output_a, output_b):
+    def post(self, body):
         headers = {"Content-Type": "application/json"}
         if os.environ.get("OPENAI_API_KEY"):
             headers["Authorization"] = f"Bearer {os.environ['OPENAI_API_KEY']}"
-        body = json.dumps(self.request(instruction, output_a, output_b)).encode()
-        try:
-            with urllib.request.urlopen(urllib.request.Request(self.url, body, headers), timeout=self.timeout) as r:
-                reply = json.load(r)
-        except (urllib.error.URLError, OSError) as e:
-            raise SystemExit(f"error: the judge at {self.url} did not answer ({e}); is the server running?") from None
+        for wait in (*self.RETRIES, None):
+            try:
+                with urllib.request.urlopen(urllib.request.Request(self.url, body, headers), timeout=self.timeout) as r:
+                    return json.load(r)
+            except urllib.error.HTTPError as e:
+                if e.code in (429, 500, 502, 503, 504) and wait is not None:
+                    time.sleep(wait)
+                    continue
+                detail = e.read().decode(errors="replace")[:300]
+                raise SystemExit(f"error: the judge at {self.url} answered HTTP {e.code}: {detail}") from None
+            except (urllib.error.URLError, OSError) as e:
+                raise SystemExit(f"error: the judge at {self.url} did not answer ({e}); is the server running?") \
+                    from None
+
+    def __call__(self, instruction, output_a, output_b):
+        reply = self.post(json.dumps(self.request(instruction, output_a, output_b)).encode())
+        if "choices" not in reply:
+            raise SystemExit(f"error: the judge at {self.url} replied without choices: {json.dumps(reply)[:300]}")
         choice = reply["choices"][0]
-        content = (choice.get("logprobs") or {}).get("content") or []
-        if content and content[0].get("top_logprobs"):
-            mass = {"A": 0.0, "B": 0.0}
-            for entry in content[0]["top_logprobs"]:
-                token = entry["token"].strip()
-                if token in mass:
-                    mass[token] += math.exp(entry["logprob"])
+        content = (choice.get("logprobs") or {}).get("content") or [{}]
+        mass = {"A": 0.0, "B": 0.0}
+        for entry in content[0].get("top_logprobs") or []:
+            token = entry["token"].strip()
+            if token in mass:
+                mass[token] += math.exp(entry["logprob"])
+        if mass["A"] + mass["B"] > 0:
             return letter_preference(mass["A"], mass["B"])
-        answer = (choice.get("message") or {}).get("content", "").strip()[:1]
-        return {"A": 0.0, "B": 1.0}.get(answer, 0.5)
+        answer = ((choice.get("message") or {}).get("content") or "").strip().strip(".:*()[]\"' ")
+        if answer not in ("A", "B"):
+            self.unreadable += 1
+            return 0.5
+        return float(answer == "B")
 
 
-def load_judge(spec, model_name=""):
+def load_judge(spec, model_name="", device="cpu"):
     """--judge: "" -> None; a URL -> OpenAIJudge; a directory -> LocalJudge; module:callable."""
     if not spec:
         return None
     if spec.startswith(("http://", "https://")):
         return OpenAIJudge(spec, model_name)
     if os.path.isdir(spec):
-        return LocalJudge(spec)
+        return LocalJudge(spec, device)
     module, _, name = spec.partition(":")
     try:
         return getattr(importlib.import_module(module), name)
@@ -155,20 +180,23 @@ def load_judge(spec, model_name=""):
 
 def pairwise(judge, instructions, outputs, references):
     """The model's win rate over the references, each pair judged in both orders; and every
-    item's verdicts, to look at."""
+    item's verdicts, to look at. position_bias: the mean preference for whichever response
+    came second, less a tie's 0.5 (0 for a judge that ignores the order)."""
     items = []
     for instruction, output, reference in zip(instructions, outputs, references):
-        second = judge(instruction, reference, output)  # the model shown as B
-        first = judge(instruction, output, reference)  # the model shown as A
+        model_second = judge(instruction, reference, output)  # preference for B, the model
+        model_first = judge(instruction, output, reference)  # preference for B, the reference
         items.append({"instruction": instruction, "output": output, "reference": reference,
-                      "preference_model_second": second, "preference_model_first": 1 - first,
-                      "win": (second + 1 - first) / 2})
+                      "p_b_model_second": model_second, "p_b_model_first": model_first,
+                      "win": (model_second + 1 - model_first) / 2})
     wins = np.array([item["win"] for item in items])
-    bias = np.mean([(item["preference_model_second"] + 1 - item["preference_model_first"]) / 2 - 0.5
-                    for item in items])  # the mean preference for position B, less a tie
-    return {"win_rate": float(wins.mean()),
-            "stderr": float(wins.std(ddof=1) / math.sqrt(len(wins))) if len(wins) > 1 else None,
-            "position_bias": float(bias), "n": len(items)}, items
+    bias = np.mean([(item["p_b_model_second"] + item["p_b_model_first"]) / 2 for item in items]) - 0.5
+    result = {"win_rate": float(wins.mean()),
+              "stderr": float(wins.std(ddof=1) / math.sqrt(len(wins))) if len(wins) > 1 else None,
+              "position_bias": float(bias), "n": len(items)}
+    if getattr(judge, "unreadable", 0):
+        result["unreadable"] = judge.unreadable  # answers that were neither letter, counted as ties
+    return result, items
 
 
 # ------------------------------------------------------------------ AlpacaEval on a checkpoint

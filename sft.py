@@ -486,7 +486,7 @@ def alpaca_setup(cfg, rt):
     rows = alpaca_rows(cfg.judge_data)[:cfg.judge_limit or None]
     references = "lowest" if cfg.judge_reference == "lowest" else reference_outputs(
         cfg.judge_reference, rows, batch_size=cfg.batch_size, device=rt.device)
-    return load_judge(cfg.judge, cfg.judge_model), rows, references
+    return load_judge(cfg.judge, cfg.judge_model, rt.device), rows, references
 
 
 def alpaca_score(lr, run_dir, sweep, model):
@@ -504,9 +504,12 @@ def alpaca_score(lr, run_dir, sweep, model):
                              f"was fine-tuned without --select_by=alpaca_eval; pass --judge_reference")
         references = reference_outputs(path, rows)
     outputs = model_outputs(model, sweep.tokenizer, rows, batch_size=sweep.cfg.batch_size)
-    if references == "lowest":  # the lowest LR itself: its own outputs are the reference
-        references = outputs
-    result, items = pairwise(judge, [r["instruction"] for r in rows], outputs, references)
+    if references == "lowest":  # the lowest LR itself, its own reference: a tie by definition, no judge needed
+        items = [{"instruction": r["instruction"], "output": out, "reference": out, "win": 0.5}
+                 for r, out in zip(rows, outputs)]
+        result = {"win_rate": 0.5, "stderr": 0.0, "position_bias": 0.0, "n": len(rows)}
+    else:
+        result, items = pairwise(judge, [r["instruction"] for r in rows], outputs, references)
     if sweep.rt.master:
         write_jsonl(os.path.join(run_dir, "alpaca_eval.jsonl"), items)
     print(f"[lr {lr:g}] alpaca_eval win rate {result['win_rate']:.3f} +- {result['stderr'] or 0:.3f} over "

@@ -1,7 +1,8 @@
 """harness.py: lm-evaluation-harness's own task configs on this project's model. Per item,
 its log-likelihoods and acc/acc_norm equal evaluate.py's scorer (scoring.py); generation
 equals greedy decoding cut at lm-eval's stop strings; rolling log-likelihoods equal direct
-computation; and lm-eval's HFLM on the Hugging Face export gives the same answers. Offline:
+computation; the chat template equals open-instruct's; and lm-eval's HFLM on the Hugging Face
+export gives the same log-likelihoods and the same generations. Offline:
 local files in the Hub schemas (tests/fixtures/lm_eval)."""
 
 import json
@@ -16,7 +17,7 @@ import evaluate
 import scoring
 from common import save_checkpoint
 from data.chat import generation_prompt
-from data.common import Tokenizer, load_rows, write_jsonl
+from data.common import EOT_TEXT, Tokenizer, load_rows, read_jsonl, write_jsonl
 from model import Llama, LlamaConfig
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is an optional extra: " + 'pip install "lm-eval[hf]"')
@@ -153,6 +154,8 @@ def test_loglikelihood_rolling_equals_direct_computation(tokenizer):
 
 
 def test_chat_template_text_encodes_to_the_generation_prompt(tiny, tokenizer):
+    import jinja2
+    from export_hf import TULU_TEMPLATE
     lm = harness.HarnessLM(tiny, tokenizer)
     chat = [{"role": "user", "content": "Question: 3 + 4?"}, {"role": "assistant", "content": "Answer: 7"},
             {"role": "user", "content": "Question: 2 + 9?"}]
@@ -160,6 +163,13 @@ def test_chat_template_text_encodes_to_the_generation_prompt(tiny, tokenizer):
     assert text == "<|user|>\nQuestion: 3 + 4?\n<|assistant|>\nAnswer: 7<|endoftext|>\n<|user|>\nQuestion: 2 + 9?\n" \
                    "<|assistant|>\n"
     assert lm.tok_encode(text) == generation_prompt(chat, tokenizer)
+    # open-instruct's template, and a final assistant message left open for the model to continue
+    # (lm-eval's gen_prefix; transformers' continue_final_message cuts after its content)
+    template = jinja2.Environment().from_string(TULU_TEMPLATE)
+    assert text == template.render(messages=chat, add_generation_prompt=True, eos_token=EOT_TEXT)
+    prefilled = chat + [{"role": "assistant", "content": "Answer:"}]
+    rendered = template.render(messages=prefilled, add_generation_prompt=False, eos_token=EOT_TEXT)
+    assert lm.apply_chat_template(prefilled, add_generation_prompt=False) == rendered[:rendered.rindex("Answer:") + 7]
 
 
 def test_clear_errors(tiny, tokenizer, tmp_path):
@@ -190,26 +200,34 @@ def test_evaluate_cli_writes_harness_results_and_items(tiny, tokenizer, tmp_path
         assert len(f.readlines()) == 2
 
 
-def test_hflm_on_the_export_scores_as_harness_lm(tmp_path):
+def test_hflm_on_the_export_scores_and_generates_as_harness_lm(tmp_path):
     pytest.importorskip("accelerate", reason="lm-eval's HFLM needs accelerate (lm-eval[hf])")
     import export_hf
     from lm_eval.models.huggingface import HFLM
     full = Tokenizer()
-    model = tiny_llama(100288, max_seq_len=64)
+    model = tiny_llama(100288, max_seq_len=320)
     save_checkpoint(tmp_path / "ckpt.pt", {"model": model.state_dict(), "model_config": model.config.to_dict(),
                                            "tokenizer": full.to_dict(), "config": {"stage": "pre"}})
     export_hf.export(str(tmp_path / "ckpt.pt"), str(tmp_path / "hf"))
-    files = f"arc_easy={FIXTURES}/arc.jsonl,hellaswag={FIXTURES}/hellaswag.jsonl"
-    ours = harness.run(model, full, ["arc_easy", "hellaswag"], files=files, samples_path=str(tmp_path / "a.jsonl"))
+    write_jsonl(tmp_path / "test.jsonl", GSM8K[2:])
+    write_jsonl(tmp_path / "train.jsonl", GSM8K[:2])
+    tasks = ["arc_easy", "hellaswag", "gsm8k"]
+    files = (f"arc_easy={FIXTURES}/arc.jsonl,hellaswag={FIXTURES}/hellaswag.jsonl,"
+             f"gsm8k={tmp_path}/test.jsonl,gsm8k:train={tmp_path}/train.jsonl")
+    ours = harness.run(model, full, tasks, files=files, fewshot="gsm8k=2", samples_path=str(tmp_path / "a.jsonl"))
     hf = HFLM(pretrained=str(tmp_path / "hf"), batch_size=4, device="cpu", dtype="float32")
     with pytest.MonkeyPatch.context() as mp:  # the same local files, lm-eval's own model class
         mp.setattr(harness, "HarnessLM", lambda *args, **kwargs: hf)
-        theirs = harness.run(model, full, ["arc_easy", "hellaswag"], files=files, samples_path=str(tmp_path / "b.jsonl"))
+        theirs = harness.run(model, full, tasks, files=files, fewshot="gsm8k=2", samples_path=str(tmp_path / "b.jsonl"))
     for task in ("arc_easy", "hellaswag"):
         assert ours["results"][task]["acc,none"] == theirs["results"][task]["acc,none"]
-    with open(tmp_path / "a.jsonl") as a, open(tmp_path / "b.jsonl") as b:
-        for mine, hf_item in zip(map(json.loads, a), map(json.loads, b)):
-            assert mine["arguments"] == hf_item["arguments"]
+    a, b = (read_jsonl(tmp_path / name) for name in ("a.jsonl", "b.jsonl"))
+    assert len(a) == len(b) == 2 + 2 + 2 * 2  # gsm8k: each item once per filter
+    for mine, hf_item in zip(a, b, strict=True):
+        assert mine["arguments"] == hf_item["arguments"]
+        if mine["task"] == "gsm8k":  # 256 greedy tokens of a random model: the same text
+            assert mine["resps"] == hf_item["resps"] and len(mine["resps"][0][0]) > 0
+        else:
             np.testing.assert_allclose([r[0][0] for r in mine["resps"]], [r[0][0] for r in hf_item["resps"]],
                                        rtol=1e-5, atol=1e-4)
 

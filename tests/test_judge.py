@@ -36,8 +36,20 @@ def test_both_orders_cancel_a_judge_that_always_prefers_the_second():
     result, items = judge.pairwise(second_is_better, ["q1", "q2"], ["mine1", "mine2"], ["ref1", "ref2"])
     assert result == {"win_rate": 0.5, "stderr": 0.0, "position_bias": 0.5, "n": 2}
     assert calls == [("ref1", "mine1"), ("mine1", "ref1"), ("ref2", "mine2"), ("mine2", "ref2")]
-    assert items[0] == {"instruction": "q1", "output": "mine1", "reference": "ref1", "preference_model_second": 1.0,
-                        "preference_model_first": 0.0, "win": 0.5}
+    assert items[0] == {"instruction": "q1", "output": "mine1", "reference": "ref1", "p_b_model_second": 1.0,
+                        "p_b_model_first": 1.0, "win": 0.5}
+
+
+def test_unreadable_answers_are_reported():
+    class Shrugs:
+        unreadable = 0
+
+        def __call__(self, instruction, a, b):
+            self.unreadable += 1
+            return 0.5
+
+    result, _ = judge.pairwise(Shrugs(), ["q"], ["a"], ["b"])
+    assert result["win_rate"] == 0.5 and result["unreadable"] == 2
 
 
 def test_win_rate_and_its_standard_error():
@@ -62,10 +74,11 @@ def local_judge_dir(tmp_path_factory):
     cfg = LlamaConfig(dim=16, ffn_dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=100288, max_seq_len=512,
                       tie_embeddings=True)
     model = Llama(cfg)
-    save_checkpoint(root / "ckpt.pt", {"model": model.state_dict(), "model_config": cfg.to_dict(),
-                                       "tokenizer": Tokenizer().to_dict(), "config": {"stage": "sft"}})
-    export_hf.export(str(root / "ckpt.pt"), str(root / "hf"))
-    return root / "hf", model
+    for stage in ("sft", "pre"):  # with the tulu chat template, and without one
+        save_checkpoint(root / f"{stage}.pt", {"model": model.state_dict(), "model_config": cfg.to_dict(),
+                                               "tokenizer": Tokenizer().to_dict(), "config": {"stage": stage}})
+        export_hf.export(str(root / f"{stage}.pt"), str(root / stage))
+    return root / "sft", model
 
 
 def test_local_judge_reads_the_mass_on_a_and_b_after_its_chat_template(local_judge_dir):
@@ -77,18 +90,35 @@ def test_local_judge_reads_the_mass_on_a_and_b_after_its_chat_template(local_jud
     with torch.no_grad():
         p = torch.softmax(model(torch.tensor([ids]))[0][0, -1], -1)
     a, b = (p[tokenizer.encode(letter)[0]].item() for letter in "AB")
+    a += p[tokenizer.encode(" A")[0]].item()  # either spelling of the letter counts
+    b += p[tokenizer.encode(" B")[0]].item()
     assert local("Name a city.", "Porto", "Lisbon") == pytest.approx(b / (a + b), rel=1e-4)
     assert judge.load_judge(str(path)).letters == local.letters
 
 
+def test_local_judge_without_a_chat_template_reads_the_letter_after_answer(local_judge_dir):
+    path, model = local_judge_dir
+    plain = judge.LocalJudge(str(path.parent / "pre"))
+    tokenizer = Tokenizer()
+    ids = plain.prompt_ids("Name a city.", "Porto", "Lisbon")
+    assert tokenizer.decode(ids).endswith("Answer with a single letter: A or B.\n\nAnswer:")
+    assert tokenizer.encode("Answer: B")[-1] in plain.letters[1]  # " B", the token that follows "Answer:"
+    with torch.no_grad():
+        p = torch.softmax(model(torch.tensor([ids]))[0][0, -1], -1)
+    a, b = (sum(p[tokenizer.encode(t)[0]].item() for t in (letter, " " + letter)) for letter in "AB")
+    assert plain("Name a city.", "Porto", "Lisbon") == pytest.approx(b / (a + b), rel=1e-4)
+
+
 class Server(http.server.BaseHTTPRequestHandler):
-    replies, requests = [], []
+    replies, requests = [], []  # a reply: a JSON object, or (HTTP status, JSON object)
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         Server.requests.append((self.path, body, self.headers.get("Authorization")))
-        data = json.dumps(Server.replies.pop(0)).encode()
-        self.send_response(200)
+        reply = Server.replies.pop(0)
+        status, reply = reply if isinstance(reply, tuple) else (200, reply)
+        data = json.dumps(reply).encode()
+        self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
@@ -105,12 +135,22 @@ def test_openai_compatible_judge(monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "k")
     top = [{"token": "A", "logprob": math.log(0.2)}, {"token": " B", "logprob": math.log(0.6)},
            {"token": "The", "logprob": math.log(0.1)}]
+    other = [{"token": "The", "logprob": math.log(0.9)}]
+    monkeypatch.setattr(judge.OpenAIJudge, "RETRIES", (0, 0, 0))
     Server.replies[:] = [{"choices": [{"message": {"content": "B"}, "logprobs": {"content": [{"top_logprobs": top}]}}]},
                          {"choices": [{"message": {"content": "A"}}]},  # a server without log-probabilities
-                         {"choices": [{"message": {"content": "Neither"}}]}]
+                         {"choices": [{"message": {"content": "B."}, "logprobs": {"content": [{"top_logprobs": other}]}}]},
+                         {"choices": [{"message": {"content": "Both"}}]},  # neither letter: a tie, counted
+                         (503, {"error": "busy"}), {"choices": [{"message": {"content": "B"}}]},  # retried
+                         (401, {"error": {"message": "bad key"}}), {"error": "no choices"}]
     remote = judge.load_judge(url, "llama-3-70b-instruct")
     assert remote("Name a city.", "Porto", "Lisbon") == pytest.approx(0.75)
-    assert remote("q", "a", "b") == 0.0 and remote("q", "a", "b") == 0.5
+    assert [remote("q", "a", "b") for _ in range(3)] == [0.0, 1.0, 0.5] and remote.unreadable == 1
+    assert remote("q", "a", "b") == 1.0 and len(Server.requests) == 6
+    with pytest.raises(SystemExit, match="HTTP 401.*bad key"):
+        remote("q", "a", "b")
+    with pytest.raises(SystemExit, match="without choices"):
+        remote("q", "a", "b")
     path, body, auth = Server.requests[0]
     assert path == "/v1/chat/completions" and auth == "Bearer k"
     assert body["model"] == "llama-3-70b-instruct" and body["max_tokens"] == 1 and body["temperature"] == 0

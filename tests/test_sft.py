@@ -215,7 +215,7 @@ def test_select_by_alpaca_eval_judges_each_lr_against_the_lowest(small_testbed, 
         return 1.0 if len(b) > len(a) else 0.0 if len(b) < len(a) else 0.5
 
     monkeypatch.setattr(sft, "model_outputs", outputs)
-    monkeypatch.setattr(sft, "load_judge", lambda spec, model_name: longer)
+    monkeypatch.setattr(sft, "load_judge", lambda spec, model_name, device: longer)
     alpaca = os.path.join(REPO, "tests", "fixtures", "lm_eval", "alpaca_eval.jsonl")
     cfg = config(small_testbed, pretrained, tmp_path, learning_rate=0.0, lrs="1e-3,2e-3,4e-3",
                  select_by="alpaca_eval", judge="longer", judge_data=alpaca)
