@@ -41,6 +41,7 @@ runs_dir/report/ instead):
 prepare the data first (README, "At GPU scale").
 """
 
+import collections
 import json
 import os
 import subprocess
@@ -113,16 +114,25 @@ def run_all(cfg):
 
 
 class StudyProgress:
-    """One line as each stage finishes, with the study's ETA from the stages' relative COST."""
+    """One line as each stage finishes, with the study's ETA from the stages' relative COST
+    and the pace of the last WINDOW finishes (a pause, or other work beside the study, fades
+    from the estimate instead of weighing on it to the end)."""
 
-    def __init__(self, todo):
-        self.todo, self.total, self.spent, self.finished, self.start = todo, sum(COST[s[0]] for s in todo), 0.0, 0, time.time()
+    WINDOW = 8
+
+    def __init__(self, todo, clock=time.time):
+        self.todo, self.total, self.finished, self.clock = todo, sum(COST[s[0]] for s in todo), 0, clock
+        self.marks = collections.deque([(clock(), 0.0)], maxlen=self.WINDOW + 1)  # (time, cost spent)
+
+    def eta(self):
+        (t0, spent0), (t1, spent1) = self.marks[0], self.marks[-1]
+        return format_duration((t1 - t0) / (spent1 - spent0) * (self.total - spent1))
 
     def done(self, _, stage, seconds):
-        self.spent, self.finished = self.spent + COST[stage[0]], self.finished + 1
-        eta = format_duration((time.time() - self.start) / self.spent * (self.total - self.spent))
+        self.finished += 1
+        self.marks.append((self.clock(), self.marks[-1][1] + COST[stage[0]]))
         print(f"[{self.finished}/{len(self.todo)}] {stage[0]:9s} {stage[1]} | {format_duration(seconds)} | "
-              f"study ETA {eta}", flush=True)
+              f"study ETA {self.eta()}", flush=True)
 
 
 # ---------------------------------------------------------------- tables and figures

@@ -184,3 +184,18 @@ def test_a_partial_rerun_never_overwrites_the_published_results(tmp_path):
     assert reproduce.output_dir(cfg, rows, "") == cfg.out_dir  # the same set (or more) replaces it
     assert reproduce.output_dir(cfg, [r for r in rows if r["seed"] == 0], "") == str(tmp_path / "runs" / "report")
     assert reproduce.output_dir(cfg, [r for r in rows if r["run"] == "wso"], "") == str(tmp_path / "runs" / "report")
+
+
+def test_study_eta_recovers_from_a_pause(capsys):
+    """Defect: the ETA divided all wall time since the start by the work done, so a pause
+    (SIGSTOP while CI ran) kept inflating it to the end; now the last WINDOW finishes set the pace."""
+    now = [0.0]
+    todo = [("evaluate", f"run{k}", [], None) for k in range(30)]
+    progress = reproduce.StudyProgress(todo, clock=lambda: now[0])
+    cost = reproduce.COST["evaluate"]
+    for k, stage in enumerate(todo[:20]):
+        now[0] += 10.0 + (3600.0 if k == 2 else 0.0)  # one stage took an hour of pause
+        progress.done(None, stage, 10.0)
+    assert progress.eta() == reproduce.format_duration(10.0 / cost * cost * 10)  # 10 stages left at 10 s each
+    assert capsys.readouterr().out.splitlines()[3].endswith("study ETA " + reproduce.format_duration(
+        (3640.0) / 4 * 26))  # right after the pause, the window still holds it
