@@ -368,7 +368,7 @@ def test_bad_inputs_are_clear_errors(testbed, pretrained, tmp_path):
     from common import parse_args
     for argv, message in ((["--lrs=1e-3,fast"], "comma-separated numbers"), (["--lrs=0,1e-3"], "> 0"),
                           (["--global_batch_size=48", "--batch_size=32"], "not a multiple"),
-                          (["--select_by=alpaca_eval"], "select_by"), (["--lr=1e-3"], "unknown option")):
+                          (["--select_by=bleu"], "select_by"), (["--lr=1e-3"], "unknown option")):
         with pytest.raises(SystemExit, match=message):
             parse_args(SFTConfig, argv)
 
