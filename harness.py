@@ -38,6 +38,7 @@ import os
 import tempfile
 from collections import defaultdict
 
+from common import Eta
 from data.chat import segments
 from data.common import EOT_TEXT
 from scoring import greedy_generate_batch, loglikelihoods
@@ -123,7 +124,9 @@ class HarnessLM(TemplateLM):
             prompts.append(self.tok_encode(context)[-(self.max_length - max_gen_toks):])
             settings.append((until, max_gen_toks))
             groups[json.dumps([until, max_gen_toks]), len(prompts[-1])].append(k)
-        answers, done_count = [None] * len(requests), 0
+        answers, done_count, eta = [None] * len(requests), 0, Eta(len(requests))
+        report_every = max(1, len(requests) // 10)  # about ten progress lines, however many length groups
+        eta(0)
         for indices in groups.values():
             until, max_gen_toks = settings[indices[0]]
             stops = [s for s in until if s and s != EOT_TEXT]
@@ -138,9 +141,11 @@ class HarnessLM(TemplateLM):
                 for i, out in zip(chunk, outs):
                     answers[i] = postprocess_generated_text(self.tok.decode(out), until, None)
                     self.cache_hook.add_partial("generate_until", requests[i].args, answers[i])
-                done_count += len(chunk)
-            if not disable_tqdm:
-                print(f"  generate_until: {done_count}/{len(requests)} requests", flush=True)
+                before, done_count = done_count, done_count + len(chunk)
+                if not disable_tqdm and (done_count // report_every > before // report_every
+                                         or done_count == len(requests)):
+                    print(f"  generate_until: {done_count}/{len(requests)} requests | ETA {eta(done_count)}",
+                          flush=True)
         return answers
 
     # ---------------------------------------------------------------- chat (--harness_chat)
