@@ -196,7 +196,7 @@ def test_testbed_is_deterministic(testbed_dirs):
             "sft_select.jsonl", "sft_test.jsonl", "pretrain/meta.json", "pretrain/train_000000.bin",
             "pretrain/val_000000.bin", "pretrain/train_values_000000.bin", "pretrain/val_values_000000.bin",
             "mid/meta.json", "mid/train_000000.bin",
-            "mid/val_000000.bin"} == set(cli)
+            "mid/val_000000.bin", "mid/val_values_000000.bin"} == set(cli)
 
 
 def test_testbed_meta(tb):
@@ -310,15 +310,16 @@ def test_pretraining_validation_is_new_documents_of_trained_sentences(tb):
 
 def test_value_masks_mark_exactly_the_fact_values(tb):
     tokenizer = Tokenizer.from_dict(tb["meta"]["tokenizer"])
-    for split in ["train", "val"]:
-        tokens = np.concatenate(load_split(tb["dir"] / "pretrain", split))
-        (mask,) = load_value_mask(tb["dir"] / "pretrain", split)
+    for corpus, split in [("pretrain", "train"), ("pretrain", "val"), ("mid", "val")]:
+        tokens = np.concatenate(load_split(tb["dir"] / corpus, split))
+        (mask,) = load_value_mask(tb["dir"] / corpus, split)
         assert len(mask) == len(tokens) and set(np.unique(mask)) == {0, 1}
         marked = tokenizer.decode(np.where(mask == 1, tokens, tokenizer.eot)).split(EOT_TEXT)
         values = sorted({v for v in marked if v})
         truths = sorted({" " + p[a] for p in tb["people"].values() for a in testbed.ATTRIBUTES})
         assert values == truths
-    assert load_value_mask(tb["dir"] / "mid", "val") is None
+        assert len([v for v in marked if v]) == len(testbed.ATTRIBUTES) * len(documents(tb["dir"] / corpus, split))
+    assert load_value_mask(tb["dir"] / "mid", "train") is None  # only validation is scored on values
 
 
 def test_mid_validation_is_new_documents_of_trained_lines(tb):

@@ -12,7 +12,8 @@ Here SFT can only succeed with knowledge that pre-training alone provides:
   falls as the facts are stored; a value mask marks the tokens of the facts' values
   (" Lisbon"), on which evaluate.py reports value_loss;
 - mid-training corpus (Section 4): the same facts in 3 other styles (encyclopedia
-  entry, interview, prose) for train and a held-out 4th for val;
+  entry, interview, prose) for train; validation ("MT Valid Loss") is each person's entry
+  with its lines in a new order, its values marked like the pre-training validation's;
 - SFT (Section 3.2): question -> answer conversations in Tulu's `messages` schema, the
   answer spelled as the biographies spell the value (" Lisbon", leading space: the same
   token ids; make_sft). People are split three ways: SFT-train people teach the model to
@@ -29,7 +30,7 @@ corpus and the vocabulary do not depend on the SFT split sizes.
 
 Output (all deterministic in the seed; meta.json files are written last):
     pretrain/{train_000000.bin, val_000000.bin, train_values_000000.bin, val_values_000000.bin, meta.json}
-    mid/{train_000000.bin, val_000000.bin, meta.json}
+    mid/{train_000000.bin, val_000000.bin, val_values_000000.bin, meta.json}
     sft_train.jsonl  sft_select.jsonl  sft_test.jsonl  probes.jsonl  mid_probes.jsonl
     people.json      the ground truth
     meta.json        tokenizer, seed, counts, files
@@ -38,6 +39,7 @@ Output (all deterministic in the seed; meta.json files are written last):
 import argparse
 import json
 import random
+import string
 import sys
 import time
 from pathlib import Path
@@ -48,8 +50,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from data.common import (Tokenizer, load_meta, write_atomic, write_jsonl,  # noqa: E402
                          write_meta, write_tokens)
 
-VERSION = 5  # bump when the testbed changes, so is_prepared() sends stale copies to be re-made
-# (5: version 4 at the measured sizes below)
+VERSION = 6  # bump when the testbed changes, so is_prepared() sends stale copies to be re-made
+# (5: version 4 at the measured sizes below; 6: the mid-training validation marks its values,
+# every token file is version 5's)
 
 FEMALE_NAMES = ["Alice", "Beatrice", "Clara", "Daphne", "Elena", "Fiona", "Greta", "Helen", "Irene",
                 "Julia", "Karen", "Laura", "Marta", "Nadia", "Olivia", "Paula", "Rosa", "Sonia",
@@ -218,14 +221,31 @@ def held_out_biography(person: dict, rng: random.Random, trained: set) -> list[t
             return document
 
 
-def held_out_entry(person: dict, rng: random.Random) -> str:
+def held_out_entry(person: dict, rng: random.Random) -> list[tuple[str, bool]]:
     """A mid-training validation document ("MT Valid Loss"): the encyclopedia entry
-    (MID_TEMPLATES[0]) with its fact lines in another order: trained lines, a new document."""
-    name, *lines = render(MID_TEMPLATES[0], person).split("\n")
+    (MID_TEMPLATES[0]) with its fact lines in another order: trained lines, a new document,
+    as (text, is_value) pieces like biography()'s, so that value_loss is measured on the facts."""
+    name, *lines = MID_TEMPLATES[0].split("\n")
     order = list(range(len(lines)))
     while order == list(range(len(lines))):
         order = rng.sample(range(len(lines)), len(lines))
-    return "\n".join([name, *(lines[i] for i in order)])
+    return value_pieces("\n".join([name, *(lines[i] for i in order)]), person)
+
+
+def value_pieces(template: str, person: dict) -> list[tuple[str, bool]]:
+    """template rendered as (text, is_value) pieces: each attribute's value with the space
+    before it (" Lisbon") is a value piece; the text between values is one piece each."""
+    pieces = [("", False)]
+    for literal, field, _, _ in string.Formatter().parse(template):
+        if field in ATTRIBUTES:
+            if not literal.endswith(" "):
+                raise ValueError(f"{{{field}}} must follow a space in {template!r}")
+            pieces[-1] = (pieces[-1][0] + literal[:-1], False)
+            pieces += [(" " + person[field], True), ("", False)]
+        else:
+            rendered = "" if field is None else render("{" + field + "}", person)
+            pieces[-1] = (pieces[-1][0] + literal + rendered, False)
+    return [piece for piece in pieces if piece[0]]
 
 
 def text_of(document) -> str:
@@ -373,7 +393,8 @@ def prepare(out_dir="data/testbed", seed: int = 0, n_people: int = N_PEOPLE, n_s
             "sft_questions": sft_questions}
     sources = {"pretrain": "people.json as biographies: 5 phrasings, sentences shuffled (train); one trained "
                            "biography per person with its sentences in a new order (val)",
-               "mid": "people.json as entry/interview/prose: 3 templates (train), 1 held out (val)"}
+               "mid": "people.json as entry/interview/prose: 3 templates (train); each entry with its lines "
+                      "in a new order (val)"}
     num_tokens = {}
     for corpus, source in sources.items():
         made_by = {"script": "data/testbed/prepare.py", "args": args, "seed": seed, "source": source}
