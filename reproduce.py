@@ -56,8 +56,8 @@ from data.common import read_jsonl, write_atomic
 from figures import plot_against_decay_fraction, pearson_interval, plot_sharpness_curves, plot_sharpness_vs_score
 from scheduler import run_dag
 from schedules import plot_figures, wsd_t_stable
-from study import (COST, DECAY_FRACTIONS, OVER_TRAINING, SCALES, TRAINING, ReproduceConfig, dependencies, grid,
-                   is_done, plan)
+from study import (DECAY_FRACTIONS, OVER_TRAINING, SCALES, TRAINING, ReproduceConfig, dependencies, grid,
+                   is_done, plan, stage_cost)
 from tables import COMPARED, paper_tables, scheduler_label, sft_task_avg, valid_loss, zero_shot_avg
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -93,7 +93,7 @@ def run_all(cfg):
     todo = [stages[i] for i in pending]
     position = {i: k for k, i in enumerate(pending)}
     threads = cfg.threads or (max(1, (os.cpu_count() or 1) // cfg.jobs) if cfg.jobs > 1 else 0)
-    progress = StudyProgress(todo)
+    progress = StudyProgress(todo, cfg.max_iters or SCALES[cfg.scale]["train"]["max_iters"])
     per_cost = SCALES[cfg.scale]["seconds_per_cost"]
     estimate = (f"about {format_duration(progress.total * per_cost / cfg.jobs)} (from stage times measured "
                 f"one thread each, two at a time, on a 2-core CPU)"
@@ -114,14 +114,15 @@ def run_all(cfg):
 
 
 class StudyProgress:
-    """One line as each stage finishes, with the study's ETA from the stages' relative COST
-    and the pace of the last WINDOW finishes (a pause, or other work beside the study, fades
+    """One line as each stage finishes, with the study's ETA from the stages' relative cost
+    (study.stage_cost) and the pace of the last WINDOW finishes (a pause, or other work beside the study, fades
     from the estimate instead of weighing on it to the end)."""
 
     WINDOW = 8
 
-    def __init__(self, todo, clock=time.time):
-        self.todo, self.total, self.finished, self.clock = todo, sum(COST[s[0]] for s in todo), 0, clock
+    def __init__(self, todo, pretrain_steps, clock=time.time):
+        self.cost = lambda stage: stage_cost(stage, pretrain_steps)
+        self.todo, self.total, self.finished, self.clock = todo, sum(map(self.cost, todo)), 0, clock
         self.marks = collections.deque([(clock(), 0.0)], maxlen=self.WINDOW + 1)  # (time, cost spent)
 
     def eta(self):
@@ -130,7 +131,7 @@ class StudyProgress:
 
     def done(self, _, stage, seconds):
         self.finished += 1
-        self.marks.append((self.clock(), self.marks[-1][1] + COST[stage[0]]))
+        self.marks.append((self.clock(), self.marks[-1][1] + self.cost(stage)))
         print(f"[{self.finished}/{len(self.todo)}] {stage[0]:9s} {stage[1]} | {format_duration(seconds)} | "
               f"study ETA {self.eta()}", flush=True)
 
@@ -212,7 +213,9 @@ def figures(rows, out_dir, suffix=""):
     written = dict(zip(("fig1", "fig2"), plot_figures(out_dir)))
     names = list(dict.fromkeys(r["run"] for r in rows))
     label = {n: next(scheduler_label(r["schedule"]) + (f" a={r['alpha_pre']:g}" if r["alpha_pre"] is not None else "")
-                     + (f" mid a={r['alpha_mid']:g}" if r["alpha_mid"] is not None else "") for r in rows if r["run"] == n)
+                     + (f" mid a={r['alpha_mid']:g}" if r["alpha_mid"] is not None else "")
+                     + (f" decay {r['decay_fraction']:g}" if r.get("decay_fraction") is not None else "")
+                     for r in rows if r["run"] == n)
              for n in names}
     for column, data in ((1, "pretrain"), (2, "sft"), (3, "train_text")):
         curves = {}
@@ -246,12 +249,12 @@ def figures(rows, out_dir, suffix=""):
 
 
 def decay_length_figure(rows, out_dir):
-    """Figure 5: score and sharpness against WSD's decay fraction (study.DECAY_FRACTIONS)."""
-    fraction = {name: f for (name, *_), f in zip(grid("decay-length"), DECAY_FRACTIONS)}
+    """Figure 5: score and sharpness against WSD's decay fraction (the rows' decay_fraction,
+    study.DECAY_FRACTIONS)."""
     per_fraction = {}
     for r in rows:
         if r["sft_task_avg"] is not None and r["sharpness_train"] is not None:
-            point = per_fraction.setdefault(fraction[r["run"]], {"score": [], "sharpness": []})
+            point = per_fraction.setdefault(r["decay_fraction"], {"score": [], "sharpness": []})
             point["score"].append(r["sft_task_avg"])
             point["sharpness"].append(r["sharpness_train"])
     return plot_against_decay_fraction(per_fraction, os.path.join(out_dir, "fig5_decay_length.png"))
@@ -279,7 +282,13 @@ def report(cfg):
     out_dir = output_dir(cfg, rows, suffix)
     os.makedirs(out_dir, exist_ok=True)
     mid = cfg.experiment == "mid"
-    relative, absolute = paper_tables(rows, mid, COMPARED_HERE, ABSOLUTE)
+    label_keys = []
+    if cfg.experiment == "decay-length":
+        fraction = {name: f for (name, *_), f in zip(grid("decay-length"), DECAY_FRACTIONS)}
+        for r in rows:
+            r["decay_fraction"] = fraction[r["run"]]
+        label_keys = [("decay_fraction", "Decay over (1 - ρ)")]
+    relative, absolute = paper_tables(rows, mid, COMPARED_HERE, ABSOLUTE, label_keys)
     seeds = sorted({r["seed"] for r in rows})
     title, file = {"pre": ("Table 1 analogue (pre-training -> SFT)", "table1.md"),
                    "mid": ("Table 2 analogue (mid-training -> SFT)", "table2.md"),

@@ -254,9 +254,17 @@ OUTPUT = {"evaluate": "eval.json", "SFT": "sft/summary.json", "SFT eval": "sft_e
           "sharpness": "sharpness.json", "sharpness (train)": "sharpness_train.json"}
 
 
-# Relative cost of each kind of stage on the testbed (measured), for the study's ETA
-COST = {"pre-train": 1.0, "mid-train": 0.45, "cooldown": 0.25, "merge": 0.02, "sharpness": 0.03, "evaluate": 0.03,
+# Relative cost of each kind of stage on the testbed (measured), for the study's ETA: 1.0 is one
+# pre-training run of the scale's steps; a training stage costs in proportion to its steps (stage_cost)
+COST = {"pre-train": 1.0, "mid-train": 1.0, "cooldown": 1.0, "merge": 0.02, "sharpness": 0.03, "evaluate": 0.03,
         "SFT": 0.5, "SFT eval": 0.1, "sharpness (train)": 0.03}
+
+
+def stage_cost(stage, pretrain_steps: int) -> float:
+    """A stage's share of the study's time: COST, times steps / pretrain_steps for training
+    (Experiment 3's 4x pre-training costs 4, a 270-step mid-training 0.45)."""
+    kind, _, _, steps = stage
+    return COST[kind] * (steps / pretrain_steps if kind in TRAINING else 1.0)
 PRODUCERS = (*TRAINING, "merge")  # the stages that write a run's ckpt.pt
 
 

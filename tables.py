@@ -128,17 +128,19 @@ def deltas(rows, compared):
     return out
 
 
-def paper_tables(rows, mid, compared=COMPARED, absolute=()):
+def paper_tables(rows, mid, compared=COMPARED, absolute=(), label_keys=()):
     """Markdown in the paper's layout: per compared metric, each run's difference from the
     best decay-based run (per seed, then mean ± std over seeds), the best mean in bold; then
     the absolute values of the compared metrics and of `absolute` [(key, title, format)]
     (format "per seed": each seed's value, comma-separated, with † where the row's
-    key + "_at_edge" is true). Runs keep their order in rows."""
+    key + "_at_edge" is true). Runs keep their order in rows; label_keys [(key, title)] name
+    them further (the decay-length ablation's decay fraction)."""
     names = list(dict.fromkeys(r["run"] for r in rows))
     first = {n: next(r for r in rows if r["run"] == n) for n in names}
-    header = ["Scheduler", "α_pre"] + (["α_mid"] if mid else [])
+    header = ["Scheduler", "α_pre"] + (["α_mid"] if mid else []) + [title for _, title in label_keys]
     labels = {n: [scheduler_label(first[n]["schedule"]), alpha_label(first[n]["alpha_pre"])]
-              + ([alpha_label(first[n]["alpha_mid"])] if mid else []) for n in names}
+              + ([alpha_label(first[n]["alpha_mid"])] if mid else [])
+              + [f"{first[n][key]:g}" for key, _ in label_keys] for n in names}
     diff = deltas(rows, compared)
     relative = [labels[n] + [mean_std(diff.get((n, key), []), spec, sign=True) for key, _, _, spec in compared]
                 for n in names]

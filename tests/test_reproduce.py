@@ -7,6 +7,7 @@ import os
 import pytest
 
 import reproduce
+import study
 from reproduce import ReproduceConfig
 
 TOY = dict(max_iters=8, sft_lrs="1e-3", sft_epochs=1, eval_limit=16)
@@ -191,11 +192,38 @@ def test_study_eta_recovers_from_a_pause(capsys):
     (SIGSTOP while CI ran) kept inflating it to the end; now the last WINDOW finishes set the pace."""
     now = [0.0]
     todo = [("evaluate", f"run{k}", [], None) for k in range(30)]
-    progress = reproduce.StudyProgress(todo, clock=lambda: now[0])
-    cost = reproduce.COST["evaluate"]
+    progress = reproduce.StudyProgress(todo, 600, clock=lambda: now[0])
+    cost = study.COST["evaluate"]
     for k, stage in enumerate(todo[:20]):
         now[0] += 10.0 + (3600.0 if k == 2 else 0.0)  # one stage took an hour of pause
         progress.done(None, stage, 10.0)
     assert progress.eta() == reproduce.format_duration(10.0 / cost * cost * 10)  # 10 stages left at 10 s each
     assert capsys.readouterr().out.splitlines()[3].endswith("study ETA " + reproduce.format_duration(
         (3640.0) / 4 * 26))  # right after the pause, the window still holds it
+
+
+def test_study_estimate_weighs_training_by_its_steps():
+    """Defect: every pre-training stage cost 1.0, so Experiment 3's 4x pre-training runs were
+    estimated at the time of Experiment 1's (2h for a plan of about 6h)."""
+    over, pre = (study.plan(ReproduceConfig(experiment=e, seeds="0")) for e in ("over", "pre"))
+    cost = lambda stages, kind: sum(study.stage_cost(s, 600) for s in stages if s[0] == kind)  # noqa: E731
+    assert cost(over, "pre-train") == 4 * cost(pre, "pre-train") == 4 * 7
+    mid = study.plan(ReproduceConfig(experiment="mid", seeds="0"))
+    assert {study.stage_cost(s, 600) for s in mid if s[0] == "mid-train"} == {270 / 600}
+    assert study.stage_cost(("SFT", "r", [], None), 600) == study.COST["SFT"]
+
+
+def test_decay_length_labels_each_fraction_and_draws_figure_5(tmp_path, monkeypatch):
+    """Defect: the WSD runs of every fraction shared one label, so Figure 4 (and its Pearson r)
+    merged them into one point and the table's rows could not be told apart."""
+    plotted, plot = [], reproduce.plot_sharpness_vs_score
+    monkeypatch.setattr(reproduce, "plot_sharpness_vs_score", lambda points, *a, **k: (plotted.append(sorted(points)),
+                                                                                      plot(points, *a, **k))[1])
+    cfg = ReproduceConfig(experiment="decay-length", schedules="wsd_a0_decay0.1,wsd_a0",
+                          runs_dir=str(tmp_path / "runs"), out_dir=str(tmp_path / "results"), **TOY)
+    results = reproduce.main(cfg)
+    assert {r["run"]: r["decay_fraction"] for r in results["rows"]} == {"wsd_a0_decay0.1": 0.1, "wsd_a0": 0.25}
+    table = rows_of_markdown(tmp_path / "results" / "table_decay_length.md")
+    assert [line.split(" | ")[:3] for line in table] == [["| WSD", "0.0", "0.1"], ["| WSD", "0.0", "0.25"]] * 2
+    assert (tmp_path / "results" / "fig5_decay_length.png").stat().st_size > 0
+    assert plotted and all(labels == ["WSD a=0 decay 0.1", "WSD a=0 decay 0.25"] for labels in plotted)
