@@ -265,6 +265,8 @@ def stage_cost(stage, pretrain_steps: int) -> float:
     (Experiment 3's 4x pre-training costs 4, a 270-step mid-training 0.45)."""
     kind, _, _, steps = stage
     return COST[kind] * (steps / pretrain_steps if kind in TRAINING else 1.0)
+
+
 PRODUCERS = (*TRAINING, "merge")  # the stages that write a run's ckpt.pt
 
 

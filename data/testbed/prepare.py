@@ -197,15 +197,27 @@ def render(template: str, person: dict) -> str:
     return template.format(**person, **PRONOUNS[person["gender"]])
 
 
+def value_pieces(template: str, person: dict) -> list[tuple[str, bool]]:
+    """template rendered as (text, is_value) pieces: each attribute's value with the space
+    before it (" Lisbon") is a value piece; the text between values is one piece each."""
+    pieces = [("", False)]
+    for literal, field, _, _ in string.Formatter().parse(template):
+        if field in ATTRIBUTES:
+            if not literal.endswith(" "):
+                raise ValueError(f"{{{field}}} must follow a space in {template!r}")
+            pieces[-1] = (pieces[-1][0] + literal[:-1], False)
+            pieces += [(" " + person[field], True), ("", False)]
+        else:
+            rendered = "" if field is None else render("{" + field + "}", person)
+            pieces[-1] = (pieces[-1][0] + literal + rendered, False)
+    return [piece for piece in pieces if piece[0]]
+
+
 def biography(sentences: dict, person: dict, rng: random.Random) -> list[tuple[str, bool]]:
     """One pre-training document: each fact in one phrasing, the sentences in a random order,
     as (text, is_value) pieces: is_value marks each fact's value with its leading space
     (" Lisbon"), the tokens "value loss" is measured on."""
-    pieces = []
-    for a in rng.sample(ATTRIBUTES, len(ATTRIBUTES)):
-        before, after = render(sentences[a], person).split(" " + person[a], 1)
-        pieces += [(" " * bool(pieces) + before, False), (" " + person[a], True), (after, False)]
-    return pieces
+    return value_pieces(" ".join(sentences[a] for a in rng.sample(ATTRIBUTES, len(ATTRIBUTES))), person)
 
 
 def held_out_biography(person: dict, rng: random.Random, trained: set) -> list[tuple[str, bool]]:
@@ -230,22 +242,6 @@ def held_out_entry(person: dict, rng: random.Random) -> list[tuple[str, bool]]:
     while order == list(range(len(lines))):
         order = rng.sample(range(len(lines)), len(lines))
     return value_pieces("\n".join([name, *(lines[i] for i in order)]), person)
-
-
-def value_pieces(template: str, person: dict) -> list[tuple[str, bool]]:
-    """template rendered as (text, is_value) pieces: each attribute's value with the space
-    before it (" Lisbon") is a value piece; the text between values is one piece each."""
-    pieces = [("", False)]
-    for literal, field, _, _ in string.Formatter().parse(template):
-        if field in ATTRIBUTES:
-            if not literal.endswith(" "):
-                raise ValueError(f"{{{field}}} must follow a space in {template!r}")
-            pieces[-1] = (pieces[-1][0] + literal[:-1], False)
-            pieces += [(" " + person[field], True), ("", False)]
-        else:
-            rendered = "" if field is None else render("{" + field + "}", person)
-            pieces[-1] = (pieces[-1][0] + literal + rendered, False)
-    return [piece for piece in pieces if piece[0]]
 
 
 def text_of(document) -> str:
