@@ -542,6 +542,7 @@ def test_sigterm_stops_like_ctrl_c(testbed, tmp_path):
 
 def test_a_second_ctrl_c_while_saving_is_reported_not_obeyed(testbed, tmp_path, monkeypatch, capfd):
     real_step, real_save, calls = train.train_step, train.save_checkpoint, []
+    before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN under a shell's `cmd &`
 
     def ctrl_c_at_step_5(*args):
         calls.append(1)
@@ -559,4 +560,4 @@ def test_a_second_ctrl_c_while_saving_is_reported_not_obeyed(testbed, tmp_path, 
         train.main(config(testbed, tmp_path, max_iters=100, eval_interval=1000))
     assert stop.value.code == 130 and "already stopping" in capfd.readouterr().err
     assert load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 5
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
+    assert signal.getsignal(signal.SIGINT) is before  # the handlers are put back
