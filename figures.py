@@ -63,7 +63,7 @@ def plot_sharpness_vs_score(points, path="sharpness_vs_score.png", xlabel="pre-t
     """Figure 4: one point per schedule, SFT score against pre-training sharpness, the mean
     over seeds with their standard deviation as error bars on both axes. points: {label:
     (sharpness, score)} or {label: [(sharpness, score) per seed]}. A legend names the points
-    (labels written beside them overlap). Returns Pearson's r of the means (nan for < 2
+    (labels written beside them overlap), outside the axes so it hides none. Returns Pearson's r of the means (nan for < 2
     points or no spread); the title gives it with its bootstrap interval over seeds."""
     import matplotlib
     matplotlib.use("Agg")
@@ -73,7 +73,7 @@ def plot_sharpness_vs_score(points, path="sharpness_vs_score.png", xlabel="pre-t
     means = {k: np.mean(v, axis=0) for k, v in per_seed.items()}
     r = pearson([m[0] for m in means.values()], [m[1] for m in means.values()])
     lo, hi = pearson_interval(per_seed)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4))
     for (label, values), marker in zip(per_seed.items(), "osD^vP*Xh<>p"):
         spread = np.std(values, axis=0, ddof=1) if len(values) > 1 else (0, 0)
         ax.errorbar(*means[label], xerr=spread[0], yerr=spread[1], fmt=marker, capsize=3, label=label)
@@ -81,9 +81,9 @@ def plot_sharpness_vs_score(points, path="sharpness_vs_score.png", xlabel="pre-t
     ax.set_title(f"Pearson r = {r:.3f}{interval}")
     ax.set_xlabel(f"sharpness ({xlabel})")
     ax.set_ylabel("score after SFT")
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     fig.tight_layout()
-    fig.savefig(path, dpi=150)
+    fig.savefig(path, dpi=150, bbox_inches="tight")
     plt.close(fig)
     return r
 
