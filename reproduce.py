@@ -11,7 +11,8 @@ and write the paper's tables and figures (Tables 1-2, Figures 1-4) to results/.
     python reproduce.py --help                   # every option
 
 How long, on a 2-core CPU (--scale=cpu): Experiment 1 for three seeds with --jobs=2 is estimated
-at 2h; measured beside other work, it took about 3h (README, Results); the other experiments are of the same
+at 2h; measured beside other work, it took about 3h, and two seeds on an idle machine 1h03m
+(README, Results); the other experiments are of the same
 order per seed, `over` four times as long. The estimate for what is left is printed before the
 first stage; --dry_run=true prints only that and the stages.
 
