@@ -63,8 +63,9 @@ def plot_sharpness_vs_score(points, path="sharpness_vs_score.png", xlabel="pre-t
     """Figure 4: one point per schedule, SFT score against pre-training sharpness, the mean
     over seeds with their standard deviation as error bars on both axes. points: {label:
     (sharpness, score)} or {label: [(sharpness, score) per seed]}. A legend names the points
-    (labels written beside them overlap), outside the axes so it hides none. Returns Pearson's r of the means (nan for < 2
-    points or no spread); the title gives it with its bootstrap interval over seeds."""
+    (labels written beside them overlap), outside the axes so it hides none. Returns Pearson's
+    r of the means (nan for < 2 points or no spread); the title gives it with its bootstrap
+    interval over seeds."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -12,8 +12,8 @@ and write the paper's tables and figures (Tables 1-2, Figures 1-4) to results/.
 
 How long, on a 2-core CPU (--scale=cpu): Experiment 1 for three seeds with --jobs=2 is estimated
 at 2h; measured beside other work, it took about 3h, and two seeds on an idle machine 1h03m
-(README, Results); the other experiments are of the same
-order per seed, `over` four times as long. The estimate for what is left is printed before the
+(README, Results); the other experiments are of the same order per seed, `over` four times as
+long. The estimate for what is left is printed before the
 first stage; --dry_run=true prints only that and the stages.
 
 The experiments and the commands that make them are study.py's plan (its docstring says

@@ -543,6 +543,7 @@ def test_sigterm_stops_like_ctrl_c(testbed, tmp_path):
 def test_a_second_ctrl_c_while_saving_is_reported_not_obeyed(testbed, tmp_path, monkeypatch, capfd):
     real_step, real_save, calls = train.train_step, train.save_checkpoint, []
     before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN under a shell's `cmd &`
+    assert before in (signal.default_int_handler, signal.SIG_IGN)  # not a handler an earlier test left
 
     def ctrl_c_at_step_5(*args):
         calls.append(1)
