@@ -55,7 +55,7 @@ import numpy as np
 from common import format_duration, parse_args
 from data.common import read_jsonl, write_atomic
 from figures import plot_against_decay_fraction, pearson_interval, plot_sharpness_curves, plot_sharpness_vs_score
-from scheduler import run_dag
+from scheduler import makespan, run_dag
 from schedules import plot_figures, wsd_t_stable
 from study import (DECAY_FRACTIONS, OVER_TRAINING, SCALES, TRAINING, ReproduceConfig, dependencies, grid,
                    is_done, plan, stage_cost)
@@ -95,10 +95,11 @@ def run_all(cfg):
     position = {i: k for k, i in enumerate(pending)}
     threads = cfg.threads or (max(1, (os.cpu_count() or 1) // cfg.jobs) if cfg.jobs > 1 else 0)
     progress = StudyProgress(todo, cfg.max_iters or SCALES[cfg.scale]["train"]["max_iters"])
+    depends_on = lambda k: [position[j] for j in deps[pending[k]] if j in position]  # noqa: E731
     per_cost = SCALES[cfg.scale]["seconds_per_cost"]
-    estimate = (f"about {format_duration(progress.total * per_cost / cfg.jobs)} (from stage times measured "
-                f"one thread each, two at a time, on a 2-core CPU)"
-                if per_cost else "time unmeasured at this scale")
+    seconds = makespan([progress.cost(s) * per_cost for s in todo], depends_on, cfg.jobs) if per_cost else 0
+    estimate = (f"about {format_duration(seconds)} (from stage times measured one thread each, two at a "
+                f"time, on a 2-core CPU)" if per_cost else "time unmeasured at this scale")
     print(f"{len(stages)} stages, {len(stages) - len(todo)} done earlier, {len(todo)} to run, {cfg.jobs} at a time, "
           f"{estimate}; logs in each run's folder under {cfg.runs_dir}/", flush=True)
     if cfg.dry_run:
@@ -111,7 +112,7 @@ def run_all(cfg):
         if not is_done(kind, run_dir, steps):  # another invocation (another seed split) may have done it
             run_stage(kind, run_dir, command, steps, cfg.verbose, threads)
 
-    run_dag(todo, lambda k: [position[j] for j in deps[pending[k]] if j in position], run, cfg.jobs, progress.done)
+    run_dag(todo, depends_on, run, cfg.jobs, progress.done)
 
 
 class StudyProgress:

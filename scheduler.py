@@ -39,6 +39,25 @@ def run_dag(stages, depends_on, run, jobs=1, done=None):
         raise failure
 
 
+def makespan(costs, depends_on, jobs=1):
+    """How long run_dag takes if stage i takes costs[i]: the same choices (plan order, up to
+    `jobs` at once, each stage after its dependencies), simulated. The last stages of a plan
+    often run alone, waiting on one long stage, so this is more than sum(costs) / jobs."""
+    waiting, running, finished, now = list(range(len(costs))), {}, set(), 0.0  # running: {i: end time}
+    while waiting or running:
+        ready = [i for i in waiting if set(depends_on(i)) <= finished]
+        for i in ready[:jobs - len(running)]:
+            waiting.remove(i)
+            running[i] = now + costs[i]
+        if not running:
+            raise RuntimeError(f"stages {waiting} wait on stages that are not in the plan")
+        now = min(running.values())
+        for i in [i for i, end in running.items() if end == now]:
+            del running[i]
+            finished.add(i)
+    return now
+
+
 def timed(run, stage):
     start = time.time()
     run(stage)

@@ -175,6 +175,19 @@ def test_run_dag_respects_dependencies_and_runs_the_rest_side_by_side():
     assert ("start", "y") not in log and ("end", "x") in log  # x ran on; y, which needed bad, never started
 
 
+def test_makespan_simulates_run_dag_and_counts_the_stages_that_run_alone():
+    """Defect: the study's estimate was the total cost / jobs, as though both cores were busy to
+    the end; a stage that waits on a long one runs alone after it."""
+    from scheduler import makespan
+    no_deps = {0: [], 1: [], 2: [], 3: []}.get
+    assert makespan([4, 1, 1, 1], no_deps, jobs=1) == 7
+    assert makespan([4, 1, 1, 1], no_deps, jobs=2) == 4  # 1, 2, 3 run one after another beside 0
+    assert makespan([4, 1, 1, 1], {0: [], 1: [], 2: [], 3: [0]}.get, jobs=2) == 5  # 3 waits for 0, then alone
+    assert makespan([1, 1, 1, 1], {0: [], 1: [0], 2: [1], 3: [2]}.get, jobs=2) == 4  # a chain never overlaps
+    with pytest.raises(RuntimeError, match="wait on stages"):
+        makespan([1, 1], {0: [], 1: [5]}.get, jobs=2)
+
+
 def test_a_partial_rerun_never_overwrites_the_published_results(tmp_path):
     cfg = ReproduceConfig(out_dir=str(tmp_path / "results"), runs_dir=str(tmp_path / "runs"))
     rows = [{"run": run, "seed": seed} for run in ("wso", "cosine_a0.1") for seed in (0, 1, 2)]
