@@ -213,12 +213,7 @@ def figures(rows, out_dir, suffix=""):
     seed-to-seed standard error, or the estimator's with one seed) and 4 (post-SFT score
     against final pre-training sharpness, one point per run averaged over seeds)."""
     written = dict(zip(("fig1", "fig2"), plot_figures(out_dir)))
-    names = list(dict.fromkeys(r["run"] for r in rows))
-    label = {n: next(scheduler_label(r["schedule"]) + (f" a={r['alpha_pre']:g}" if r["alpha_pre"] is not None else "")
-                     + (f" mid a={r['alpha_mid']:g}" if r["alpha_mid"] is not None else "")
-                     + (f" decay {r['decay_fraction']:g}" if r.get("decay_fraction") is not None else "")
-                     for r in rows if r["run"] == n)
-             for n in names}
+    names, label = run_labels(rows)
     for column, data in ((1, "pretrain"), (2, "sft"), (3, "train_text")):
         curves = {}
         for n in names:
@@ -238,6 +233,25 @@ def figures(rows, out_dir, suffix=""):
                                     stable_ratio=train["stable_ratio"])
             written[f"fig3_{data}"] = plot_sharpness_curves(curves, t_stable,
                                                             os.path.join(out_dir, f"fig3_sharpness_{data}{suffix}.png"))
+    return {**written, **figure4(rows, out_dir, suffix)}
+
+
+def run_labels(rows):
+    """The runs in plan order, and each one's label in the figures ("WSD a=0.1 mid a=0")."""
+    names = list(dict.fromkeys(r["run"] for r in rows))
+    label = {n: next(scheduler_label(r["schedule"]) + (f" a={r['alpha_pre']:g}" if r["alpha_pre"] is not None else "")
+                     + (f" mid a={r['alpha_mid']:g}" if r["alpha_mid"] is not None else "")
+                     + (f" decay {r['decay_fraction']:g}" if r.get("decay_fraction") is not None else "")
+                     for r in rows if r["run"] == n)
+             for n in names}
+    return names, label
+
+
+def figure4(rows, out_dir, suffix=""):
+    """Figure 4 from results.json's rows alone (no run directories needed: it can be redrawn
+    from a published results*.json), and Pearson's r with its bootstrap interval."""
+    names, label = run_labels(rows)
+    written = {}
     for key, data in (("sharpness_pretrain", "pretraining val"), ("sharpness_train", "its training text")):
         points = {label[n]: [(r[key], r["sft_task_avg"]) for r in rows if r["run"] == n and r[key] is not None
                              and r["sft_task_avg"] is not None] for n in names}

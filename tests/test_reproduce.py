@@ -4,6 +4,7 @@ file is written with the expected rows, and a rerun skips finished work."""
 import json
 import os
 
+import numpy as np
 import pytest
 
 import reproduce
@@ -186,6 +187,21 @@ def test_makespan_simulates_run_dag_and_counts_the_stages_that_run_alone():
     assert makespan([1, 1, 1, 1], {0: [], 1: [0], 2: [1], 3: [2]}.get, jobs=2) == 4  # a chain never overlaps
     with pytest.raises(RuntimeError, match="wait on stages"):
         makespan([1, 1], {0: [], 1: [5]}.get, jobs=2)
+
+
+def test_figure_4_redraws_from_a_published_results_json_alone(tmp_path):
+    """A published results*.json is enough to redraw Figure 4 (its runs need not be kept), with
+    the same r as the numbers give."""
+    rows = [{"run": run, "seed": seed, "schedule": schedule, "alpha_pre": alpha, "alpha_mid": None,
+             "sharpness_pretrain": None, "sharpness_train": sharp + seed, "sft_task_avg": score - seed,
+             "run_dir": str(tmp_path / "gone" / run)}
+            for run, schedule, alpha, sharp, score in (("wso", "wso", 1.0, 300.0, 40.0), ("wsd_a0", "wsd", 0.0, 200.0, 50.0),
+                                                      ("linear_a0", "linear", 0.0, 500.0, 45.0))
+            for seed in (0, 1, 2)]
+    written = reproduce.figure4(json.loads(json.dumps(rows)), str(tmp_path), "_x")
+    assert os.path.isfile(tmp_path / "fig4_sharpness_train_vs_sft_x.png") and "fig4_sharpness_vs_sft" not in written
+    means = [(sharp + 1, score - 1) for sharp, score in ((300.0, 40.0), (200.0, 50.0), (500.0, 45.0))]
+    assert written["pearson_r_sharpness_train"] == pytest.approx(np.corrcoef(*zip(*means))[0, 1])
 
 
 def test_a_partial_rerun_never_overwrites_the_published_results(tmp_path):
