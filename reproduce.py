@@ -11,10 +11,9 @@ and write the paper's tables and figures (Tables 1-2, Figures 1-4) to results/.
     python reproduce.py --help                   # every option
 
 How long, on a 2-core CPU (--scale=cpu): Experiment 1 for three seeds with --jobs=2 is estimated
-at 2h; measured beside other work, it took about 3h, and two seeds on an idle machine 1h03m
-(README, Results); the other experiments are of the same order per seed, `over` four times as
-long. The estimate for what is left is printed before the
-first stage; --dry_run=true prints only that and the stages.
+at 2h05m; measured on an idle machine it took 1h22m (README, Results); the other experiments are
+of the same order per seed, `over` four times as long. The estimate for what is left is printed
+before the first stage; --dry_run=true prints only that and the stages.
 
 The experiments and the commands that make them are study.py's plan (its docstring says
 what each experiment runs); this script runs that plan and writes the tables and figures.
