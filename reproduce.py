@@ -50,6 +50,7 @@ import time
 from dataclasses import asdict
 
 import numpy as np
+import torch
 
 from common import format_duration, parse_args
 from data.common import read_jsonl, write_atomic
@@ -61,11 +62,21 @@ from study import (DECAY_FRACTIONS, OVER_TRAINING, SCALES, TRAINING, ReproduceCo
 from tables import COMPARED, paper_tables, scheduler_label, sft_task_avg, valid_loss, zero_shot_avg
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# The CPU kernels every stage runs on. torch (ATen), MKL and oneDNN each pick their kernels by
+# the CPU's instruction set, and AVX-512 kernels add in another order than AVX2's: the same
+# seed on an AVX-512 machine gave another trajectory from the first steps (README, Results).
+# Pinned to AVX2 (ATen's env var is read in aten/src/ATen/native/DispatchStub.cpp; MKL's is its
+# Conditional Numerical Reproducibility branch), an AVX-512 machine gives the AVX2 machine's
+# numbers to the last digit. Set only where torch would pick AVX-512 (other CPUs run their own
+# kernels); a variable already in the environment wins (ATEN_CPU_CAPABILITY=avx512 lets torch
+# use AVX-512).
+CPU_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+CPU_KERNELS = CPU_KERNELS if torch.backends.cpu.get_cpu_capability() == "AVX512" else {}
 
 
 def run_stage(kind, run_dir, command, steps, verbose, threads=0):
-    """Run one stage as a subprocess (with `threads` torch threads; 0: torch's default); an
-    interrupted training run resumes from its checkpoint."""
+    """Run one stage as a subprocess (with `threads` torch threads; 0: torch's default) on the
+    pinned CPU_KERNELS; an interrupted training run resumes from its checkpoint."""
     if kind in TRAINING and os.path.isfile(os.path.join(run_dir, "ckpt.pt")):
         command = [arg for arg in command if not arg.startswith("--init_from=")] + ["--init_from=resume"]
     if kind == "SFT eval":
@@ -75,7 +86,8 @@ def run_stage(kind, run_dir, command, steps, verbose, threads=0):
     os.makedirs(run_dir, exist_ok=True)
     log = os.path.join(run_dir, "".join(c for c in kind.replace(" ", "_") if c.isalnum() or c == "_") + ".log")
     argv = [sys.executable, os.path.join(HERE, command[0]), *command[1:]]
-    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {})}
+    env = {**CPU_KERNELS, **os.environ,
+           **({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {})}
     with open(log, "a") as f:
         f.write("$ " + " ".join(["python", *command]) + "\n")
         f.flush()

@@ -257,3 +257,23 @@ def test_decay_length_labels_each_fraction_and_draws_figure_5(tmp_path, monkeypa
     assert [line.split(" | ")[:3] for line in table] == [["| WSD", "0.0", "0.1"], ["| WSD", "0.0", "0.25"]] * 2
     assert (tmp_path / "results" / "fig5_decay_length.png").stat().st_size > 0
     assert plotted and all(labels == ["WSD a=0 decay 0.1", "WSD a=0 decay 0.25"] for labels in plotted)
+
+
+def test_stages_run_on_avx2_kernels_where_torch_would_pick_avx512(tmp_path, monkeypatch):
+    """AVX-512 kernels add in another order than AVX2's, so an AVX-512 machine gave the same seed
+    another trajectory; run_stage pins the stage's kernels to AVX2 there, and an explicit choice
+    in the environment wins."""
+    import torch
+
+    script = tmp_path / "capability.py"
+    script.write_text("import sys, torch\nopen(sys.argv[1], 'w').write(torch.backends.cpu.get_cpu_capability())\n")
+    here = torch.backends.cpu.get_cpu_capability()
+
+    def capability_of_a_stage():
+        out = tmp_path / "capability.txt"
+        reproduce.run_stage("evaluate", str(tmp_path / "run"), [str(script), str(out)], 0, verbose=False)
+        return out.read_text()
+
+    assert capability_of_a_stage() == ("AVX2" if here == "AVX512" else here)
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")
+    assert capability_of_a_stage() == "DEFAULT"
