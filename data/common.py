@@ -123,8 +123,10 @@ class Tokenizer:
 
 
 def write_atomic(path, data: bytes) -> None:
-    """Write to path + '.tmp', then rename: a crash never leaves a half-written file."""
-    tmp = f"{path}.tmp"
+    """Write to a temporary file beside path, then rename: a crash never leaves a half-written
+    file, and processes writing the same file at once (two stages preparing the testbed on
+    first use) each rename their own whole copy."""
+    tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "wb") as f:
         f.write(data)
     os.replace(tmp, path)

@@ -350,3 +350,23 @@ def test_testbed_sizes_that_do_not_fit_are_refused_clearly(tmp_path):
     assert out.returncode != 0 and "must leave test people" in out.stderr and "Traceback" not in out.stderr
     with pytest.raises(ValueError, match="sft_questions=4 must be in"):
         testbed.prepare(tmp_path, sft_questions=4)
+
+
+
+def test_a_write_racing_another_process_writing_the_same_file_both_land(tmp_path, monkeypatch):
+    """reproduce.py --jobs=2 starts two pre-training runs on a fresh clone, and both prepare the
+    testbed on first use into one folder. Replayed here: another process writes the same file
+    whole between this write's writing and its rename (it failed on the shared '.tmp' name)."""
+    import data.common as common
+
+    path, replace, pid = str(tmp_path / "x.bin"), os.replace, os.getpid()
+
+    def the_other_process_writes_first(src, dst):
+        monkeypatch.setattr(common.os, "replace", replace)
+        monkeypatch.setattr(common.os, "getpid", lambda: pid + 1)
+        common.write_atomic(path, b"same bytes")
+        replace(src, dst)
+
+    monkeypatch.setattr(common.os, "replace", the_other_process_writes_first)
+    common.write_atomic(path, b"same bytes")
+    assert sorted(os.listdir(tmp_path)) == ["x.bin"] and open(path, "rb").read() == b"same bytes"
