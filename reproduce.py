@@ -74,6 +74,11 @@ CPU_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CP
 CPU_KERNELS = CPU_KERNELS if torch.backends.cpu.get_cpu_capability() == "AVX512" else {}
 
 
+def pinned_kernels():
+    """The CPU_KERNELS variables the environment does not set already."""
+    return {k: v for k, v in CPU_KERNELS.items() if k not in os.environ}
+
+
 def run_stage(kind, run_dir, command, steps, verbose, threads=0):
     """Run one stage as a subprocess (with `threads` torch threads; 0: torch's default) on the
     pinned CPU_KERNELS; an interrupted training run resumes from its checkpoint."""
@@ -86,10 +91,11 @@ def run_stage(kind, run_dir, command, steps, verbose, threads=0):
     os.makedirs(run_dir, exist_ok=True)
     log = os.path.join(run_dir, "".join(c for c in kind.replace(" ", "_") if c.isalnum() or c == "_") + ".log")
     argv = [sys.executable, os.path.join(HERE, command[0]), *command[1:]]
-    env = {**CPU_KERNELS, **os.environ,
+    pinned = pinned_kernels()
+    env = {**os.environ, **pinned,
            **({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {})}
     with open(log, "a") as f:
-        f.write("$ " + " ".join(["python", *command]) + "\n")
+        f.write("$ " + " ".join([*(f"{k}={v}" for k, v in pinned.items()), "python", *command]) + "\n")
         f.flush()
         result = subprocess.run(argv, stdout=None if verbose else f, stderr=subprocess.STDOUT if not verbose else None,
                                 env=env)
@@ -113,6 +119,9 @@ def run_all(cfg):
                 f"time, on a 2-core CPU)" if per_cost else "time unmeasured at this scale")
     print(f"{len(stages)} stages, {len(stages) - len(todo)} done earlier, {len(todo)} to run, {cfg.jobs} at a time, "
           f"{estimate}; logs in each run's folder under {cfg.runs_dir}/", flush=True)
+    if "ATEN_CPU_CAPABILITY" in pinned_kernels():
+        print("this CPU has AVX-512; the stages run on AVX2 kernels, so their numbers match an AVX2 machine's: "
+              + " ".join(f"{k}={v}" for k, v in pinned_kernels().items()), flush=True)
     if cfg.dry_run:
         for kind, run_dir, command, _ in todo:
             print(f"  {kind:17s} python {' '.join(command)}")

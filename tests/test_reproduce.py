@@ -275,5 +275,8 @@ def test_stages_run_on_avx2_kernels_where_torch_would_pick_avx512(tmp_path, monk
         return out.read_text()
 
     assert capability_of_a_stage() == ("AVX2" if here == "AVX512" else here)
+    log = (tmp_path / "run" / "evaluate.log").read_text()
+    assert ("$ ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 python " in log) == (here == "AVX512")
     monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")
     assert capability_of_a_stage() == "DEFAULT"
+    assert "$ ATEN_CPU_CAPABILITY" not in (tmp_path / "run" / "evaluate.log").read_text().split("\n")[-2]
