@@ -47,6 +47,8 @@ SCALES = {
                 sharpness=dict(num_batches=4, num_samples=20),
                 # one pre-training run (COST 1.0) on one thread, its 7 sharpness measurements included:
                 # 7m17s and 7m31s for the study's first two, side by side (--jobs=2) on the 2-core CPU
+                # that made the first tables; the project's faster 2-core machines take 4m04s-4m48s
+                # (AVX-512 EPYCs), so there the estimate runs up to 1.8x high (README, Results)
                 seconds_per_cost=440,
                 # 600 steps store the facts under every schedule (data/testbed/prepare.py's sizes);
                 # SFT: 5 epochs of the 450 training conversations, 71 updates, 5 of warmup (~7%)
