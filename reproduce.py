@@ -13,8 +13,8 @@ and write the paper's tables and figures (Tables 1-2, Figures 1-4) to results/.
 How long, on a 2-core CPU (--scale=cpu): Experiment 1 for three seeds with --jobs=2 is estimated
 at 2h05m; measured on an idle machine it took 1h22m, five seeds 2h17m (README, Results): the
 estimate is calibrated on the slowest machine measured and runs high on faster ones. The other
-experiments are of the same order per seed, `over` four times as long. The estimate for what is left is printed
-before the first stage; --dry_run=true prints only that and the stages.
+experiments are of the same order per seed, `over` four times as long. The estimate for what is
+left is printed before the first stage; --dry_run=true prints only that and the stages.
 
 The experiments and the commands that make them are study.py's plan (its docstring says
 what each experiment runs); this script runs that plan and writes the tables and figures.

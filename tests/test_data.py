@@ -352,7 +352,6 @@ def test_testbed_sizes_that_do_not_fit_are_refused_clearly(tmp_path):
         testbed.prepare(tmp_path, sft_questions=4)
 
 
-
 def test_a_write_racing_another_process_writing_the_same_file_both_land(tmp_path, monkeypatch):
     """reproduce.py --jobs=2 starts two pre-training runs on a fresh clone, and both prepare the
     testbed on first use into one folder. Replayed here: another process writes the same file
