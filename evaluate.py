@@ -1,7 +1,7 @@
 """
 Evaluation of one checkpoint: the numbers behind the paper's Tables 1-4 (Sections 3.1, 3.2,
-4; Appendix E), scored the way lm-evaluation-harness scores them (scoring.py), so they can
-be compared; and --compare, the tables themselves from several runs (tables.py).
+4; Appendix E), scored the way lm-evaluation-harness scores them (nanowso/scoring.py), so they can
+be compared; and --compare, the tables themselves from several runs (study/tables.py).
 
     python evaluate.py --ckpt=out/ckpt.pt --tasks=val_loss,testbed_recall,testbed_probes,testbed_sft_test
     python evaluate.py --ckpt=out/ckpt.pt --tasks=hellaswag,arc_easy --data_files=hellaswag=h.jsonl,arc_easy=a.parquet
@@ -20,7 +20,7 @@ Tasks (TASKS below):
                         x100, tables.sft_task_avg); testbed_sft_select on the selection people
     arc_easy arc_challenge boolq hellaswag openbookqa piqa winogrande   zero-shot (Section 3.1)
     mmlu (5-shot), truthfulqa_mc1, truthfulqa_mc2, alpaca_eval           after SFT (Appendix E)
---harness runs any task of lm-evaluation-harness with lm-eval's own configs (harness.py);
+--harness runs any task of lm-evaluation-harness with lm-eval's own configs (nanowso/harness.py);
 each named task's metrics go to tasks[name] ("metric,filter" keys), every item to
 <out>_harness_samples.jsonl.
 Hub tasks load from the Hub id in HUB, or offline from --data_files=task=path[,task=path]
@@ -38,7 +38,7 @@ file of the same checkpoint and step):
                "truthfulqa_mc2": {"acc", "n"},                           # true-answer mass
                "testbed_sft_test": {"exact_match", "choice", "choice_chance", "n"},
                "alpaca_eval": {"win_rate": float | null, "stderr", "position_bias", "n", "reference",
-                               "judge", "items" (every verdict, judge.py), or "note" without --judge}}}
+                               "judge", "items" (every verdict, nanowso/judge.py), or "note" without --judge}}}
 --compare reads, per run directory:
     eval.json      the pre- or mid-training checkpoint's results:
                    PT/MT Valid Loss = tables.valid_loss: tasks.val_loss.value_loss on the
@@ -64,15 +64,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common import Eta, autocast_context, load_checkpoint, parse_args, resolve_device
 from data.chat import IGNORE
-from data.common import Tokenizer, load_rows, load_split, load_value_mask, read_jsonl, write_jsonl
+from data.formats import Tokenizer, load_rows, load_split, load_value_mask, read_jsonl, write_jsonl
 from data.loaders import resolve_dataset, testbed_of, validation_batches
-from judge import alpaca_eval, alpaca_rows, load_judge, reference_outputs
-from runs import load_model, schedule_of, training_config
-from scoring import recall_accuracy, score_items, testbed_sft_accuracy
-from tables import SCHEDULERS, ZERO_SHOT, paper_tables, sft_task_avg, valid_loss, zero_shot_avg
-from training import mean_loss
+from nanowso.checkpoint import load_checkpoint, load_model, schedule_of, training_config
+from nanowso.common import Eta, parse_args
+from nanowso.judge import alpaca_eval, alpaca_rows, load_judge, reference_outputs
+from nanowso.runtime import autocast_context, resolve_device
+from nanowso.scoring import mean_loss, recall_accuracy, score_items, testbed_sft_accuracy
+from study.tables import SCHEDULERS, ZERO_SHOT, paper_tables, sft_task_avg, valid_loss, zero_shot_avg
 
 # ------------------------------------------------------------------ tasks
 
@@ -264,10 +264,10 @@ class EvalConfig:
     out: str = ""  # results JSON; default eval.json beside the checkpoint
     batch_size: int = 16  # sequences per forward pass
     limit: int = 0  # score only the first N items of each task (0: all)
-    judge: str = ""  # alpaca_eval's judge: a local HF model dir | an OpenAI-compatible URL | module:callable (judge.py)
+    judge: str = ""  # alpaca_eval's judge: a local HF model dir | an OpenAI-compatible URL | module:callable (nanowso/judge.py)
     judge_model: str = ""  # the model name an OpenAI-compatible judge server serves
     judge_reference: str = ""  # alpaca_eval's reference: a checkpoint | an outputs .jsonl | "" the rows' own output
-    harness: str = ""  # lm-eval tasks or groups (gsm8k,drop,agieval,bbh,...) run by harness.py; alone, no --tasks
+    harness: str = ""  # lm-eval tasks or groups (gsm8k,drop,agieval,bbh,...) run by nanowso/harness.py; alone, no --tasks
     harness_files: str = ""  # task=path or task:split=path: local files in the Hub schema for --harness tasks
     harness_fewshot: str = ""  # task=N[,task=N]: shots where the paper differs from lm-eval's config (drop=5)
     harness_chat: str = "auto"  # lm-eval prompts in the chat template: auto (for SFT checkpoints) | true | false
@@ -381,10 +381,10 @@ def write_results(results, out):
 
 
 def run_harness(cfg, model, tokenizer, results, autocast, out):
-    """--harness: lm-eval's tasks through harness.py. Each named task's (or group's) metrics,
+    """--harness: lm-eval's tasks through nanowso/harness.py. Each named task's (or group's) metrics,
     lm-eval's "metric,filter" keys, go to tasks[name]; lm-eval's whole results under "harness";
     every scored item, to look at, to <out>_harness_samples.jsonl."""
-    import harness
+    from nanowso import harness
     names = [t for t in cfg.harness.split(",") if t]
     chat = {"auto": results["stage"] == "sft", "true": True, "false": False}[cfg.harness_chat]
     samples = os.path.splitext(out)[0] + "_harness_samples.jsonl"

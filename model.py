@@ -7,7 +7,7 @@ The Llama-3 decoder the paper trains (Appendix A, Table 5), written out by hand.
 Parameter names follow Meta's reference (meta-llama/llama3 `llama/model.py`), and
 RoPE rotates halves (`rotate_half`) like Hugging Face's `LlamaForCausalLM`, so a
 checkpoint maps to Hugging Face by renaming keys alone (transformers'
-models/llama/modeling_llama.py; export_hf.py).
+models/llama/modeling_llama.py; tools/export_hf.py).
 
 Notation used in shape comments:
     B  batch size            T  sequence length        C  dim (hidden size)

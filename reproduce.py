@@ -16,7 +16,7 @@ estimate is calibrated on the slowest machine measured and runs high on faster o
 experiments are of the same order per seed, `over` four times as long. The estimate for what is
 left is printed before the first stage; --dry_run=true prints only that and the stages.
 
-The experiments and the commands that make them are study.py's plan (its docstring says
+The experiments and the commands that make them are study/plan.py's plan (its docstring says
 what each experiment runs); this script runs that plan and writes the tables and figures.
 
 Every stage is a command of this repo (printed, its output in a .log beside its run), and
@@ -53,14 +53,24 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from common import format_duration, parse_args
-from data.common import read_jsonl, write_atomic
-from figures import plot_against_decay_fraction, pearson_interval, plot_sharpness_curves, plot_sharpness_vs_score
-from scheduler import makespan, run_dag
+from data.formats import read_jsonl, write_atomic
+from nanowso.common import format_duration, parse_args
 from schedules import plot_figures, wsd_t_stable
-from study import (DECAY_FRACTIONS, OVER_TRAINING, SCALES, TRAINING, ReproduceConfig, dependencies, grid,
-                   is_done, plan, stage_cost)
-from tables import COMPARED, paper_tables, scheduler_label, sft_task_avg, valid_loss, zero_shot_avg
+from study.figures import pearson_interval, plot_against_decay_fraction, plot_sharpness_curves, plot_sharpness_vs_score
+from study.jobs import makespan, run_dag
+from study.plan import (
+    DECAY_FRACTIONS,
+    OVER_TRAINING,
+    SCALES,
+    TRAINING,
+    ReproduceConfig,
+    dependencies,
+    grid,
+    is_done,
+    plan,
+    stage_cost,
+)
+from study.tables import COMPARED, paper_tables, scheduler_label, sft_task_avg, valid_loss, zero_shot_avg
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The CPU kernels every stage runs on. torch (ATen), MKL and oneDNN each pick their kernels by

@@ -17,16 +17,17 @@ from dataclasses import dataclass
 
 import torch
 
-from common import load_checkpoint, parse_args, resolve_device
 from data.chat import generation_prompt
-from data.common import Tokenizer
+from data.formats import Tokenizer
 from model import KVCache
-from runs import load_model
+from nanowso.checkpoint import load_checkpoint, load_model
+from nanowso.common import parse_args
+from nanowso.runtime import resolve_device
 
 
 @dataclass
 class SampleConfig:
-    ckpt: str = "out/ckpt.pt"  # a checkpoint of train.py, sft.py or merge.py
+    ckpt: str = "out/ckpt.pt"  # a checkpoint of train.py, sft.py or tools/merge.py
     prompt: str = ""  # the text to continue (with --chat: the user's message)
     chat: bool = False  # the tulu chat template around the prompt; stop at end-of-text
     num_samples: int = 1

@@ -25,7 +25,7 @@ checkpoints theta_n, ..., theta_{n+k} of a constant-LR run with weights c_0..c_k
     sum_j c_j theta_{n+j} = theta_n + sum_{i=1..k} w_i (theta_{n+i} - theta_{n+i-1}),
     c_0 = 1 - w_1,  c_j = w_j - w_{j+1} (0 < j < k),  c_k = w_k,  so  w_i = sum_{j>=i} c_j,
 takes the updates from theta_{n+i-1} to theta_{n+i} with the LR multiplied by w_i: a decay
-(merge.py). The multipliers w_i of each shape (merge_weights), with u_i = i / (k + 1):
+(tools/merge.py). The multipliers w_i of each shape (merge_weights), with u_i = i / (k + 1):
     linear        1 - u_i                  c_j = 1 / (k + 1): the uniform mean
     cosine        (1 + cos(pi u_i)) / 2
     1-sqrt        1 - sqrt(u_i)

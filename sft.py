@@ -7,7 +7,7 @@ Supervised fine-tuning (SFT) with the paper's learning-rate sweep (Section 3.1; 
                   --epochs=1 --warmup_iters=100 --compile=true --out_dir=sft-1b   # Table 8 as printed
     python sft.py --init_from=out/ckpt.pt --dataset=my_chats.jsonl   # any file with a `messages` column
     torchrun --nproc_per_node=8 sft.py --init_from=out-1b/ckpt.pt ...  # DDP: micro-batches split over 8
-    torchrun --nproc_per_node=8 sft.py --init_from=out-8b/ckpt.pt --parallel=fsdp ...  # FSDP2 (parallel.py)
+    torchrun --nproc_per_node=8 sft.py --init_from=out-8b/ckpt.pt --parallel=fsdp ...  # FSDP2 (nanowso/parallel.py)
     python sft.py --help                                       # every option and its default
 
 Every peak LR of the sweep fine-tunes all parameters of the same checkpoint, with a fresh
@@ -24,7 +24,7 @@ Data sets:
     tulu3      allenai/tulu-3-sft-olmo-2-mixture (train split), split 9:1 (seeded) into
                train and validation as the paper does; the LR is chosen by validation loss, or
                as the paper chose it with --select_by=alpaca_eval --judge=...: the win rate over
-               the lowest LR's outputs (judge.py; the paper's reference is the WSO sweep's)
+               the lowest LR's outputs (nanowso/judge.py; the paper's reference is the WSO sweep's)
     a file     .jsonl/.json/.parquet with a `messages` column: like tulu3
     a folder   a testbed made by data/testbed/prepare.py --out_dir=...: like testbed
 
@@ -58,22 +58,21 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import schedules
-from common import (Eta, append_jsonl, load_checkpoint, parse_args, rng_state, save_checkpoint, set_rng_state,
-                    truncate_log)
 from data.chat import IGNORE
-from data.common import Tokenizer, write_atomic, write_jsonl
 from data.conversations import load_data, message_lists, tokenize, update_batches
+from data.formats import Tokenizer, write_atomic, write_jsonl
 from data.loaders import pad_collate
-from judge import alpaca_rows, load_judge, model_outputs, pairwise, reference_outputs
 from model import LlamaConfig
-from runs import load_model, schedule_of
+from nanowso.checkpoint import load_checkpoint, load_model, rng_state, save_checkpoint, schedule_of, set_rng_state
+from nanowso.common import Eta, append_jsonl, parse_args, truncate_log
+from nanowso.judge import alpaca_rows, load_judge, model_outputs, pairwise, reference_outputs
+from nanowso.optim import load_optimizer_state, make_optimizer, optimizer_step, own_settings, set_lr
+from nanowso.runtime import Interrupts, Runtime, fsdp, setup_distributed, to_device
+from nanowso.scoring import mean_loss, testbed_sft_accuracy
 from schedules import SFT_LR_GRIDS
-from scoring import testbed_sft_accuracy
-from tables import sft_task_avg
-from training import (Interrupts, Runtime, fsdp, load_optimizer_state, make_optimizer, mean_loss, optimizer_step,
-                      own_settings, set_lr, setup_distributed, to_device)
+from study.tables import sft_task_avg
 
-# the --select_by metrics; alpaca_eval: the win rate over a reference (judge.py), as the paper selects
+# the --select_by metrics; alpaca_eval: the win rate over a reference (nanowso/judge.py), as the paper selects
 HIGHER_IS_BETTER = {"sft_select_task_avg": True, "sft_select_exact_match": True, "val_loss": False,
                     "alpaca_eval": True}
 FINAL_LOSS_STEPS = 10  # final_train_loss averages the last updates: one batch alone is noisy
@@ -88,7 +87,7 @@ class SFTConfig:
     lrs: str = "testbed"  # peak LRs, comma-separated, or a named grid: testbed | paper (Table 8's)
     learning_rate: float = 0.0  # one peak LR instead of the sweep; 0 uses --lrs
     select_by: str = "auto"  # sft_select_task_avg | sft_select_exact_match | val_loss | alpaca_eval; auto: the first on a testbed, else val_loss
-    # --select_by=alpaca_eval (judge.py): the judge, what it compares with, on which instructions
+    # --select_by=alpaca_eval (nanowso/judge.py): the judge, what it compares with, on which instructions
     judge: str = ""  # a local HF model dir | an OpenAI-compatible URL | module:callable
     judge_model: str = ""  # the model name an OpenAI-compatible judge server serves
     judge_reference: str = "lowest"  # lowest (this sweep's lowest LR: the paper's, for the WSO sweep) | a checkpoint | an outputs .jsonl
@@ -115,7 +114,7 @@ class SFTConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, else fp32) | float32 | bfloat16
     compile: bool = False  # torch.compile the training model; pays off on GPUs (on the CPU testbed: +90 s)
-    parallel: str = "ddp"  # under torchrun: ddp (a replica per process) | fsdp (sharded, parallel.py: 1b, 8b)
+    parallel: str = "ddp"  # under torchrun: ddp (a replica per process) | fsdp (sharded, nanowso/parallel.py: 1b, 8b)
     log_interval: int = 10  # updates between progress lines and log.jsonl records
     checkpoint_interval: int = 100  # updates between lr_<lr>/resume.pt (weights + AdamW) inside an LR; 0: only on Ctrl-C
 
@@ -235,8 +234,7 @@ def full_state(sweep, optimizer=None):
     to rank 0's CPU memory, a collective every process calls (the others get empty dicts)."""
     if sweep.cfg.parallel != "fsdp":
         return sweep.model.state_dict(), optimizer.state_dict() if optimizer else None
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     weights = get_model_state_dict(sweep.model, options=options)
     adam = get_optimizer_state_dict(sweep.model, optimizer, options=options) if optimizer else None
@@ -482,7 +480,7 @@ def alpaca_setup(cfg, rt):
     """--select_by=alpaca_eval: the judge, the AlpacaEval rows and the reference outputs."""
     if not cfg.judge:
         raise SystemExit("error: --select_by=alpaca_eval needs --judge (a local HF model directory, an "
-                         "OpenAI-compatible URL with --judge_model, or module:callable; judge.py)")
+                         "OpenAI-compatible URL with --judge_model, or module:callable; nanowso/judge.py)")
     rows = alpaca_rows(cfg.judge_data)[:cfg.judge_limit or None]
     references = "lowest" if cfg.judge_reference == "lowest" else reference_outputs(
         cfg.judge_reference, rows, batch_size=cfg.batch_size, device=rt.device)

@@ -1,7 +1,7 @@
 """
 Measure the sharpness of a checkpoint, Tr(H) by Hutchinson's estimator (Section 6,
 Definition 6.1; Appendix H, Eq. 12 and Table 23), or draw Figures 3-4 from training runs.
-The estimator itself, with its equations, is hessian.py.
+The estimator itself, with its equations, is sharpness.py.
 
     python sharpness.py --ckpt=out/ckpt.pt                 # pretrain val + SFT held-out
     python sharpness.py --ckpt=out/ckpt.pt --datasets=sft --num_batches=64
@@ -25,14 +25,15 @@ from dataclasses import asdict, dataclass
 
 import torch.distributed as dist
 
-from common import Eta, format_duration, load_checkpoint, parse_args
-from data.common import Tokenizer, load_meta, read_jsonl, write_atomic
+from data.formats import Tokenizer, load_meta, read_jsonl, write_atomic
 from data.loaders import pretrain_batches, resolve_dataset, sft_batches, testbed_of
-from figures import plot_sharpness_curves, plot_sharpness_vs_score
-from hessian import LOSS_NORMALIZATION, model_sharpness
-from runs import load_model
+from nanowso.checkpoint import load_checkpoint, load_model
+from nanowso.common import Eta, format_duration, parse_args
+from nanowso.hessian import LOSS_NORMALIZATION, model_sharpness
+from nanowso.runtime import setup_distributed
 from schedules import wsd_t_stable
-from training import setup_distributed
+from study.figures import plot_sharpness_curves, plot_sharpness_vs_score
+
 
 @dataclass
 class SharpnessConfig:

@@ -6,18 +6,18 @@ Pre-training and mid-training of a Llama-3 model with the paper's LR schedules
     python train.py --schedule=wsd --alpha=0.1        # Eq. 4, decay to 10% of eta_max
     python train.py --stage=mid --init_from=out/ckpt.pt --dataset=testbed_mid \
                     --alpha_mid=1.0 --out_dir=out-mid # Eq. 11
-    python train.py --keep_every=100                  # also keep out/ckpt_000100.pt, ... (for merge.py)
+    python train.py --keep_every=100                  # also keep out/ckpt_000100.pt, ... (for tools/merge.py)
     python train.py --stage=cooldown --init_from=out/ckpt_000400.pt --max_iters=100 \
                     --alpha=0.0 --out_dir=out-cool    # WSO + cooldown: decay over steps 401..500
     torchrun --nproc_per_node=2 train.py ...          # DDP (gloo on CPU, NCCL on CUDA)
-    torchrun --nproc_per_node=8 train.py --preset=8b --parallel=fsdp ...  # FSDP2 (parallel.py)
+    torchrun --nproc_per_node=8 train.py --preset=8b --parallel=fsdp ...  # FSDP2 (nanowso/parallel.py)
     python train.py --help                            # every option and its default
 
 Writes out_dir/ckpt.pt (weights, optimizer, RNG states, data position, config; with
 --parallel=fsdp the directory out_dir/ckpt_sharded, which every script reads too) and
 out_dir/log.jsonl (one JSON object per logged step; eval records carry val_loss).
 With --keep_every=N it also keeps out_dir/ckpt_<step:06d>.pt every N steps: weights and the
-run's state without AdamW's moments, what merge.py needs (a third of the size); add
+run's state without AdamW's moments, what tools/merge.py needs (a third of the size); add
 --keep_optimizer=true to branch a cooldown from them (stage=cooldown continues AdamW).
 
 Reading order: TrainConfig (every option), starting_point (scratch, resume, mid-training,
@@ -38,15 +38,16 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import schedules
-from common import (Eta, Pace, append_jsonl, checkpoint_step, format_bytes, load_checkpoint, parse_args, rng_state,
-                    save_checkpoint, set_rng_state, truncate_log)
-from data.common import Tokenizer, load_meta, load_split
+from data.formats import Tokenizer, load_meta, load_split
 from data.loaders import TokenWindows, pretrain_batches, resolve_dataset, sft_batches, testbed_of, validation_batches
-from hessian import sharpness_during_training
 from model import PRESETS, Llama, LlamaConfig, build_config
-from training import (RESUMABLE_CHANGES, Interrupts, Runtime, check_resume, fsdp, load_optimizer_state,
-                      make_optimizer, mean_loss, optimizer_step, own_settings, refuse_config_changes, resume_command,
-                      set_lr, setup_distributed, to_device)
+from nanowso.checkpoint import checkpoint_step, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from nanowso.common import Eta, Pace, append_jsonl, format_bytes, parse_args, truncate_log
+from nanowso.hessian import sharpness_during_training
+from nanowso.optim import load_optimizer_state, make_optimizer, optimizer_step, own_settings, set_lr
+from nanowso.runtime import Interrupts, Runtime, fsdp, setup_distributed, to_device
+from nanowso.scoring import mean_loss
+from nanowso.start import RESUMABLE_CHANGES, check_resume, refuse_config_changes, resume_command
 
 
 @dataclass
@@ -81,13 +82,13 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, else fp32) | float32 | bfloat16
     compile: bool = True  # torch.compile the training step's model
-    parallel: str = "ddp"  # under torchrun: ddp (a replica per process) | fsdp (sharded, parallel.py: 1b, 8b)
+    parallel: str = "ddp"  # under torchrun: ddp (a replica per process) | fsdp (sharded, nanowso/parallel.py: 1b, 8b)
     # logging, evaluation, checkpoints
     log_interval: int = 10  # steps between log lines and log.jsonl records
     eval_interval: int = 100  # steps between validation losses (and at the end)
     eval_tokens: int = 65536  # fixed held-out tokens used for val_loss
     checkpoint_interval: int = 0  # steps between checkpoints; 0 means at every eval
-    keep_every: int = 0  # also keep out_dir/ckpt_<step>.pt every N steps (merge.py, stage=cooldown); 0 = off
+    keep_every: int = 0  # also keep out_dir/ckpt_<step>.pt every N steps (tools/merge.py, stage=cooldown); 0 = off
     keep_optimizer: bool = False  # kept checkpoints also hold AdamW's state (3x the size): a cooldown needs it
     init_from: str = "scratch"  # scratch | resume (out_dir/ckpt.pt) | path to a checkpoint
     # sharpness during training (Figure 3; sharpness.py)
@@ -269,7 +270,7 @@ def check_cooldown_branch(ckpt, cfg, lr_at_branch):
     """A cooldown continues the checkpoint's run from a point where its LR was constant at eta_max."""
     refuse_config_changes(ckpt["config"], cfg, BRANCH_CHANGES, "branch a cooldown")
     if "merge" in ckpt:
-        raise SystemExit(f"error: {cfg.init_from} is a merge (merge.py), which already emulates a decay; "
+        raise SystemExit(f"error: {cfg.init_from} is a merge (tools/merge.py), which already emulates a decay; "
                          f"branch the cooldown from one of the checkpoints it merged")
     if lr_at_branch != cfg.learning_rate:
         raise SystemExit(f"error: cannot branch a cooldown from {cfg.init_from}: at its step {ckpt['step']} the LR of "
@@ -338,7 +339,7 @@ def train_step(model, optimizer, data, first_sample, cfg, grad_accum, rt: Runtim
 
 def build_model(start, cfg, rt):
     """The model and AdamW of `start` on this process's device, seeded by --seed; with
-    --parallel=fsdp sharded over the processes (parallel.py), starting from the same weights."""
+    --parallel=fsdp sharded over the processes (nanowso/parallel.py), starting from the same weights."""
     torch.manual_seed(cfg.seed)
     if cfg.parallel == "fsdp":
         parallel = fsdp()
@@ -372,7 +373,7 @@ def log_record(run, record):
 def checkpoint(run, path, optimizer=True):
     """Write everything a resume needs, atomically (common.save_checkpoint; by the master), or
     with --parallel=fsdp as a sharded directory (parallel.save_sharded; by every process).
-    optimizer=False leaves out AdamW's state (kept checkpoints: merge.py reads weights)."""
+    optimizer=False leaves out AdamW's state (kept checkpoints: tools/merge.py reads weights)."""
     counters = run.start.counters
     state = {"config": run.start.run_config, "model_config": run.start.model_config.to_dict(),
              "tokenizer": run.tokenizer.to_dict(), "step": counters.step, "samples_seen": counters.samples_seen,

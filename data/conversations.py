@@ -14,7 +14,7 @@ import numpy as np
 from datasets import Dataset, load_dataset
 
 from data.chat import has_supervision, render
-from data.common import Tokenizer, load_meta, load_rows, read_jsonl
+from data.formats import Tokenizer, load_meta, load_rows, read_jsonl
 from data.loaders import testbed_of
 
 TULU3 = "allenai/tulu-3-sft-olmo-2-mixture"

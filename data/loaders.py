@@ -8,7 +8,7 @@ windows, the fixed held-out tokens, and padded batches of chat-rendered conversa
     pretrain_batches(...)             # the same, as the fixed sequences sharpness is measured on
     sft_batches(...), pad_collate(...)  # conversations -> right-padded (x, y), y = -100 off the answer
 
-The formats themselves (meta.json, token files, the tokenizer) are data/common.py's; the
+The formats themselves (meta.json, token files, the tokenizer) are data/formats.py's; the
 chat template and its loss mask are data/chat.py's. Nothing here runs on its own: train.py,
 sft.py, evaluate.py and sharpness.py import it.
 """
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from data.chat import IGNORE, has_supervision, render
-from data.common import load_split, read_jsonl
+from data.formats import load_split, read_jsonl
 
 DATA_DIR = os.path.dirname(os.path.abspath(__file__))
 NAMED = {"testbed": "testbed/pretrain", "testbed_mid": "testbed/mid", "fineweb_edu": "fineweb_edu"}

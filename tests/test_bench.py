@@ -1,4 +1,4 @@
-"""bench.py's model sizes (its timings are measurements, never tested)."""
+"""tools/bench.py's model sizes (its timings are measurements, never tested)."""
 
 import os
 import subprocess
@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-import bench
-from common import parse_args
 from model import build_config
+from nanowso.common import parse_args
+from tools import bench
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,9 +23,9 @@ def test_preset_is_benchmarked_at_its_own_size():
 
 
 def test_gpu_check_runs_every_check_on_a_cpu(tmp_path):
-    """gpu_check.py's checks on the tiny preset (how it is tested without a GPU): every line
+    """tools/gpu_check.py's checks on the tiny preset (how it is tested without a GPU): every line
     printed, each PASS; the flash-attention line says it is CUDA-only."""
-    import gpu_check
+    from tools import gpu_check
     report = gpu_check.main(parse_args(gpu_check.CheckConfig, ["--device=cpu", "--compile=false", "--steps=12",
                                                                f"--work_dir={tmp_path}"]))
     names = [line.split()[0] for line in report.lines]
@@ -36,11 +36,11 @@ def test_gpu_check_runs_every_check_on_a_cpu(tmp_path):
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_bench_runs_under_torchrun(parallel):
-    """bench.py with 2 CPU processes (gloo): one line for the run, summed tokens/s (timings
+    """tools/bench.py with 2 CPU processes (gloo): one line for the run, summed tokens/s (timings
     themselves are never tested)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "bench.py", f"--parallel={parallel}", "--vocab_size=512", "--batch_size=2", "--seq_len=32",
+                           "tools/bench.py", f"--parallel={parallel}", "--vocab_size=512", "--batch_size=2", "--seq_len=32",
                            "--steps=2", "--modes=eager", "--device=cpu"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
@@ -48,8 +48,8 @@ def test_bench_runs_under_torchrun(parallel):
 
 
 def test_sizes_prints_the_readme_table(capsys):
-    """sizes.py: the figures of the README's table (16 bytes per parameter under DDP; 8b does not fit)."""
-    import sizes
+    """tools/sizes.py: the figures of the README's table (16 bytes per parameter under DDP; 8b does not fit)."""
+    from tools import sizes
     sizes.main(sizes.SizesConfig())
     out = capsys.readouterr().out
     assert "8b: 8,030,261,248 parameters" in out and "DDP 128.2 GiB, FSDP2 25.1 GiB" in out

@@ -5,7 +5,7 @@ supervised tokens located by byte offsets of the assistant contents)."""
 import pytest
 
 from data.chat import IGNORE, generation_prompt, has_supervision, render
-from data.common import Tokenizer
+from data.formats import Tokenizer
 
 EOS = "\x00EOS\x00"  # stands for the eos id in the reference string
 

@@ -1,4 +1,4 @@
-"""common.py: the RNG states a checkpoint keeps, --help's layout, output to a pipe."""
+"""nanowso/common.py: the RNG states a checkpoint keeps, --help's layout, output to a pipe."""
 
 import os
 import random
@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-import common
+from nanowso import checkpoint
+from nanowso.common import parse_args
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,10 +25,10 @@ def test_rng_state_round_trips_and_leaves_cuda_alone(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", refuse)
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", refuse)
-    state = common.rng_state()
+    state = checkpoint.rng_state()
     assert set(state) == {"python", "numpy", "torch"}
     draws = random.random(), np.random.rand(), torch.rand(1).item()
-    common.set_rng_state({**state, "cuda": [torch.zeros(16, dtype=torch.uint8)] * 8})  # an older checkpoint's
+    checkpoint.set_rng_state({**state, "cuda": [torch.zeros(16, dtype=torch.uint8)] * 8})  # an older checkpoint's
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == pytest.approx(draws, abs=0)
 
 
@@ -35,7 +36,7 @@ def test_help_aligns_its_columns(capsys):
     """Defect: the comment column moved with each option's name."""
     import train
     with pytest.raises(SystemExit):
-        common.parse_args(train.TrainConfig, ["--help"])
+        parse_args(train.TrainConfig, ["--help"])
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  --")]
     starts = {len(line) - len(line[2:].split("  ", 1)[1].lstrip()) for line in lines if len(line.split()) > 1
               and len(line.split()[0]) < 40}
@@ -45,7 +46,7 @@ def test_help_aligns_its_columns(capsys):
 def test_output_reaches_a_pipe_as_printed():
     """Defect: with stdout to a pipe (`| tee`, nohup, a log file) progress lines came in one block
     at exit. parse_args, which every script calls first, makes stdout line-buffered."""
-    script = ("import dataclasses, time, common\n"
+    script = ("import dataclasses, time\nfrom nanowso import common\n"
               "@dataclasses.dataclass\nclass C:\n    x: int = 0\n"
               "common.parse_args(C, [])\nprint('progress line')\ntime.sleep(60)\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}

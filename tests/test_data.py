@@ -15,10 +15,19 @@ import numpy as np
 import pytest
 import tiktoken
 
-from data.common import (EOT_TEXT, Tokenizer, load_meta, load_split, load_value_mask, read_jsonl, read_tokens,
-                         write_meta, write_tokens)
 from data.fineweb_edu import prepare as fineweb
 from data.fineweb_edu.prepare import prepare as prepare_fineweb
+from data.formats import (
+    EOT_TEXT,
+    Tokenizer,
+    load_meta,
+    load_split,
+    load_value_mask,
+    read_jsonl,
+    read_tokens,
+    write_meta,
+    write_tokens,
+)
 from data.testbed import prepare as testbed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -356,7 +365,7 @@ def test_a_write_racing_another_process_writing_the_same_file_both_land(tmp_path
     """reproduce.py --jobs=2 starts two pre-training runs on a fresh clone, and both prepare the
     testbed on first use into one folder. Replayed here: another process writes the same file
     whole between this write's writing and its rename (it failed on the shared '.tmp' name)."""
-    import data.common as common
+    from data import formats as common
 
     path, replace, pid = str(tmp_path / "x.bin"), os.replace, os.getpid()
 

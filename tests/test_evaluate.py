@@ -10,16 +10,14 @@ import torch
 import torch.nn as nn
 
 import evaluate
-import runs
-import scoring
 import sft
-import tables
-import training
-from common import load_checkpoint
 from data import loaders
 from data.chat import generation_prompt
-from data.common import Tokenizer, write_jsonl
+from data.formats import Tokenizer, write_jsonl
 from model import KVCache, Llama, LlamaConfig
+from nanowso import checkpoint, scoring
+from nanowso.checkpoint import load_checkpoint
+from study import tables
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(REPO, "tests", "fixtures", "lm_eval")
@@ -383,7 +381,7 @@ def test_cli_evaluates_a_trained_checkpoint(trained, tmp_path):
     shards = evaluate.load_split(str(root / "pretrain"), "val")
     batches = loaders.validation_batches(shards, 64, 1024, 16)
     val = results["tasks"]["val_loss"]
-    assert val["loss"] == pytest.approx(training.mean_loss(model, batches, "cpu", nullcontext()), rel=1e-5)
+    assert val["loss"] == pytest.approx(scoring.mean_loss(model, batches, "cpu", nullcontext()), rel=1e-5)
     targets = [t for _, y in batches for t in y.flatten().tolist()]
     text_bytes = len(tokenizer.decode([t for t in targets if t != tokenizer.eot]).encode())
     assert (val["tokens"], val["bytes"]) == (len(targets), text_bytes)
@@ -424,20 +422,20 @@ def test_clear_errors(trained, tmp_path):
 
 def test_schedule_of_pre_mid_and_sft_checkpoints(tmp_path):
     cosine = {"stage": "pre", "schedule": "cosine", "alpha": 0.0}
-    assert runs.schedule_of({"config": cosine}) == ("cosine", 0.0, None)
-    assert runs.schedule_of({"config": {"stage": "pre", "schedule": "wso", "alpha": 0.1}}) == ("wso", 1.0, None)
+    assert checkpoint.schedule_of({"config": cosine}) == ("cosine", 0.0, None)
+    assert checkpoint.schedule_of({"config": {"stage": "pre", "schedule": "wso", "alpha": 0.1}}) == ("wso", 1.0, None)
     (tmp_path / "pre").mkdir()
     with open(tmp_path / "pre" / "config.json", "w") as f:
         json.dump({"train": {"stage": "pre", "schedule": "wsd", "alpha": 0.1}}, f)
     mid = {"stage": "mid", "schedule": "wso", "alpha": 0.1, "alpha_mid": 0.0,
            "init_from": str(tmp_path / "pre" / "ckpt.pt")}
-    assert runs.schedule_of({"config": mid}) == ("wsd", 0.1, 0.0)
-    assert runs.schedule_of({"config": {"stage": "sft"}, "init_config": mid}) == ("wsd", 0.1, 0.0)
+    assert checkpoint.schedule_of({"config": mid}) == ("wsd", 0.1, 0.0)
+    assert checkpoint.schedule_of({"config": {"stage": "sft"}, "init_config": mid}) == ("wsd", 0.1, 0.0)
     gone = {**mid, "init_from": str(tmp_path / "elsewhere" / "ckpt.pt")}
-    assert runs.schedule_of({"config": gone}) == (None, None, 0.0)
-    wso = {"stage": "pre", "schedule": "wso", "alpha": 0.1}  # merge.py keeps the newest source's config
-    assert runs.schedule_of({"config": wso, "merge": {"shape": "1-sqrt"}}) == ("wso+merge 1-sqrt", None, None)
-    assert runs.schedule_of({"config": {**wso, "stage": "cooldown", "alpha": 0.0}}) == ("wso+cooldown", 0.0, None)
+    assert checkpoint.schedule_of({"config": gone}) == (None, None, 0.0)
+    wso = {"stage": "pre", "schedule": "wso", "alpha": 0.1}  # tools/merge.py keeps the newest source's config
+    assert checkpoint.schedule_of({"config": wso, "merge": {"shape": "1-sqrt"}}) == ("wso+merge 1-sqrt", None, None)
+    assert checkpoint.schedule_of({"config": {**wso, "stage": "cooldown", "alpha": 0.0}}) == ("wso+cooldown", 0.0, None)
 
 
 # ------------------------------------------------------------------ the paper's tables

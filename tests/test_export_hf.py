@@ -1,4 +1,4 @@
-"""export_hf.py: a trained checkpoint loads in transformers' LlamaForCausalLM and gives
+"""tools/export_hf.py: a trained checkpoint loads in transformers' LlamaForCausalLM and gives
 our logits; keys are renamed only, a tied matrix is written once."""
 
 import json
@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import export_hf
-from common import save_checkpoint
-from data.common import Tokenizer
+from data.formats import Tokenizer
 from model import Llama, LlamaConfig
+from nanowso.checkpoint import save_checkpoint
+from tools import export_hf
 
 transformers = pytest.importorskip("transformers")
 

@@ -1,5 +1,5 @@
-"""harness.py: lm-evaluation-harness's own task configs on this project's model. Per item,
-its log-likelihoods and acc/acc_norm equal evaluate.py's scorer (scoring.py); generation
+"""nanowso/harness.py: lm-evaluation-harness's own task configs on this project's model. Per item,
+its log-likelihoods and acc/acc_norm equal evaluate.py's scorer (nanowso/scoring.py); generation
 equals greedy decoding cut at lm-eval's stop strings; rolling log-likelihoods equal direct
 computation; the chat template equals open-instruct's; and lm-eval's HFLM on the Hugging Face
 export gives the same log-likelihoods and the same generations. Offline:
@@ -14,15 +14,16 @@ import torch
 import torch.nn as nn
 
 import evaluate
-import scoring
-from common import save_checkpoint
 from data.chat import generation_prompt
-from data.common import EOT_TEXT, Tokenizer, load_rows, read_jsonl, write_jsonl
+from data.formats import EOT_TEXT, Tokenizer, load_rows, read_jsonl, write_jsonl
 from model import Llama, LlamaConfig
+from nanowso import scoring
+from nanowso.checkpoint import save_checkpoint
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is an optional extra: " + 'pip install "lm-eval[hf]"')
-import harness  # noqa: E402  (after the skip: it subclasses lm-eval's TemplateLM)
 from lm_eval.api.instance import Instance  # noqa: E402
+
+from nanowso import harness  # noqa: E402  (after the skip: it subclasses lm-eval's TemplateLM)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(REPO, "tests", "fixtures", "lm_eval")
@@ -155,7 +156,8 @@ def test_loglikelihood_rolling_equals_direct_computation(tokenizer):
 
 def test_chat_template_text_encodes_to_the_generation_prompt(tiny, tokenizer):
     import jinja2
-    from export_hf import TULU_TEMPLATE
+
+    from tools.export_hf import TULU_TEMPLATE
     lm = harness.HarnessLM(tiny, tokenizer)
     chat = [{"role": "user", "content": "Question: 3 + 4?"}, {"role": "assistant", "content": "Answer: 7"},
             {"role": "user", "content": "Question: 2 + 9?"}]
@@ -202,8 +204,9 @@ def test_evaluate_cli_writes_harness_results_and_items(tiny, tokenizer, tmp_path
 
 def test_hflm_on_the_export_scores_and_generates_as_harness_lm(tmp_path):
     pytest.importorskip("accelerate", reason="lm-eval's HFLM needs accelerate (lm-eval[hf])")
-    import export_hf
     from lm_eval.models.huggingface import HFLM
+
+    from tools import export_hf
     full = Tokenizer()
     model = tiny_llama(100288, max_seq_len=320)
     save_checkpoint(tmp_path / "ckpt.pt", {"model": model.state_dict(), "model_config": model.config.to_dict(),

@@ -1,4 +1,4 @@
-"""judge.py: AlpacaEval-style pairwise judging. Both orders cancel a judge's position
+"""nanowso/judge.py: AlpacaEval-style pairwise judging. Both orders cancel a judge's position
 preference; a local Hugging Face judge reads its next-token mass on "A" / "B" after the prompt
 in its chat template (checked against model.py on data/chat.py's rendering); an
 OpenAI-compatible judge sends the documented request and reads log-probabilities or the
@@ -14,11 +14,11 @@ import pytest
 import torch
 
 import evaluate
-import judge
-from common import save_checkpoint
 from data.chat import generation_prompt
-from data.common import Tokenizer, read_jsonl
+from data.formats import Tokenizer, read_jsonl
 from model import Llama, LlamaConfig
+from nanowso import judge
+from nanowso.checkpoint import save_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALPACA = os.path.join(REPO, "tests", "fixtures", "lm_eval", "alpaca_eval.jsonl")
@@ -68,7 +68,7 @@ def test_win_rate_and_its_standard_error():
 def local_judge_dir(tmp_path_factory):
     """A small SFT model on the full cl100k vocabulary, exported with its tulu chat template."""
     pytest.importorskip("transformers")
-    import export_hf
+    from tools import export_hf
     root = tmp_path_factory.mktemp("judge")
     torch.manual_seed(0)
     cfg = LlamaConfig(dim=16, ffn_dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=100288, max_seq_len=512,

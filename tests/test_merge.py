@@ -1,6 +1,6 @@
 """Checkpoint merging (WSM Theorem 3.1): the weights of each decay shape against the
-multipliers written out by hand, merge.py on real checkpoints of a short WSO run against
-theta_n + sum_i w_i (theta_{n+i} - theta_{n+i-1}), and each input merge.py refuses."""
+multipliers written out by hand, tools/merge.py on real checkpoints of a short WSO run against
+theta_n + sum_i w_i (theta_{n+i} - theta_{n+i-1}), and each input tools/merge.py refuses."""
 
 import math
 import os
@@ -10,13 +10,13 @@ import sys
 import pytest
 import torch
 
-import merge
 import schedules
 import train
-from common import load_checkpoint
 from data.testbed.prepare import prepare as prepare_testbed
-from merge import MergeConfig
 from model import Llama, LlamaConfig
+from nanowso.checkpoint import load_checkpoint
+from tools import merge
+from tools.merge import MergeConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,7 +65,7 @@ def test_merge_weights_rejects_invalid():
         schedules.merge_weights(3, "exp")
 
 
-# --- merge.py on a real run ---------------------------------------------------------------
+# --- tools/merge.py on a real run ---------------------------------------------------------------
 
 def run_config(testbed, out_dir, **overrides):
     base = dict(dataset=str(testbed / "pretrain"), out_dir=str(out_dir), preset="tiny", batch_size=4, seq_len=32,
@@ -161,7 +161,7 @@ def test_a_merge_is_not_merged_again(runs, tmp_path):
 
 def test_command_line(runs, tmp_path):
     def run(*args):
-        return subprocess.run([sys.executable, "merge.py", *args], cwd=REPO, capture_output=True, text=True,
+        return subprocess.run([sys.executable, "tools/merge.py", *args], cwd=REPO, capture_output=True, text=True,
                               timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     out = run(f"--ckpts={runs / 'wso'}", "--last=1", "--shape=1-sqrt", f"--out={tmp_path / 'ckpt.pt'}")
     assert out.returncode == 0, out.stderr

@@ -7,8 +7,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import (PRESETS, Attention, Llama, LlamaConfig, RMSNorm, apply_rope, build_config, cross_entropy,
-                   precompute_rope, repeat_kv)
+from model import (
+    PRESETS,
+    Attention,
+    Llama,
+    LlamaConfig,
+    RMSNorm,
+    apply_rope,
+    build_config,
+    cross_entropy,
+    precompute_rope,
+    repeat_kv,
+)
 
 SMALL = LlamaConfig(dim=64, ffn_dim=160, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, max_seq_len=32)
 

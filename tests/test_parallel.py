@@ -1,6 +1,6 @@
-"""train.py --parallel=fsdp (parallel.py) on CPU with gloo: two processes equal one, sharded
+"""train.py --parallel=fsdp (nanowso/parallel.py) on CPU with gloo: two processes equal one, sharded
 checkpoints resume bit-exactly on as many processes and reshard onto fewer, and every
-single-file reader (convert_checkpoint.py, common.load_checkpoint, merge.py) takes them."""
+single-file reader (tools/convert_checkpoint.py, common.load_checkpoint, tools/merge.py) takes them."""
 
 import json
 import os
@@ -10,13 +10,12 @@ import sys
 import pytest
 import torch
 
-import convert_checkpoint
-import merge
-import parallel
 import train
-from common import load_checkpoint
 from data.testbed.prepare import prepare as prepare_testbed
-from merge import MergeConfig
+from nanowso import parallel
+from nanowso.checkpoint import load_checkpoint
+from tools import convert_checkpoint, merge
+from tools.merge import MergeConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMON = ["--batch_size=2", "--seq_len=64", "--warmup_iters=1", "--log_interval=1", "--eval_interval=2",
@@ -110,7 +109,7 @@ def test_sharded_checkpoints_are_atomic_directories_every_reader_takes(runs, tmp
     assert converted["optimizer"]["param_groups"][0]["params"] == one["param_groups"][0]["params"]
     torch.testing.assert_close(converted["optimizer"]["state"][0]["exp_avg"], one["state"][0]["exp_avg"],
                                atol=1e-6, rtol=1e-3)
-    # merge.py finds kept sharded checkpoints in a run's directory
+    # tools/merge.py finds kept sharded checkpoints in a run's directory
     merged = merge.main(MergeConfig(ckpts=str(runs / "fsdp"), last=1, out=str(tmp_path / "merge" / "ckpt.pt")))
     assert merged["merge"]["steps"] == [2, 4]
     with pytest.raises(SystemExit, match="not a sharded checkpoint"):

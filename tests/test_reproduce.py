@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import reproduce
-import study
 from reproduce import ReproduceConfig
+from study import plan as study
 
 TOY = dict(max_iters=8, sft_lrs="1e-3", sft_epochs=1, eval_limit=16)
 
@@ -151,7 +151,8 @@ def test_dependencies_follow_the_checkpoints_each_stage_reads():
 def test_run_dag_respects_dependencies_and_runs_the_rest_side_by_side():
     import threading
     import time
-    from scheduler import run_dag
+
+    from study.jobs import run_dag
     log, lock = [], threading.Lock()
 
     def run(stage):
@@ -179,7 +180,7 @@ def test_run_dag_respects_dependencies_and_runs_the_rest_side_by_side():
 def test_makespan_simulates_run_dag_and_counts_the_stages_that_run_alone():
     """Defect: the study's estimate was the total cost / jobs, as though both cores were busy to
     the end; a stage that waits on a long one runs alone after it."""
-    from scheduler import makespan
+    from study.jobs import makespan
     no_deps = {0: [], 1: [], 2: [], 3: []}.get
     assert makespan([4, 1, 1, 1], no_deps, jobs=1) == 7
     assert makespan([4, 1, 1, 1], no_deps, jobs=2) == 4  # 1, 2, 3 run one after another beside 0

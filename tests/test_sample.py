@@ -8,11 +8,12 @@ import pytest
 import torch
 
 import sample
-import scoring
-from common import parse_args, save_checkpoint
 from data.chat import generation_prompt
-from data.common import Tokenizer
+from data.formats import Tokenizer
 from model import Llama, LlamaConfig
+from nanowso import scoring
+from nanowso.checkpoint import save_checkpoint
+from nanowso.common import parse_args
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,16 @@ import pytest
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)  # plain `pytest` finds schedules.py too, not only `python -m pytest`
 
-from schedules import (COOLDOWNS, PRETRAIN_SCHEDULES, cooldown_lr, midtrain_lr, pretrain_lr,  # noqa: E402
-                       sft_lr, validate_pretrain, wsd_t_stable)
+from schedules import (  # noqa: E402
+    COOLDOWNS,
+    PRETRAIN_SCHEDULES,
+    cooldown_lr,
+    midtrain_lr,
+    pretrain_lr,
+    sft_lr,
+    validate_pretrain,
+    wsd_t_stable,
+)
 
 LR_MAX = 0.3  # not 1, so a missing eta_max factor shows
 ALPHAS = (0.0, 0.1, 0.5, 1.0)

@@ -18,12 +18,12 @@ import sft
 import train
 from data import conversations, loaders
 from data.chat import IGNORE, render
-from data.common import Tokenizer, read_jsonl, write_jsonl
+from data.formats import Tokenizer, read_jsonl, write_jsonl
 from data.testbed.prepare import prepare as prepare_testbed
 from model import Llama, LlamaConfig
+from nanowso.runtime import Runtime
 from sft import SFTConfig
 from train import TrainConfig
-from training import Runtime
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TULU_SAMPLE = os.path.join(REPO, "tests", "fixtures", "tulu_sample.jsonl")
@@ -365,7 +365,7 @@ def test_bad_inputs_are_clear_errors(testbed, pretrained, tmp_path):
     with pytest.raises(SystemExit, match="empty SFT file"):
         run(dataset=str(emptied))
 
-    from common import parse_args
+    from nanowso.common import parse_args
     for argv, message in ((["--lrs=1e-3,fast"], "comma-separated numbers"), (["--lrs=0,1e-3"], "> 0"),
                           (["--global_batch_size=48", "--batch_size=32"], "not a multiple"),
                           (["--select_by=bleu"], "select_by"), (["--lr=1e-3"], "unknown option")):

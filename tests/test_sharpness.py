@@ -16,17 +16,17 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import figures
-import hessian
 import model as model_module
 import sharpness
 import train
-from common import parse_args
 from data import loaders
 from data.chat import IGNORE, render
-from data.common import Tokenizer, load_meta, load_split, read_jsonl
+from data.formats import Tokenizer, load_meta, load_split, read_jsonl
 from data.testbed.prepare import prepare as prepare_testbed
 from model import Llama, LlamaConfig
+from nanowso import hessian
+from nanowso.common import parse_args
+from study import figures
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # torch.func.hessian's forward-mode AD loads decompositions written with torch.jit.script

@@ -17,9 +17,10 @@ import torch
 
 import model as model_module
 import train
-from common import load_checkpoint, parse_args
-from data.common import write_meta, write_tokens
+from data.formats import write_meta, write_tokens
 from data.testbed.prepare import prepare as prepare_testbed
+from nanowso.checkpoint import load_checkpoint
+from nanowso.common import parse_args
 from train import TrainConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -172,7 +173,7 @@ def test_keep_every_keeps_checkpoints_across_a_resume(testbed, tmp_path, capsys)
     kept = sorted(name for name in os.listdir(tmp_path) if name.startswith("ckpt_"))
     assert kept == ["ckpt_000003.pt", "ckpt_000006.pt", "ckpt_000012.pt", "ckpt_000016.pt"]
     train.main(config(testbed, tmp_path / "straight", max_iters=16))
-    for name in kept:  # weights and the run's state, without AdamW's (merge.py reads weights)
+    for name in kept:  # weights and the run's state, without AdamW's (tools/merge.py reads weights)
         ckpt = load_checkpoint(str(tmp_path / name))
         assert ckpt["step"] == int(name[5:11]) and set(ckpt) == set(load_checkpoint(str(tmp_path / "ckpt.pt"))) - {"optimizer"}
     final = load_checkpoint(str(tmp_path / "straight" / "ckpt.pt"))["model"]
@@ -419,7 +420,7 @@ def test_resuming_mid_training_with_another_length_warns_when_eq11_decays(testbe
 def test_resume_refuses_another_number_of_processes_without_a_fixed_global_batch(testbed, tmp_path):
     """Defect: world_size was not saved, so resuming with tokens_per_step=0 on another number of
     processes silently changed the global batch."""
-    from common import save_checkpoint
+    from nanowso.checkpoint import save_checkpoint
     train.main(config(testbed, tmp_path, max_iters=4))
     ckpt = load_checkpoint(str(tmp_path / "ckpt.pt"))
     assert ckpt["world_size"] == 1

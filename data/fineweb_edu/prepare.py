@@ -28,8 +28,7 @@ import numpy as np
 # Runnable as `python data/<name>/prepare.py`: the repo root must be on sys.path.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from data.common import (EOT_TEXT, Tokenizer, get_encoding, write_meta,  # noqa: E402
-                         write_tokens)
+from data.formats import EOT_TEXT, Tokenizer, get_encoding, write_meta, write_tokens
 
 HUB_DATASET = "HuggingFaceFW/fineweb-edu"
 SCHEMA = "rows with a string field 'text' (FineWeb-Edu: text, id, dump, url, date, file_path, ...)"

@@ -25,7 +25,7 @@ Here SFT can only succeed with knowledge that pre-training alone provides:
   lm-evaluation-harness (context, continuation " " + choice); probes.jsonl uses stems
   phrased like the pre-training biographies, mid_probes.jsonl like the mid-training corpus.
 Everything is tokenized with cl100k_base restricted to the ids the testbed uses
-(data/common.py `Tokenizer`), so models need only a ~1k-row embedding. The pre-training
+(data/formats.py `Tokenizer`), so models need only a ~1k-row embedding. The pre-training
 corpus and the vocabulary do not depend on the SFT split sizes.
 
 Output (all deterministic in the seed; meta.json files are written last):
@@ -47,8 +47,7 @@ from pathlib import Path
 # Runnable as `python data/<name>/prepare.py`: the repo root must be on sys.path.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from data.common import (Tokenizer, load_meta, write_atomic, write_jsonl,  # noqa: E402
-                         write_meta, write_tokens)
+from data.formats import Tokenizer, load_meta, write_atomic, write_jsonl, write_meta, write_tokens
 
 VERSION = 6  # bump when the testbed changes, so is_prepared() sends stale copies to be re-made
 # (5: version 4 at the measured sizes below; 6: the mid-training validation marks its values,

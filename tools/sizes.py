@@ -3,8 +3,8 @@ What the presets need on N GPUs, on paper (README, "One GPU, several GPUs"): mem
 under DDP and FSDP2, and days for the paper's token budgets at a stated MFU. Counts come from
 model.py on the meta device; nothing is measured.
 
-    python sizes.py                     # 8 GPUs, 989 TFLOP/s (H100/H200 SXM bf16), 40% MFU
-    python sizes.py --gpus=64 --mfu=0.45
+    python tools/sizes.py                     # 8 GPUs, 989 TFLOP/s (H100/H200 SXM bf16), 40% MFU
+    python tools/sizes.py --gpus=64 --mfu=0.45
 
 Per GPU, AdamW in fp32: weights, gradients and two moments are 16 bytes per parameter P under
 DDP, 16P/N under FSDP2 plus two gathered bf16 blocks and their bf16 gradients (8 bytes per
@@ -13,12 +13,17 @@ without the T x T scores flash attention does not keep). Days = tokens * flops_p
 (N * peak * MFU).
 """
 
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from common import parse_args
+# Runnable as `python tools/<name>.py` (or `python -m tools.<name>`): the repo root on sys.path.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from model import PRESETS, Llama, build_config
+from nanowso.common import parse_args
 
 MICRO_BATCH = {"125m": 16, "350m": 8, "1b": 4, "8b": 1}  # sequences of seq_len per GPU, recommended
 BUDGETS = {"1b": [("Table 6", 350e9), ("Table 7", 2e12)], "8b": [("Table 6", 500e9)]}  # the paper's tokens

@@ -3,11 +3,11 @@ Training throughput: tokens/s and model FLOPs utilization (MFU) of one train ste
 (forward, backward, AdamW update), eager and torch.compile'd, against the device's bf16
 dense peak on a known GPU (H100/H200 SXM 989 TFLOP/s, A100 312), else this machine's own
 matmul peak measured in the same run; peak memory on a GPU. Speed lives here, never in tests.
-gpu_check.py is the one GPU check (training, resume, MFU, HVP, FSDP2).
+tools/gpu_check.py is the one GPU check (training, resume, MFU, HVP, FSDP2).
 
-    python bench.py --dim=256 --ffn_dim=768 --vocab_size=50304   # the CPU reference size (README, Speed)
-    python bench.py --preset=125m --batch_size=16 --seq_len=1024 --device=cuda
-    torchrun --nproc_per_node=8 bench.py --preset=1b --parallel=fsdp --batch_size=4 --seq_len=2048
+    python tools/bench.py --dim=256 --ffn_dim=768 --vocab_size=50304   # the CPU reference size (README, Speed)
+    python tools/bench.py --preset=125m --batch_size=16 --seq_len=1024 --device=cuda
+    torchrun --nproc_per_node=8 tools/bench.py --preset=1b --parallel=fsdp --batch_size=4 --seq_len=2048
 
 MFU = flops_per_token * tokens/s / peak, with flops_per_token = 6 * (matmul weights)
 + 12 * n_layers * dim * seq_len (model.Llama.flops_per_token). Under torchrun (--parallel=ddp
@@ -16,17 +16,21 @@ sum over the processes, MFU and peak memory are per GPU.
 """
 
 import statistics
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import parse_args
-from model import PRESETS, Llama, build_config
-from training import fsdp, setup_distributed
+# Runnable as `python tools/<name>.py` (or `python -m tools.<name>`): the repo root on sys.path.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from model import PRESETS, Llama, build_config
+from nanowso.common import parse_args
+from nanowso.runtime import fsdp, setup_distributed
 
 # The vocabulary of presets that take theirs from the data (tiny, 125m, 350m): cl100k_base's
 # 100,277 ids padded to a multiple of 64, as train.py pads them for FineWeb-Edu.

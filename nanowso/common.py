@@ -1,22 +1,17 @@
 """
-Plumbing shared by every script: `--key=value` configuration, atomic checkpoints and their
-RNG states, device and precision set-up, and progress lines. Nothing here is specific to
-the paper; it keeps each script about its own stage. Nothing here runs on its own.
+Plumbing every script shares: `--key=value` configuration from a dataclass (parse_args),
+log.jsonl appends, and progress lines (Eta, Pace). Nothing here is specific to the paper;
+nothing here runs on its own.
 """
+
 
 import dataclasses
 import inspect
 import json
 import os
-import random
 import re
 import sys
 import time
-from contextlib import nullcontext
-
-import numpy as np
-import torch
-
 
 # --------------------------------------------------------------------------- config
 
@@ -80,57 +75,6 @@ def parse_args(cls, argv=None, description=""):
         raise SystemExit(f"error: {e}") from None
 
 
-# ---------------------------------------------------------------------- checkpoints
-
-def save_checkpoint(path, state):
-    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def checkpoint_step(path):
-    """The step a checkpoint holds, reading only those bytes (mmap: the weights stay on disk;
-    a sharded one's run.pt)."""
-    if os.path.isdir(path):
-        import parallel  # torch.distributed.checkpoint, only for sharded checkpoints
-        return parallel.load_run_state(path)["step"]
-    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)["step"]
-
-
-def load_checkpoint(path, mmap=False):
-    """A train.py checkpoint as a dict: a ckpt.pt file, or a sharded checkpoint directory
-    (train.py --parallel=fsdp) gathered into the same dict (parallel.to_single_file).
-    mmap: map the file instead of reading it (processes on one machine share its pages)."""
-    if os.path.isdir(path):
-        import parallel  # torch.distributed.checkpoint, only for sharded checkpoints
-        if parallel.is_sharded(path):
-            return parallel.to_single_file(path)
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: no checkpoint at {path}; train one first (python train.py --out_dir=...)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
-    except Exception as e:  # a truncated or foreign file
-        raise SystemExit(f"error: {path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
-
-
-def rng_state():
-    """The generators a run draws from. Not CUDA's: nothing draws from it (weights are
-    initialized on the CPU, batches are a function of the seed, there is no dropout), and
-    saving every visible GPU's state made a resume on a node with fewer GPUs fail."""
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-
-
-def set_rng_state(state):
-    """Restore rng_state(); a "cuda" entry of an older checkpoint is ignored (see rng_state)."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-
-
 def append_jsonl(path, record):
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -145,27 +89,6 @@ def truncate_log(path, last_step):
     with open(f"{path}.tmp", "w") as f:
         f.writelines(kept)
     os.replace(f"{path}.tmp", path)
-
-
-# --------------------------------------------------------------- device, precision
-
-def resolve_device(device):
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"error: --device={device} but CUDA is not available; use --device=cpu")
-    return device
-
-
-def autocast_context(device, dtype):
-    """bf16 autocast on CUDA (the paper trains in bfloat16); plain float32 elsewhere."""
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
-    if dtype == "float32":
-        return dtype, nullcontext()
-    if dtype == "bfloat16":
-        return dtype, torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
-    raise SystemExit(f"error: --dtype={dtype} is not supported; use auto, float32 or bfloat16")
 
 
 def format_duration(seconds):

@@ -33,8 +33,8 @@ from typing import Protocol
 import numpy as np
 
 from data.chat import generation_prompt
-from data.common import Tokenizer, load_rows
-from scoring import generate_all
+from data.formats import Tokenizer, load_rows
+from nanowso.scoring import generate_all
 
 SYSTEM = "You are a careful evaluator of AI assistants. You judge which of two responses follows the instruction better."
 PROMPT = """Below is an instruction given to two AI assistants, followed by their responses.
@@ -244,8 +244,7 @@ def reference_outputs(spec, rows, max_new_tokens=256, batch_size=16, device="cpu
             raise SystemExit(f"error: reference {spec} has no output for {len(missing)} of the {len(rows)} "
                              f"instructions (the first: {missing[0][:80]!r})")
         return [given[r["instruction"]] for r in rows]
-    from common import load_checkpoint
-    from runs import load_model
+    from nanowso.checkpoint import load_checkpoint, load_model
     ckpt = load_checkpoint(spec)
     return model_outputs(load_model(ckpt, device), Tokenizer.from_dict(ckpt["tokenizer"]), rows, max_new_tokens,
                          batch_size)

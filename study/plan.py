@@ -3,7 +3,7 @@ The study as a plan: the paper's experiments at each scale (Sections 3-6), as th
 of this repo that make them, in order, with what each stage reads and writes. Pure: nothing
 here runs a stage; reproduce.py runs the plan and reports it.
 
-    from study import ReproduceConfig, plan
+    pass
     plan(ReproduceConfig(experiment="mid"))   # [(kind, run_dir, command, steps), ...]
 
 Experiment 1 (Section 3, Table 1): WSO (alpha_pre = 1.0) and WSD, Linear, Cosine with
@@ -14,16 +14,16 @@ and the pre-training tasks (evaluate.py). Experiment 2 (Section 4, Table 2): WSD
 with alpha_pre in {1.0, 0.1}, then mid-training with alpha_mid in {1.0, 0.0}, then the same.
 Decay-free: one WSO run keeping a checkpoint every M/5 steps over its last M = T/4; then the
 WSO model, a cooldown branched at step T - M (train.py --stage=cooldown, to 0 over M steps:
-WSD's budget and data), and a WSM merge (merge.py) of those 6 checkpoints for each decay
+WSD's budget and data), and a WSM merge (tools/merge.py) of those 6 checkpoints for each decay
 shape, each through sharpness.py, evaluation and the SFT sweep.
 """
 
 import os
 from dataclasses import dataclass
 
-from common import checkpoint_step
+from nanowso.checkpoint import checkpoint_step
 from schedules import MERGE_SHAPES, SFT_LR_GRIDS
-from tables import HARNESS, MT_TASKS, PT_TASKS
+from study.tables import HARNESS, MT_TASKS, PT_TASKS
 
 # (schedule, alpha_pre) of Table 1 (and Table 3, over-training), and (schedule, alpha_pre,
 # alpha_mid) of Table 2. Pre-training with alpha_pre = 1.0 is WSO's run, shared.
@@ -64,7 +64,7 @@ SCALES = {
                            sharpness_interval=100, compile=True),
                 mid=dict(dataset="fineweb_edu", max_iters=round(MID_FRACTION * 1000)),
                 # Table 23: sequences of 1024 tokens, batch size 1, 50 probes, up to 4096 batches
-                # (about 3 HVPs of a forward+backward each, bench_hvp.py: ~2x a run's pre-training)
+                # (about 3 HVPs of a forward+backward each, tools/bench_hvp.py: ~2x a run's pre-training)
                 sharpness=dict(num_batches=4096, num_samples=50, seq_len=1024, batch_size=1, compile=True),
                 seconds_per_cost=None,  # not run yet
                 sft=dict(dataset="tulu3", lrs="5e-5,1e-4,5e-4", epochs=1, global_batch_size=128, batch_size=16,
@@ -74,7 +74,7 @@ SCALES = {
                                                            and not t.startswith("testbed")),
                               harness=",".join(t for t in MT_TASKS if t in HARNESS), harness_fewshot="drop=5"),
                 # Table 18's suite after SFT, less AlpacaEval (it needs a judge: --judge); DROP,
-                # GSM8K, AGIEval and BBH in lm-eval's own configs (harness.py)
+                # GSM8K, AGIEval and BBH in lm-eval's own configs (nanowso/harness.py)
                 sft_eval=dict(tasks="mmlu,truthfulqa_mc2", harness=",".join(HARNESS),
                               harness_fewshot="gsm8k_cot=1,drop=5,agieval_en=3")),
 }
@@ -229,7 +229,7 @@ def decay_free_plan(cfg, seed, seed_dir, train, sft, scale):
     finals["wso_cooldown"] = cool_dir
     for shape in MERGE_SHAPES:  # schedules.merge_weights' shapes
         merge_dir = os.path.join(seed_dir, f"wso_merge_{shape}")
-        stages.append(("merge", merge_dir, ["merge.py", f"--ckpts={','.join(kept)}", f"--shape={shape}",
+        stages.append(("merge", merge_dir, ["tools/merge.py", f"--ckpts={','.join(kept)}", f"--shape={shape}",
                                             f"--out={os.path.join(merge_dir, 'ckpt.pt')}"], None))
         finals[f"wso_merge_{shape}"] = merge_dir
     wanted = set(cfg.schedules.split(",")) - {""}

@@ -9,7 +9,7 @@ vocabularies included). evaluate.py --harness calls run(); this file does not ru
     python evaluate.py --ckpt=out/ckpt.pt --harness=arc_easy --harness_files=arc_easy=arc.jsonl
 
 lm_eval is an optional extra, imported only here: `pip install "lm-eval[hf]>=0.4.13,<0.5"`
-(requirements.txt lists it for the tests). evaluate.py's hand-written scorer (scoring.py)
+(requirements.txt lists it for the tests). evaluate.py's hand-written scorer (nanowso/scoring.py)
 stays what readers learn from; tests/test_harness.py checks that both give the same
 log-likelihoods and acc/acc_norm per item.
 
@@ -38,10 +38,10 @@ import os
 import tempfile
 from collections import defaultdict
 
-from common import Eta
 from data.chat import segments
-from data.common import EOT_TEXT
-from scoring import greedy_generate_batch, loglikelihoods
+from data.formats import EOT_TEXT
+from nanowso.common import Eta
+from nanowso.scoring import greedy_generate_batch, loglikelihoods
 
 try:
     from lm_eval.api.model import TemplateLM

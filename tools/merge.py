@@ -5,8 +5,8 @@ taking the updates between them with a decayed LR, so a WSO run gets the effect 
 without training one. The weights c_j of each decay shape are schedules.merge_weights.
 
     python train.py --keep_every=100 --out_dir=out     # keeps out/ckpt_000100.pt, out/ckpt_000200.pt, ...
-    python merge.py --ckpts=out/ckpt_000500.pt,out/ckpt_000600.pt --out=out-merge/ckpt.pt  # their mean
-    python merge.py --ckpts=out --last=4 --shape=1-sqrt --out=out-merge/ckpt.pt  # the last 5 kept
+    python tools/merge.py --ckpts=out/ckpt_000500.pt,out/ckpt_000600.pt --out=out-merge/ckpt.pt  # their mean
+    python tools/merge.py --ckpts=out --last=4 --shape=1-sqrt --out=out-merge/ckpt.pt  # the last 5 kept
     python evaluate.py --ckpt=out-merge/ckpt.pt        # likewise sft.py and sharpness.py
 
 The merge is computed in float64 and stored in the checkpoints' dtype. The written file is
@@ -19,13 +19,19 @@ branch a cooldown from it, as the merge already emulates a decay.
 
 import os
 import re
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+# Runnable as `python tools/<name>.py` (or `python -m tools.<name>`): the repo root on sys.path.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import schedules
-from common import load_checkpoint, parse_args, save_checkpoint
-from training import RESUMABLE_CHANGES
+from nanowso.checkpoint import load_checkpoint, save_checkpoint
+from nanowso.common import parse_args
+from nanowso.start import RESUMABLE_CHANGES
 
 
 @dataclass

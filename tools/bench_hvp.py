@@ -24,21 +24,26 @@ Rounds interleave the methods, and each ratio uses the reference of its own roun
 so a machine shared with other jobs moves numerator and denominator together;
 `--clock=cpu` (process CPU time) with `--threads=1` is the steadiest on a busy machine.
 
-    python bench_hvp.py                              # model.PRESETS["tiny"], vocab 960, batch 1
-    python bench_hvp.py --seq_lens=256,1024 --probes=20 --rounds=3 --threads=2 --clock=wall
+    python tools/bench_hvp.py                              # model.PRESETS["tiny"], vocab 960, batch 1
+    python tools/bench_hvp.py --seq_lens=256,1024 --probes=20 --rounds=3 --threads=2 --clock=wall
 """
 
 import argparse
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch.func import functional_call, grad, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+# Runnable as `python tools/<name>.py` (or `python -m tools.<name>`): the repo root on sys.path.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from model import Llama, build_config
-from hessian import auto_probes_per_call, hutchinson_trace, rademacher_like
+from nanowso.hessian import auto_probes_per_call, hutchinson_trace, rademacher_like
 
 
 def quadratic_form(z, hz):

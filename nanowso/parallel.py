@@ -9,7 +9,7 @@ forward and backward (torchtitan's layout: each block a unit, the embeddings, fi
 output layer the root's).
 
     torchrun --nproc_per_node=8 train.py --preset=8b --parallel=fsdp --dataset=fineweb_edu ...
-    python convert_checkpoint.py out/ckpt_sharded out/ckpt.pt   # for evaluate.py, sharpness.py, ...
+    python tools/convert_checkpoint.py out/ckpt_sharded out/ckpt.pt   # for evaluate.py, sharpness.py, ...
 
 The model is built on the meta device (no memory), sharded, then materialized on each rank's
 device. Its initial weights are the single-process ones: rank 0 makes them on the CPU (the
@@ -31,8 +31,13 @@ import shutil
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -138,6 +143,7 @@ def to_single_file(path):
     keyed as a single-process run saves it), read without a process group (DCP's
     format_utils.dcp_to_torch_save, through a temporary file)."""
     import tempfile
+
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
     with tempfile.TemporaryDirectory() as tmp:
         dcp_to_torch_save(path, os.path.join(tmp, "full.pt"))

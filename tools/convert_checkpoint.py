@@ -5,20 +5,24 @@ state and the run's state. Every script reads sharded directories as they are (c
 load_checkpoint gathers them); this writes the file once, for a copy elsewhere or for tools
 that expect one file. It runs as one process, without a GPU.
 
-    python convert_checkpoint.py out/ckpt_sharded out/ckpt.pt
+    python tools/convert_checkpoint.py out/ckpt_sharded out/ckpt.pt
 """
 
 import os
 import sys
+from pathlib import Path
 
-from common import save_checkpoint
-from parallel import is_sharded, to_single_file
+# Runnable as `python tools/<name>.py` (or `python -m tools.<name>`): the repo root on sys.path.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from nanowso.checkpoint import save_checkpoint
+from nanowso.parallel import is_sharded, to_single_file
 
 
 def main(argv):
     if len(argv) != 2 or argv[0] in ("-h", "--help"):
         raise SystemExit(__doc__.strip() if argv[:1] in (["-h"], ["--help"]) else
-                         "usage: python convert_checkpoint.py <sharded checkpoint directory> <out ckpt.pt>")
+                         "usage: python tools/convert_checkpoint.py <sharded checkpoint directory> <out ckpt.pt>")
     source, out = argv
     if not is_sharded(source):
         raise SystemExit(f"error: {source} is not a sharded checkpoint (a directory with .metadata, written by "

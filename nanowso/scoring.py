@@ -13,10 +13,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import Eta
 from data.chat import generation_prompt
-from data.common import read_jsonl
+from data.formats import read_jsonl
 from model import KVCache
+from nanowso.common import Eta
 
 # ------------------------------------------------------------------ generation (SFT)
 
@@ -25,7 +25,7 @@ from model import KVCache
 def greedy_generate_batch(model, prompts, max_new_tokens, stop_id, vocab_size=None, use_cache=True, done=None):
     """Greedy continuations of equally long prompts (lists of ids), each up to (not
     including) its stop_id, or up to the token after which done(ids so far) is true
-    (lm-eval's stop strings, harness.py). Equal lengths need no padding: the model takes no attention
+    (lm-eval's stop strings, nanowso/harness.py). Equal lengths need no padding: the model takes no attention
     mask, so a padded prompt would attend to pad tokens. Finished rows leave the batch.
     vocab_size excludes the embedding's padding rows, which no tokenizer can decode.
     With use_cache (and a model whose forward takes one, as model.Llama's), a KVCache holds
@@ -227,3 +227,28 @@ def score_items(model, tokenizer, items, metrics, batch_size=16, desc=None):
         start += len(item_pairs)
     means = {name: float(np.mean([m[name] for m in per_item])) for name in per_item[0]}
     return {**means, "n": len(items)}
+
+
+
+
+
+import torch
+
+from data.chat import IGNORE
+
+
+@torch.no_grad()
+def mean_loss(model, batches, device, autocast):
+    """The mean next-token loss over every target token (label != -100) of fixed batches
+    [(x, y), ...]: each batch's mean weighted by its token count. The model is evaluated
+    in eval mode and left in the mode it came in."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in batches:
+        with autocast:
+            _, loss = model(x.to(device), y.to(device))
+        n = int((y != IGNORE).sum())
+        total, count = total + loss.item() * n, count + n
+    model.train(was_training)
+    return total / count

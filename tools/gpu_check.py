@@ -5,8 +5,8 @@ resume and compares, measures MFU at 125m and 350m against the device's bf16 den
 the Hessian-vector product (math attention backend) at T = 1024 on 125m, and trains with FSDP2
 on that one GPU; one summary line per check, exit status 1 if any fails.
 
-    python gpu_check.py                    # on a GPU (about 5 minutes on an H100/H200)
-    python gpu_check.py --device=cpu       # the same checks on the tiny preset (tests run this)
+    python tools/gpu_check.py                    # on a GPU (about 5 minutes on an H100/H200)
+    python tools/gpu_check.py --device=cpu       # the same checks on the tiny preset (tests run this)
 
 The training data is a synthetic token stream over the full cl100k vocabulary (a fixed random
 successor for each of 4096 ids, restarting every 128 tokens), so the loss falls within 30
@@ -20,16 +20,21 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import bench
-from common import autocast_context, parse_args, resolve_device
-from data.common import Tokenizer, load_meta, write_meta, write_tokens
-from hessian import model_sharpness
+# Runnable as `python tools/<name>.py` (or `python -m tools.<name>`): the repo root on sys.path.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data.formats import Tokenizer, load_meta, write_meta, write_tokens
 from model import Llama
+from nanowso.common import parse_args
+from nanowso.hessian import model_sharpness
+from nanowso.runtime import autocast_context, resolve_device
+from tools import bench
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 

@@ -8,6 +8,7 @@ reproduce.py feed them. Nothing here runs on its own.
 
 import numpy as np
 
+
 def plot_sharpness_curves(runs, t_stable=None, path="sharpness_curves.png"):
     """Figure 3: sharpness against step, one line with error bars per schedule.
     runs: {label: [(step, trace, stderr), ...]}; t_stable draws WSD's decay start."""

@@ -3,7 +3,7 @@ Export a checkpoint as a Hugging Face `LlamaForCausalLM` directory, so transform
 lm-evaluation-harness and vLLM can load the paper's models (transformers'
 LlamaConfig and modeling_llama.py name the keys written here).
 
-    python export_hf.py --ckpt=out/ckpt.pt --out_dir=hf/
+    python tools/export_hf.py --ckpt=out/ckpt.pt --out_dir=hf/
     python -c "from transformers import LlamaForCausalLM; LlamaForCausalLM.from_pretrained('hf/')"
 
 Writes out_dir/config.json, out_dir/model.safetensors and out_dir/nanowso_tokenizer.json, and
@@ -22,14 +22,20 @@ ids nanowso_tokenizer.json lists (`compact_vocab`, position = HF id).
 
 import json
 import os
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from common import load_checkpoint, parse_args
-from data.common import Tokenizer
+# Runnable as `python tools/<name>.py` (or `python -m tools.<name>`): the repo root on sys.path.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data.formats import Tokenizer
 from model import LlamaConfig
+from nanowso.checkpoint import load_checkpoint
+from nanowso.common import parse_args
 
 # Meta's Llama names (model.py) -> Hugging Face's, per layer and for the whole model
 LAYER_KEYS = {
@@ -77,7 +83,7 @@ def hf_config(cfg: LlamaConfig, tokenizer: Tokenizer, dtype):
         "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
         "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": cfg.tie_embeddings,
-        # documents start with <|endoftext|> and end with it (data/common.py): it is both
+        # documents start with <|endoftext|> and end with it (data/formats.py): it is both
         "bos_token_id": tokenizer.eot, "eos_token_id": tokenizer.eot, "torch_dtype": dtype,
     }
 
@@ -147,7 +153,7 @@ def tokenizer_json(enc):
 
 
 def tokenizer_config(sft):
-    """tokenizer_config.json: documents start and end with <|endoftext|> (data/common.py), so it
+    """tokenizer_config.json: documents start and end with <|endoftext|> (data/formats.py), so it
     is bos, eos and the padding id; nothing is added around a text (the harness adds nothing,
     and evaluate.py scores as it does)."""
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|endoftext|>",

@@ -13,7 +13,7 @@ and every probe back-propagates through them; on short batches torch.func.vmap s
 few probes through at once (auto_probes_per_call). With compile=True, torch.compile fuses
 the gradient and a vmapped chunk of HVPs into one compiled call (probe_chunk); PyHessian's
 double backward stays eager (torch.compile does not trace torch.autograd.grad by default).
-bench_hvp.py measures these against the alternatives (jvp of grad per probe; PyHessian).
+tools/bench_hvp.py measures these against the alternatives (jvp of grad per probe; PyHessian).
 
 Measurement (Appendix H, model_sharpness): per batch b, t_b = Tr of the Hessian of that
 batch's loss, the mean cross-entropy over its target tokens (label != -100), from
@@ -125,7 +125,7 @@ def hutchinson_trace(loss_fn, params, num_samples, generator=None, probes_per_ca
 
     compile=True runs each chunk through torch.compile(probe_chunk): the gradient is
     recomputed per chunk, but fused kernels make the whole faster on long sequences
-    (bench_hvp.py). It compiles once per input shape (a minute or more), so the chunks
+    (tools/bench_hvp.py). It compiles once per input shape (a minute or more), so the chunks
     are made equal: probes_per_call is then the widest, and the last chunk is padded
     with zero probes (H 0 = 0, dropped)."""
     if num_samples < 1 or probes_per_call < 1:
@@ -160,7 +160,7 @@ def hutchinson_trace(loss_fn, params, num_samples, generator=None, probes_per_ca
 
 def auto_probes_per_call(tokens, compile=False):
     """How many probes to vmap together for a batch of `tokens` positions (padding
-    included). bench_hvp.py, tiny preset on CPU, per probe as a multiple of a
+    included). tools/bench_hvp.py, tiny preset on CPU, per probe as a multiple of a
     forward+backward: eager, 4 vmapped probes cost 2.1x against 2.35x one at a time at
     256 tokens with 2 threads (a tie with 1 thread), and 8-10x against 3.8x at 1024
     tokens: so 4 up to 256 tokens, else 1. Compiled, the gradient is recomputed per call

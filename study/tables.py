@@ -21,7 +21,7 @@ ZERO_SHOT = {"arc_easy": "acc", "arc_challenge": "acc_norm", "boolq": "acc", "he
 PT_TASKS = ["arc_easy", "arc_challenge", "boolq", "hellaswag", "openbookqa", "piqa", "winogrande",
             "testbed_recall"]  # Section 3.1
 MT_TASKS = ["arc_challenge", "hellaswag", "winogrande", "drop", "gsm8k_cot", "testbed_mid_recall"]  # Section 4.1
-# The paper's tasks that lm-eval's own configs score (evaluate.py --harness, harness.py), each
+# The paper's tasks that lm-eval's own configs score (evaluate.py --harness, nanowso/harness.py), each
 # with the metric it contributes: lm-eval's "metric,filter" key. Appendix E's shots: after
 # mid-training DROP 5-shot and GSM8K 8-shot chain-of-thought (gsm8k_cot's own 8); after SFT
 # GSM8K 1-shot, DROP 5-shot, AGIEval 3-shot (its English tasks), BBH 3-shot with CoT (bbh's own).
