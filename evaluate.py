@@ -64,7 +64,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from data.chat import IGNORE
+from model import IGNORE_INDEX
 from data.formats import Tokenizer, load_rows, load_split, load_value_mask, read_jsonl, write_jsonl
 from data.loaders import resolve_dataset, testbed_of, validation_batches
 from nanowso.checkpoint import load_checkpoint, load_model, schedule_of, training_config
@@ -247,7 +247,7 @@ def validation_loss(model, tokenizer, shards, seq_len, eval_tokens, batch_size=1
               "bytes": total_bytes}
     if value_mask is not None:
         masks = validation_batches(value_mask, seq_len, eval_tokens, batch_size)
-        values = [(x, torch.where(m == 1, y, IGNORE)) for (x, y), (_, m) in zip(batches, masks)]
+        values = [(x, torch.where(m == 1, y, IGNORE_INDEX)) for (x, y), (_, m) in zip(batches, masks)]
         result.update(value_loss=mean_loss(model, values, device, nullcontext()),
                       value_tokens=int(sum((m == 1).sum() for _, m in masks)))
     return result

@@ -78,6 +78,7 @@ PRESETS = {
 
 
 # Logits the loss holds at once: 2^25 fp32 values (128 MiB; 256 positions at V = 128256).
+IGNORE_INDEX = -100  # the label of a position outside the loss (F.cross_entropy's ignore_index)
 LOSS_CHUNK_ELEMENTS = 2**25
 
 
@@ -252,7 +253,7 @@ class Llama(nn.Module):
 
     def forward(self, idx, targets=None, loss_chunk=None, cache=None):
         """idx (B, T) token ids -> (logits (B, T, V) for every position, None); with targets
-        (B, T): (None, the mean next-token cross-entropy over targets != -100), computed by
+        (B, T): (None, the mean next-token cross-entropy over targets != IGNORE_INDEX), computed by
         cross_entropy without the full logits (loss_chunk: positions per chunk, see there).
         With a KVCache, idx continues the sequences the cache holds (generation)."""
         B, T = idx.shape
@@ -293,7 +294,7 @@ def upcast(logits):
 
 def chunk_loss_sum(h, weight, targets):
     """Summed cross-entropy of the logits h @ weight^T (N, V), in float32 or wider."""
-    return F.cross_entropy(upcast(F.linear(h, weight)), targets, ignore_index=-100, reduction="sum")
+    return F.cross_entropy(upcast(F.linear(h, weight)), targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
@@ -305,7 +306,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, targets, chunk):  # h (N, C), weight (V, C), targets (N,)
-        n = (targets != -100).sum()
+        n = (targets != IGNORE_INDEX).sum()
         wide = torch.promote_types(weight.dtype, torch.float32)  # float32, or float64
         loss = torch.zeros((), dtype=wide, device=h.device)
         grad_h, grad_w = torch.empty_like(h), torch.zeros_like(weight, dtype=wide)
@@ -313,7 +314,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             h_c, t_c = h[start:start + chunk], targets[start:start + chunk]
             raw = F.linear(h_c, weight)  # (chunk, V); bf16 under autocast
             logits = upcast(raw)
-            valid = t_c != -100
+            valid = t_c != IGNORE_INDEX
             target = t_c.clamp(min=0)
             lse = logits.logsumexp(-1)  # (chunk,)
             loss += ((lse - logits.gather(1, target[:, None])[:, 0]) * valid).sum()
@@ -333,7 +334,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
 
 def cross_entropy(h, weight, targets, chunk=None):
     """The mean cross-entropy of logits h @ weight^T (h (B, T, C), weight (V, C)) against
-    targets (B, T) over targets != -100: F.cross_entropy(upcast(logits), ...) without its
+    targets (B, T) over targets != IGNORE_INDEX: F.cross_entropy(upcast(logits), ...) without its
     memory. The full fp32 logits are B*T*V*4 bytes, and as much again for their gradient:
     ~2 GB per 2048-token sequence at V = 128256. Here positions go through `chunk` at a time
     (None: LOSS_CHUNK_ELEMENTS // V), and with gradients on, ChunkedCrossEntropy computes them
@@ -343,11 +344,11 @@ def cross_entropy(h, weight, targets, chunk=None):
     h, targets = h.flatten(0, 1), targets.flatten()  # (N, C), (N,)
     chunk = max(1, LOSS_CHUNK_ELEMENTS // weight.shape[0]) if chunk is None else chunk
     if chunk == 0 or h.shape[0] <= chunk:
-        return F.cross_entropy(upcast(F.linear(h, weight)), targets, ignore_index=-100)
+        return F.cross_entropy(upcast(F.linear(h, weight)), targets, ignore_index=IGNORE_INDEX)
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         return ChunkedCrossEntropy.apply(h, weight, targets, chunk)
     total = sum(chunk_loss_sum(h_c, weight, t_c) for h_c, t_c in zip(h.split(chunk), targets.split(chunk)))
-    return total / (targets != -100).sum()
+    return total / (targets != IGNORE_INDEX).sum()
 
 
 def build_config(preset, **overrides):

@@ -58,7 +58,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import schedules
-from data.chat import IGNORE
+from model import IGNORE_INDEX
 from data.conversations import load_data, message_lists, tokenize, update_batches
 from data.formats import Tokenizer, write_atomic, write_jsonl
 from data.loaders import pad_collate
@@ -170,7 +170,7 @@ def train_step(model, optimizer, micro_batches, cfg, rt: Runtime):
     runs as many micro-batches (ceil(n / world_size)), a process short of one (an update whose
     count does not divide) repeating one with weight 0: FSDP gathers each block's weights in
     every forward and backward, so all processes must run the same number of them."""
-    supervised = sum(int((y != IGNORE).sum()) for _, y in micro_batches)
+    supervised = sum(int((y != IGNORE_INDEX).sum()) for _, y in micro_batches)
     mine = [(x, y, 1.0) for x, y in micro_batches[rt.rank::rt.world_size]]
     mine += [(*micro_batches[0], 0.0)] * (-(-len(micro_batches) // rt.world_size) - len(mine))
     loss_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
@@ -181,7 +181,7 @@ def train_step(model, optimizer, micro_batches, cfg, rt: Runtime):
         with model.no_sync() if rt.distributed and cfg.parallel == "ddp" and not last else nullcontext():
             with rt.autocast:
                 _, loss = model(to_device(x, rt.device), to_device(y, rt.device))
-            loss = loss * (weight * int((y != IGNORE).sum()) / supervised)
+            loss = loss * (weight * int((y != IGNORE_INDEX).sum()) / supervised)
             (loss * rt.world_size).backward()
         loss_sum += loss.item()
     if rt.distributed:

@@ -24,8 +24,9 @@ Everywhere else the ids equal those of tokenizing the rendered string in one go.
 Nothing here runs on its own; sft.py and sharpness.py import it.
 """
 
+from model import IGNORE_INDEX
+
 HEADERS = {"system": "<|system|>\n", "user": "<|user|>\n", "assistant": "<|assistant|>\n"}
-IGNORE = -100  # label of tokens outside the loss (F.cross_entropy's ignore_index)
 SCHEMA = ('messages must be a non-empty list of {"role": "system" | "user" | "assistant", '
           '"content": str} (the Tulu 3 SFT `messages` field)')
 
@@ -65,14 +66,14 @@ def _tokenize(pieces, tokenizer):
             piece_ids = piece_ids + [tokenizer.eot]
             labels += piece_ids
         else:
-            labels += [IGNORE] * len(piece_ids)
+            labels += [IGNORE_INDEX] * len(piece_ids)
         ids += piece_ids
     return ids, labels
 
 
 def render(messages, tokenizer, max_len=None):
     """(ids, labels) of a conversation, cut to the first max_len tokens. Labels are the
-    ids on assistant content + eos and IGNORE elsewhere; check has_supervision(labels)
+    ids on assistant content + eos and IGNORE_INDEX elsewhere; check has_supervision(labels)
     for conversations whose assistant part the cut removed entirely."""
     if max_len is not None and max_len < 1:
         raise ValueError(f"max_len={max_len} must be >= 1 (or None for no cut)")
@@ -84,7 +85,7 @@ def render(messages, tokenizer, max_len=None):
 
 def has_supervision(labels):
     """Whether any token is in the loss (a truncated conversation may have none left)."""
-    return any(label != IGNORE for label in labels)
+    return any(label != IGNORE_INDEX for label in labels)
 
 
 def generation_prompt(messages, tokenizer):

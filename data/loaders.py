@@ -18,7 +18,8 @@ import os
 import numpy as np
 import torch
 
-from data.chat import IGNORE, has_supervision, render
+from data.chat import has_supervision, render
+from model import IGNORE_INDEX
 from data.formats import load_split, read_jsonl
 
 DATA_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -143,7 +144,7 @@ def pad_collate(examples, pad_id):
     attention mask is needed."""
     T = max(len(ids) for ids, _ in examples) - 1
     x = torch.full((len(examples), T), pad_id, dtype=torch.long)
-    y = torch.full((len(examples), T), IGNORE, dtype=torch.long)
+    y = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)
     for row, (ids, labels) in enumerate(examples):
         x[row, :len(ids) - 1] = torch.as_tensor(ids[:-1])
         y[row, :len(ids) - 1] = torch.as_tensor(labels[1:])

@@ -7,7 +7,9 @@ tools/merge.py's ckpt.pt. Nothing here runs on its own.
 
 import json
 import os
+import random
 
+import numpy as np
 import torch
 
 from model import Llama, LlamaConfig
@@ -53,12 +55,6 @@ def schedule_of(ckpt):
         return None, None, alpha_mid
     return pre["schedule"], 1.0 if pre["schedule"] == "wso" else pre["alpha"], alpha_mid
 
-
-
-
-import random
-
-import numpy as np
 
 # ---------------------------------------------------------------------- checkpoints
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from data.chat import generation_prompt
 from data.formats import read_jsonl
-from model import KVCache
+from model import IGNORE_INDEX, KVCache
 from nanowso.common import Eta
 
 # ------------------------------------------------------------------ generation (SFT)
@@ -230,13 +230,6 @@ def score_items(model, tokenizer, items, metrics, batch_size=16, desc=None):
 
 
 
-
-
-import torch
-
-from data.chat import IGNORE
-
-
 @torch.no_grad()
 def mean_loss(model, batches, device, autocast):
     """The mean next-token loss over every target token (label != -100) of fixed batches
@@ -248,7 +241,7 @@ def mean_loss(model, batches, device, autocast):
     for x, y in batches:
         with autocast:
             _, loss = model(x.to(device), y.to(device))
-        n = int((y != IGNORE).sum())
+        n = int((y != IGNORE_INDEX).sum())
         total, count = total + loss.item() * n, count + n
     model.train(was_training)
     return total / count

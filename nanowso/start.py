@@ -4,15 +4,27 @@ change (RESUMABLE_CHANGES, RECORDED_CHANGES), the refusals that keep a resumed r
 run (check_resume), and the command that resumes one. Nothing here runs on its own.
 """
 
+import math
+import os
+from dataclasses import asdict, dataclass
+from types import SimpleNamespace
 
-from dataclasses import asdict
+import torch
+
+import schedules
+from data.formats import Tokenizer, load_meta, load_split
+from data.loaders import TokenWindows, resolve_dataset
+from model import PRESETS, Llama, LlamaConfig, build_config
+from nanowso.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from nanowso.optim import load_optimizer_state, make_optimizer, own_settings
+from nanowso.runtime import Runtime, fsdp
 
 # train.py's config fields that may differ between two points of one run (a resume, the
 # checkpoints tools/merge.py merges): they change what is printed or where, not the training
 # trajectory. max_iters may grow: for WSO that extends a finished run exactly.
 RESUMABLE_CHANGES = frozenset({"out_dir", "init_from", "log_interval", "eval_interval", "eval_tokens",
-                               "checkpoint_interval", "keep_every", "keep_optimizer", "compile", "max_iters", "sharpness_interval",
-                               "sharpness_batches", "sharpness_samples"})
+                               "checkpoint_interval", "keep_every", "keep_optimizer", "compile", "max_iters",
+                               "sharpness_interval", "sharpness_batches", "sharpness_samples"})
 # Fields a resume may change although the trajectory then differs from the resumed step on: the
 # remedy for a loss that went to NaN. train.py prints and records them (log.jsonl, config.json,
 # the checkpoint's "changes"). learning_rate only for stage=pre: mid-training and cooldowns take
@@ -63,3 +75,244 @@ def check_resume(ckpt, cfg, world_size):
 def resume_command(argv, init_from="resume"):
     """This process's arguments with --init_from=<init_from> in place of any --init_from."""
     return [a for a in argv if not a.startswith("--init_from=")] + [f"--init_from={init_from}"]
+
+
+# ------------------------------------------------------------ where a run starts
+
+# A cooldown branch continues the run of its checkpoint: beyond what a resume may change
+# (RESUMABLE_CHANGES), only its stage and decay (shape and alpha) differ, and
+# max_iters becomes its length M.
+BRANCH_CHANGES = RESUMABLE_CHANGES | {"stage", "cooldown", "alpha"}
+
+
+@dataclass
+class Branch:
+    """Where stage=mid or stage=cooldown leaves the pre-training run: its step n (T_pre of
+    Eq. 11, T_stable of the cooldown) and its LR eta(n) there."""
+    pretrain_iters: int
+    lr_end_of_pretraining: float
+
+
+@dataclass
+class Counters:
+    """How far a run is: optimizer updates (numbered globally across stages), training
+    samples consumed (the data position) and tokens seen."""
+    step: int = 0
+    samples_seen: int = 0
+    tokens_seen: int = 0
+
+
+@dataclass
+class Start:
+    """What starting_point returns: the model to build and the state to load into it."""
+    model_config: LlamaConfig
+    model_state: dict | None  # None: a fresh initialization
+    optimizer_state: dict | None  # None: a fresh AdamW
+    rng: dict | None  # restored when the same run continues (resume, cooldown)
+    counters: Counters
+    branch: Branch | None
+    run_config: dict  # saved with every checkpoint: this run's config, init_from as the run began
+    last_step: int
+    changes: list  # RECORDED_CHANGES made by resumes: [{"step": n, field: [old, new]}, ...]
+    sharded: str | None = None  # a sharded checkpoint that holds model_state (and optimizer_state) instead
+
+
+def lr_of_update(step, cfg, branch):
+    """The learning rate of update `step` (1-based, global across stages)."""
+    if cfg.stage == "pre":
+        return schedules.pretrain_lr(step, cfg.schedule, lr_max=cfg.learning_rate, warmup_iters=cfg.warmup_iters,
+                                     max_iters=cfg.max_iters, alpha=cfg.alpha, stable_ratio=cfg.stable_ratio,
+                                     cooldown=cfg.cooldown)
+    if cfg.stage == "cooldown":
+        return schedules.cooldown_lr(step, lr_max=branch.lr_end_of_pretraining, t_stable=branch.pretrain_iters,
+                                     cooldown_iters=cfg.max_iters, alpha=cfg.alpha, cooldown=cfg.cooldown)
+    return schedules.midtrain_lr(step, lr_end_of_pretraining=branch.lr_end_of_pretraining,
+                                 pretrain_iters=branch.pretrain_iters, mid_iters=cfg.max_iters, alpha_mid=cfg.alpha_mid)
+
+
+def starting_point(cfg, tokenizer, world_size):
+    """Where this run starts: from scratch; resumed from out_dir/ckpt.pt; mid-training from a
+    pre-training checkpoint (its weights and optimizer, Eq. 11 from its step and LR, new data);
+    or a cooldown branched from a constant-LR checkpoint (the same run continued, decaying)."""
+    if cfg.init_from == "scratch":
+        # Presets without a vocab_size take the data's, padded to a multiple of 64 (faster matmuls).
+        vocab = PRESETS[cfg.preset]["vocab_size"] or math.ceil(tokenizer.vocab_size / 64) * 64
+        model_cfg = build_config(cfg.preset, vocab_size=vocab, max_seq_len=max(cfg.seq_len, 2048))
+        if model_cfg.vocab_size < tokenizer.vocab_size:
+            raise SystemExit(f"error: preset {cfg.preset} has vocab_size {model_cfg.vocab_size} < the data's "
+                             f"{tokenizer.vocab_size}")
+        return Start(model_config=model_cfg, model_state=None, optimizer_state=None, rng=None, counters=Counters(),
+                     branch=None, run_config=asdict(cfg), last_step=cfg.max_iters, changes=[])
+    resume = cfg.init_from == "resume"
+    source = checkpoint_path(cfg) if resume else cfg.init_from
+    ckpt = read_checkpoint(source, cfg)
+    if cfg.stage != "pre" and "optimizer" not in ckpt:
+        raise SystemExit(f"error: {cfg.init_from} holds weights without AdamW's state (a checkpoint kept by "
+                         f"--keep_every, or a merge of such), and stage={cfg.stage} continues the optimizer: "
+                         f"branch from a full checkpoint (the run's ckpt.pt), or keep them with "
+                         f"--keep_optimizer=true")
+    changes = list(ckpt.get("changes", [])) if resume or cfg.stage == "cooldown" else []
+    if resume:
+        if cfg.warmup_by_rule:
+            cfg.warmup_iters = ckpt["config"]["warmup_iters"]
+        changed = check_resume(ckpt, cfg, world_size)
+        changes += [{"step": ckpt["step"], **changed}] if changed else []
+        branch = ckpt.get("branch", ckpt.get("mid"))  # older checkpoints name it "mid"
+        branch = Branch(**branch) if branch else None
+    else:
+        branch = branch_point(ckpt, cfg)
+    if Tokenizer.from_dict(ckpt["tokenizer"]) != tokenizer:
+        raise SystemExit(f"error: {cfg.dataset} uses a different tokenizer/vocabulary than the checkpoint; "
+                         f"prepare it with the checkpoint's tokenizer")
+    same_run = resume or cfg.stage == "cooldown"
+    if same_run:
+        counters = Counters(step=ckpt["step"], samples_seen=ckpt["samples_seen"], tokens_seen=ckpt["tokens_seen"])
+    elif cfg.stage == "mid":  # new data from its start; steps and tokens count on
+        counters = Counters(step=branch.pretrain_iters, samples_seen=0, tokens_seen=ckpt["tokens_seen"])
+    else:  # stage=pre from a checkpoint's weights: a new run
+        counters = Counters()
+    # Keep where the run started (a mid-training run's pre-training checkpoint), not "resume".
+    run_config = {**asdict(cfg), "init_from": ckpt["config"]["init_from"] if resume else cfg.init_from}
+    first_step = branch.pretrain_iters + 1 if branch else 1
+    return Start(model_config=LlamaConfig.from_dict(ckpt["model_config"]), model_state=ckpt["model"],
+                 optimizer_state=ckpt["optimizer"] if resume or cfg.stage != "pre" else None,
+                 rng=ckpt["rng"] if same_run else None, counters=counters, branch=branch, run_config=run_config,
+                 last_step=first_step + cfg.max_iters - 1, changes=changes, sharded=ckpt.get("sharded"))
+
+
+def checkpoint_path(cfg):
+    """Where this run writes its checkpoint: out_dir/ckpt.pt, or with --parallel=fsdp the
+    sharded directory out_dir/ckpt_sharded."""
+    return os.path.join(cfg.out_dir, "ckpt_sharded" if cfg.parallel == "fsdp" else "ckpt.pt")
+
+
+def kept_path(cfg, step):
+    """Where --keep_every keeps the checkpoint of `step`: out_dir/ckpt_<step:06d>.pt (or _sharded)."""
+    return os.path.join(cfg.out_dir, f"ckpt_{step:06d}_sharded" if cfg.parallel == "fsdp" else f"ckpt_{step:06d}.pt")
+
+
+def read_checkpoint(path, cfg):
+    """The checkpoint a run starts from. A sharded one read by an FSDP run gives run.pt, its
+    model and optimizer standing for the shards that build_model loads into place (DCP
+    reshards to this run's processes); any other pairing gives the whole dict (memory-mapped:
+    the processes of one machine share its pages)."""
+    if cfg.parallel == "fsdp" and fsdp().is_sharded(path):
+        state = {**fsdp().load_run_state(path), "model": None, "sharded": path}
+        return {**state, "optimizer": "sharded"} if fsdp().holds_optimizer(path) else state
+    if cfg.init_from == "resume" and not os.path.exists(path):
+        other = "ckpt.pt" if cfg.parallel == "fsdp" else "ckpt_sharded"
+        if os.path.exists(os.path.join(cfg.out_dir, other)):
+            raise SystemExit(f"error: {cfg.out_dir} holds {other}, written with --parallel="
+                             f"{'ddp' if cfg.parallel == 'fsdp' else 'fsdp'}: resume with that")
+    return load_checkpoint(path, mmap=cfg.parallel == "fsdp")
+
+
+def branch_point(ckpt, cfg):
+    """The Branch of a mid-training run or a cooldown from checkpoint `ckpt` (None for stage=pre)."""
+    if cfg.stage == "pre":
+        return None
+    if ckpt["config"]["stage"] != "pre":
+        raise SystemExit(f"error: {cfg.init_from} is a stage={ckpt['config']['stage']} checkpoint; "
+                         f"{'mid-training' if cfg.stage == 'mid' else 'a cooldown'} starts from a pre-training one")
+    pre = SimpleNamespace(**{**ckpt["config"], "stage": "pre"})  # the pre-training run's config
+    branch = Branch(pretrain_iters=ckpt["step"], lr_end_of_pretraining=lr_of_update(ckpt["step"], pre, None))
+    if cfg.stage == "cooldown":
+        check_cooldown_branch(ckpt, cfg, branch.lr_end_of_pretraining)
+    return branch
+
+
+def check_cooldown_branch(ckpt, cfg, lr_at_branch):
+    """A cooldown continues the checkpoint's run from a point where its LR was constant at eta_max."""
+    refuse_config_changes(ckpt["config"], cfg, BRANCH_CHANGES, "branch a cooldown")
+    if "merge" in ckpt:
+        raise SystemExit(f"error: {cfg.init_from} is a merge (tools/merge.py), which already emulates a decay; "
+                         f"branch the cooldown from one of the checkpoints it merged")
+    if lr_at_branch != cfg.learning_rate:
+        raise SystemExit(f"error: cannot branch a cooldown from {cfg.init_from}: at its step {ckpt['step']} the LR of "
+                         f"schedule={ckpt['config']['schedule']} was {lr_at_branch:.4g}, not the constant eta_max="
+                         f"{cfg.learning_rate:.4g}; branch from a WSO checkpoint after warmup "
+                         f"(or a WSD one before T_stable)")
+
+
+def load_data(cfg):
+    """(data dir, tokenizer, train shards, val shards) of --dataset."""
+    data_dir = resolve_dataset(cfg.dataset)
+    try:
+        tokenizer = Tokenizer.from_dict(load_meta(data_dir)["tokenizer"])
+        return data_dir, tokenizer, load_split(data_dir, "train"), load_split(data_dir, "val")
+    except (OSError, ValueError, KeyError) as e:  # missing, empty or inconsistent data files
+        raise SystemExit(f"error: cannot use data set {cfg.dataset!r}: {e}") from None
+
+
+def grad_accumulation(cfg, world_size):
+    """Micro-batches per update, so that an update holds tokens_per_step tokens (0: one)."""
+    micro_tokens = cfg.batch_size * cfg.seq_len * world_size
+    grad_accum = 1 if cfg.tokens_per_step == 0 else cfg.tokens_per_step // micro_tokens
+    if cfg.tokens_per_step and (cfg.tokens_per_step % micro_tokens or grad_accum < 1):
+        raise SystemExit(f"error: tokens_per_step={cfg.tokens_per_step} is not a multiple of batch_size*seq_len*"
+                         f"world_size={micro_tokens}; pick e.g. "
+                         f"{max(1, round(cfg.tokens_per_step / micro_tokens)) * micro_tokens}")
+    return grad_accum
+
+
+def build_model(start, cfg, rt):
+    """The model and AdamW of `start` on this process's device, seeded by --seed; with
+    --parallel=fsdp sharded over the processes (nanowso/parallel.py), starting from the same weights."""
+    torch.manual_seed(cfg.seed)
+    if cfg.parallel == "fsdp":
+        parallel = fsdp()
+        model = parallel.shard_model(start.model_config, rt.device, bf16=rt.dtype == "bfloat16")
+        optimizer = make_optimizer(model, cfg, rt.device)
+        with own_settings(optimizer):  # this run's AdamW settings win, as in load_optimizer_state
+            if start.sharded:
+                parallel.load_sharded(start.sharded, model, optimizer if start.optimizer_state else None)
+            else:  # the single-process initialization (made on rank 0 only), or a ckpt.pt's state
+                initial = start.model_state
+                if initial is None and rt.master:
+                    initial = Llama(start.model_config).state_dict()
+                parallel.load_full_state(model, optimizer, initial, start.optimizer_state)
+    else:
+        model = Llama(start.model_config).to(rt.device)
+        optimizer = make_optimizer(model, cfg, rt.device)
+        if start.model_state is not None:
+            model.load_state_dict(start.model_state)
+        if start.optimizer_state is not None:
+            load_optimizer_state(optimizer, start.optimizer_state)  # this run's AdamW settings win
+    if start.rng is not None:
+        set_rng_state(start.rng)
+    return model, optimizer
+
+
+def save_run(run, path, optimizer=True):
+    """Write everything a resume needs, atomically (checkpoint.save_checkpoint; by the master), or
+    with --parallel=fsdp as a sharded directory (parallel.save_sharded; by every process).
+    optimizer=False leaves out AdamW's state (kept checkpoints: tools/merge.py reads weights)."""
+    counters = run.start.counters
+    state = {"config": run.start.run_config, "model_config": run.start.model_config.to_dict(),
+             "tokenizer": run.tokenizer.to_dict(), "step": counters.step, "samples_seen": counters.samples_seen,
+             "tokens_seen": counters.tokens_seen, "rng": rng_state(),
+             "branch": run.start.branch and asdict(run.start.branch), "world_size": run.rt.world_size,
+             "changes": run.start.changes}
+    if run.cfg.parallel == "fsdp":
+        fsdp().save_sharded(path, run.model, run.optimizer if optimizer else None, state)
+    elif run.rt.master:
+        save_checkpoint(path, {"model": run.model.state_dict(),
+                               **({"optimizer": run.optimizer.state_dict()} if optimizer else {}), **state})
+
+
+@dataclass
+class Run:
+    """Everything the training loop reads; only `counters` (and the model) change."""
+    cfg: object  # train.TrainConfig
+    rt: Runtime
+    start: Start
+    tokenizer: Tokenizer
+    model: Llama  # uncompiled, unwrapped: evaluation, sharpness and checkpoints use it
+    step_model: torch.nn.Module  # what the update runs: model, compiled and/or wrapped in DDP
+    optimizer: torch.optim.Optimizer
+    train_data: TokenWindows
+    val_batches: list
+    sharpness_sets: dict
+    grad_accum: int  # micro-batches per update
+    samples_per_update: int  # batch_size * grad_accum * world_size
+    log_path: str

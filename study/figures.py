@@ -6,7 +6,13 @@ length. Plain functions of numbers, drawn with matplotlib; sharpness.py --figure
 reproduce.py feed them. Nothing here runs on its own.
 """
 
+import json
+import os
+
 import numpy as np
+
+from data.formats import read_jsonl
+from schedules import wsd_t_stable
 
 
 def plot_sharpness_curves(runs, t_stable=None, path="sharpness_curves.png"):
@@ -110,3 +116,45 @@ def plot_against_decay_fraction(per_fraction, path="fig5_decay_length.png"):
     fig.savefig(path, dpi=150)
     plt.close(fig)
     return path
+
+
+def draw_figures(run_dirs, out_dir):
+    """Figures 3 and 4 from train.py runs made with --sharpness_interval: Figure 3 per data
+    set from each run's log.jsonl; Figure 4 from each run's last pre-training sharpness and
+    the sft_task_avg of sft.py's summary (run_dir/sft/summary.json), where present."""
+    curves, final, t_stable, scores = {}, {}, None, {}
+    for run_dir in run_dirs:
+        config_path, log_path = os.path.join(run_dir, "config.json"), os.path.join(run_dir, "log.jsonl")
+        if not (os.path.isfile(config_path) and os.path.isfile(log_path)):
+            raise SystemExit(f"error: {run_dir} is not a train.py run directory (no config.json or log.jsonl)")
+        with open(config_path) as f:
+            cfg = json.load(f)["train"]
+        label = "WSO" if cfg["schedule"] == "wso" else f"{cfg['schedule'].upper()} a={cfg['alpha']}"
+        if cfg["schedule"] == "wsd":  # the paper draws WSD's decay start
+            t_stable = wsd_t_stable(warmup_iters=cfg["warmup_iters"], max_iters=cfg["max_iters"],
+                                    stable_ratio=cfg["stable_ratio"])
+        records = [r for r in read_jsonl(log_path) if any(k.startswith("sharpness_") for k in r)]
+        if not records:
+            raise SystemExit(f"error: {log_path} has no sharpness records; train with --sharpness_interval=N")
+        for name in ("pretrain", "sft"):
+            points = [(r["step"], r[f"sharpness_{name}"], r[f"sharpness_{name}_stderr"])
+                      for r in records if f"sharpness_{name}" in r]
+            if points:
+                curves.setdefault(name, {})[label] = points
+        final[label] = records[-1].get("sharpness_pretrain")
+        summary = os.path.join(run_dir, "sft", "summary.json")
+        if os.path.isfile(summary):
+            with open(summary) as f:
+                scores[label] = json.load(f).get("sft_task_avg")
+    os.makedirs(out_dir, exist_ok=True)
+    written = {}
+    for name, runs in curves.items():
+        path = os.path.join(out_dir, f"fig3_sharpness_{name}.png")
+        written[f"fig3_{name}"] = plot_sharpness_curves(runs, t_stable, path)
+    points = {k: (final[k], v) for k, v in scores.items() if v is not None and final[k] is not None}
+    if len(points) >= 2:
+        path = os.path.join(out_dir, "fig4_sharpness_vs_sft.png")
+        written["fig4"], written["pearson_r"] = path, plot_sharpness_vs_score(points, path)
+    else:
+        print(f"note: Figure 4 needs sft/summary.json (python sft.py) in at least 2 runs; found {len(points)}")
+    return written

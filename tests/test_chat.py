@@ -4,7 +4,8 @@ supervised tokens located by byte offsets of the assistant contents)."""
 
 import pytest
 
-from data.chat import IGNORE, generation_prompt, has_supervision, render
+from data.chat import generation_prompt, has_supervision, render
+from model import IGNORE_INDEX
 from data.formats import Tokenizer
 
 EOS = "\x00EOS\x00"  # stands for the eos id in the reference string
@@ -46,7 +47,7 @@ def reference(messages, tokenizer):
             straddles = any(start < a < offset or start < b < offset for a, b in spans)
             assert not straddles, f"token {token} crosses the mask boundary"
             ids.append(token)
-            labels.append(token if inside else IGNORE)
+            labels.append(token if inside else IGNORE_INDEX)
         if k < len(parts) - 1:
             ids.append(tokenizer.eot)
             labels.append(tokenizer.eot)
@@ -68,7 +69,7 @@ def test_render_matches_the_template_token_by_token(messages, tokenizer):
     ids, labels = render(messages, tokenizer)
     assert (ids, labels) == reference(messages, tokenizer)
     # the supervised tokens spell the assistant contents, each closed by eos
-    supervised = [i for i, label in zip(ids, labels) if label != IGNORE]
+    supervised = [i for i, label in zip(ids, labels) if label != IGNORE_INDEX]
     eot = tokenizer.eot
     answers = [m["content"] for m in messages if m["role"] == "assistant"]
     pieces, current = [], []
@@ -79,7 +80,7 @@ def test_render_matches_the_template_token_by_token(messages, tokenizer):
         else:
             current.append(token)
     assert pieces == answers and not current
-    assert all(label in (IGNORE, token) for token, label in zip(ids, labels))
+    assert all(label in (IGNORE_INDEX, token) for token, label in zip(ids, labels))
 
 
 def test_render_string_and_mask_details(tokenizer):
@@ -91,20 +92,20 @@ def test_render_string_and_mask_details(tokenizer):
     header = tokenizer.encode("<|assistant|>\n")
     answer = tokenizer.encode("Paris")
     assert ids[first_eos - len(answer) - len(header):first_eos - len(answer)] == header
-    assert labels[first_eos - len(answer) - len(header):first_eos - len(answer)] == [IGNORE] * len(header)
+    assert labels[first_eos - len(answer) - len(header):first_eos - len(answer)] == [IGNORE_INDEX] * len(header)
     assert labels[first_eos - len(answer):first_eos + 1] == answer + [tokenizer.eot]
-    assert labels[first_eos + 1] == IGNORE and tokenizer.decode(ids[first_eos + 1:first_eos + 2]).startswith("\n")
+    assert labels[first_eos + 1] == IGNORE_INDEX and tokenizer.decode(ids[first_eos + 1:first_eos + 2]).startswith("\n")
     # the final assistant turn ends with eos, no trailing "\n"
     assert ids[-1] == tokenizer.eot and labels[-1] == tokenizer.eot
 
 
 def test_truncation_inside_and_before_the_answer(tokenizer):
     ids, labels = render(SINGLE, tokenizer)
-    first_supervised = next(i for i, label in enumerate(labels) if label != IGNORE)
+    first_supervised = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
     cut = first_supervised + 2  # two tokens of the answer survive
     short_ids, short_labels = render(SINGLE, tokenizer, max_len=cut)
     assert short_ids == ids[:cut] and short_labels == labels[:cut]
-    assert has_supervision(short_labels) and sum(label != IGNORE for label in short_labels) == 2
+    assert has_supervision(short_labels) and sum(label != IGNORE_INDEX for label in short_labels) == 2
     prompt_only_ids, prompt_only_labels = render(SINGLE, tokenizer, max_len=first_supervised)
     assert prompt_only_ids == ids[:first_supervised]
     assert not has_supervision(prompt_only_labels)
@@ -116,7 +117,7 @@ def test_truncation_inside_and_before_the_answer(tokenizer):
 def test_answer_starting_with_a_line_break_keeps_an_exact_mask(tokenizer):
     messages = [{"role": "user", "content": "List two."}, {"role": "assistant", "content": "\n- a\n- b"}]
     ids, labels = render(messages, tokenizer)
-    supervised = [label for label in labels if label != IGNORE]
+    supervised = [label for label in labels if label != IGNORE_INDEX]
     assert supervised == tokenizer.encode("\n- a\n- b") + [tokenizer.eot]
     assert tokenizer.decode(ids[:-1]) == "<|user|>\nList two.\n<|assistant|>\n\n- a\n- b"
 
@@ -124,7 +125,7 @@ def test_answer_starting_with_a_line_break_keeps_an_exact_mask(tokenizer):
 def test_generation_prompt(tokenizer):
     prompt = generation_prompt(MULTI[:4], tokenizer)
     ids, labels = render(MULTI, tokenizer)
-    last_answer_start = max(i for i, label in enumerate(labels) if label == IGNORE) + 1
+    last_answer_start = max(i for i, label in enumerate(labels) if label == IGNORE_INDEX) + 1
     assert prompt == ids[:last_answer_start]
     assert tokenizer.decode(prompt).endswith("And of Peru? Answer in one word, please.\n<|assistant|>\n")
     assert generation_prompt(SINGLE[:1], tokenizer) == tokenizer.encode("<|user|>\nWhere was Ada born?\n<|assistant|>\n")

@@ -17,7 +17,8 @@ import schedules
 import sft
 import train
 from data import conversations, loaders
-from data.chat import IGNORE, render
+from data.chat import render
+from model import IGNORE_INDEX
 from data.formats import Tokenizer, read_jsonl, write_jsonl
 from data.testbed.prepare import prepare as prepare_testbed
 from model import Llama, LlamaConfig
@@ -130,8 +131,8 @@ def test_collate_shifts_labels_and_pads_with_ignore(testbed):
     for row, r in enumerate(rows):
         ids, labels = render(r["messages"], tokenizer)
         assert x[row, :len(ids) - 1].tolist() == ids[:-1] and y[row, :len(ids) - 1].tolist() == labels[1:]
-        assert (y[row, len(ids) - 1:] == IGNORE).all()  # padding is never in the loss
-        supervised = [t for t in y[row].tolist() if t != IGNORE]
+        assert (y[row, len(ids) - 1:] == IGNORE_INDEX).all()  # padding is never in the loss
+        supervised = [t for t in y[row].tolist() if t != IGNORE_INDEX]
         assert tokenizer.decode(supervised) == " " + r["answer"] + "<|endoftext|>"  # as pre-training spells it
     assert cut == 0
 
@@ -301,7 +302,7 @@ def test_tokenize_over_processes_equals_rendering_each_conversation(testbed):
     want, cut = [], 0
     for messages in chats:
         ids, labels = render(messages, tokenizer, max_len=256)
-        if any(label != IGNORE for label in labels[1:]):
+        if any(label != IGNORE_INDEX for label in labels[1:]):
             want.append((ids, labels))
         else:
             cut += 1

@@ -20,11 +20,11 @@ import model as model_module
 import sharpness
 import train
 from data import loaders
-from data.chat import IGNORE, render
+from data.chat import render
+from model import IGNORE_INDEX
 from data.formats import Tokenizer, load_meta, load_split, read_jsonl
 from data.testbed.prepare import prepare as prepare_testbed
 from model import Llama, LlamaConfig
-from nanowso import hessian
 from nanowso.common import parse_args
 from study import figures
 
@@ -82,7 +82,7 @@ def test_hvp_equals_explicit_hessian_double_backward_and_finite_differences():
     v_flat = torch.cat([t.flatten() for t in v.values()])
     H = exact_hessian(loss_fn, params)
     with sdpa_kernel(SDPBackend.MATH):
-        hv = hessian.hessian_vector_product(loss_fn, params)(v)
+        hv = sharpness.hessian_vector_product(loss_fn, params)(v)
     hv_flat = torch.cat([hv[n].flatten() for n in params])
     scale = (H @ v_flat).abs().max().item()
     assert scale > 1e-3  # a non-trivial product
@@ -114,10 +114,10 @@ def quadratic(A):
 def test_diagonal_hessian_gives_the_exact_trace_with_one_probe():
     params = {"a": torch.zeros(7, dtype=torch.float64), "b": torch.zeros(3, 4, dtype=torch.float64)}
     diag = torch.linspace(-2.0, 5.0, 19, dtype=torch.float64)
-    trace, stderr = hessian.hutchinson_trace(quadratic(torch.diag(diag)), params, 1,
+    trace, stderr = sharpness.hutchinson_trace(quadratic(torch.diag(diag)), params, 1,
                                                torch.Generator().manual_seed(3))
     assert trace == pytest.approx(diag.sum().item(), rel=1e-12) and math.isnan(stderr)
-    trace, stderr = hessian.hutchinson_trace(quadratic(torch.diag(diag)), params, 5,
+    trace, stderr = sharpness.hutchinson_trace(quadratic(torch.diag(diag)), params, 5,
                                                torch.Generator().manual_seed(3))
     assert trace == pytest.approx(diag.sum().item(), rel=1e-12) and stderr == pytest.approx(0, abs=1e-12)
 
@@ -130,7 +130,7 @@ def test_dense_hessian_estimate_and_its_standard_error_match_theory():
     A = B + B.T + torch.diag(torch.linspace(1, 20, d, dtype=torch.float64))
     params = {"a": torch.zeros(10, dtype=torch.float64), "b": torch.zeros(5, 6, dtype=torch.float64)}
     n = 3000
-    trace, stderr = hessian.hutchinson_trace(quadratic(A), params, n, torch.Generator().manual_seed(0))
+    trace, stderr = sharpness.hutchinson_trace(quadratic(A), params, n, torch.Generator().manual_seed(0))
     exact = A.trace().item()
     variance = 2 * ((A ** 2).sum() - (A.diag() ** 2).sum()).item()  # of z^T A z, z Rademacher
     assert abs(trace - exact) < 4 * stderr
@@ -139,14 +139,45 @@ def test_dense_hessian_estimate_and_its_standard_error_match_theory():
     assert stderr == pytest.approx(math.sqrt(variance / n), rel=0.06)
 
 
+def test_the_plain_loop_gives_the_exact_trace_and_the_theory_s_standard_error():
+    """hutchinson, Eq. 12 as it reads (torch.randint probes): exact on a diagonal Hessian,
+    where z^T A z = Tr(A) for every +-1 probe, and unbiased with the standard error that
+    2 (||A||_F^2 - sum A_ii^2) predicts on a dense one."""
+    params = {"a": torch.zeros(7, dtype=torch.float64), "b": torch.zeros(3, 4, dtype=torch.float64)}
+    diag = torch.linspace(-2.0, 5.0, 19, dtype=torch.float64)
+    trace, stderr = sharpness.hutchinson(quadratic(torch.diag(diag)), params, 3, torch.Generator().manual_seed(1))
+    assert trace == pytest.approx(diag.sum().item(), rel=1e-12) and stderr == pytest.approx(0, abs=1e-12)
+    torch.manual_seed(0)
+    B = torch.randn(19, 19, dtype=torch.float64)
+    A, n = B + B.T + torch.diag(diag), 2000
+    trace, stderr = sharpness.hutchinson(quadratic(A), params, n, torch.Generator().manual_seed(0))
+    variance = 2 * ((A ** 2).sum() - (A.diag() ** 2).sum()).item()
+    assert abs(trace - A.trace().item()) < 4 * stderr
+    assert stderr == pytest.approx(math.sqrt(variance / n), rel=0.08)
+
+
+@pytest.mark.parametrize("width", [1, 3, 11])
+def test_the_fast_path_equals_the_plain_loop_on_the_same_probes(width):
+    """hutchinson_trace (bit-packed probes, vmapped HVPs) and the plain loop fed the same
+    probes (rademacher_like from the same seed) give the same estimate, on a real model."""
+    model = tiny_llama(torch.float64)
+    (x, y), = labelled_batches([9], seed=4)
+    loss_fn = sharpness.batch_loss_fn(model, x, y)
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    plain = sharpness.hutchinson(loss_fn, params, 11, torch.Generator().manual_seed(2),
+                                 probe=sharpness.rademacher_like)
+    fast = sharpness.hutchinson_trace(loss_fn, params, 11, torch.Generator().manual_seed(2), probes_per_call=width)
+    assert fast == pytest.approx(plain, rel=1e-9)
+
+
 def test_probes_are_rademacher_and_seeded():
     params = {"a": torch.zeros(1000), "b": torch.zeros(33, 7, dtype=torch.float64)}
-    z = hessian.rademacher_like(params, torch.Generator().manual_seed(0))
+    z = sharpness.rademacher_like(params, torch.Generator().manual_seed(0))
     assert z["a"].dtype == torch.float32 and z["b"].dtype == torch.float64 and z["b"].shape == (33, 7)
     flat = torch.cat([t.flatten().double() for t in z.values()])
     assert set(flat.tolist()) == {-1.0, 1.0} and abs(flat.mean().item()) < 4 / math.sqrt(flat.numel())
-    again = hessian.rademacher_like(params, torch.Generator().manual_seed(0))
-    other = hessian.rademacher_like(params, torch.Generator().manual_seed(1))
+    again = sharpness.rademacher_like(params, torch.Generator().manual_seed(0))
+    other = sharpness.rademacher_like(params, torch.Generator().manual_seed(1))
     assert all(torch.equal(z[n], again[n]) for n in z) and not torch.equal(z["a"], other["a"])
 
 
@@ -165,9 +196,9 @@ def one_matrix_probe(params, generator):
 def test_probes_drawn_in_pieces_equal_one_draw(monkeypatch, words_at_a_time):
     """The same +-1 entries as one draw for the whole model (so measurements made before
     the change stay comparable), whether a piece ends inside a tensor or spans several."""
-    monkeypatch.setattr(hessian, "PROBE_WORDS", words_at_a_time)
+    monkeypatch.setattr(sharpness, "PROBE_WORDS", words_at_a_time)
     params = {"a": torch.zeros(21), "b": torch.zeros(3, 5, dtype=torch.float64), "c": torch.zeros(1), "d": torch.zeros(40)}
-    got = hessian.rademacher_like(params, torch.Generator().manual_seed(3))
+    got = sharpness.rademacher_like(params, torch.Generator().manual_seed(3))
     want = one_matrix_probe(params, torch.Generator().manual_seed(3))
     assert all(got[n].dtype == params[n].dtype and torch.equal(got[n], want[n]) for n in params)
 
@@ -176,13 +207,13 @@ def test_vmapped_probes_match_one_probe_at_a_time():
     torch.manual_seed(1)
     B = torch.randn(30, 30, dtype=torch.float64)
     params = {"a": torch.zeros(10, dtype=torch.float64), "b": torch.zeros(4, 5, dtype=torch.float64)}
-    one = hessian.hutchinson_trace(quadratic(B + B.T), params, 11, torch.Generator().manual_seed(5))
+    one = sharpness.hutchinson_trace(quadratic(B + B.T), params, 11, torch.Generator().manual_seed(5))
     for width in (3, 4, 11, 20):  # 11 = 3+3+3+2 = 4+4+3: remainder chunks of 2 and 3
-        vmapped = hessian.hutchinson_trace(quadratic(B + B.T), params, 11, torch.Generator().manual_seed(5),
+        vmapped = sharpness.hutchinson_trace(quadratic(B + B.T), params, 11, torch.Generator().manual_seed(5),
                                              probes_per_call=width)
         assert vmapped == pytest.approx(one, rel=1e-10, abs=1e-10)
     with pytest.raises(ValueError, match="probes_per_call"):
-        hessian.hutchinson_trace(quadratic(B), params, 2, probes_per_call=0)
+        sharpness.hutchinson_trace(quadratic(B), params, 2, probes_per_call=0)
 
 
 # ------------------------------------------------------------------ model level
@@ -199,7 +230,7 @@ def test_tiny_llama_matches_the_exact_trace_and_counts_tied_weights_once():
     x, y = torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 8))
     params = {n: p.detach() for n, p in model.named_parameters()}
     assert "output.weight" not in params and sum(p.numel() for p in params.values()) == model.num_params()
-    loss_fn = hessian.batch_loss_fn(model, x, y)
+    loss_fn = sharpness.batch_loss_fn(model, x, y)
     H = exact_hessian(loss_fn, params)  # over the deduplicated parameter vector
     exact = H.trace().item()
 
@@ -207,12 +238,12 @@ def test_tiny_llama_matches_the_exact_trace_and_counts_tied_weights_once():
     # and its loss in float32, hence the tolerance).
     v = {n: torch.randn_like(p) for n, p in params.items()}
     with sdpa_kernel(SDPBackend.MATH):
-        hv = hessian.hessian_vector_product(loss_fn, params)(v)
+        hv = sharpness.hessian_vector_product(loss_fn, params)(v)
     hv_exact = H @ torch.cat([t.flatten() for t in v.values()])
     torch.testing.assert_close(torch.cat([hv[n].flatten() for n in params]), hv_exact,
                                rtol=1e-5, atol=1e-5 * hv_exact.abs().max().item())
 
-    result = hessian.model_sharpness(model, [(x, y)], num_samples=1000, seed=0)
+    result = sharpness.model_sharpness(model, [(x, y)], num_samples=1000, seed=0)
     assert result["num_params"] == model.num_params() and result["stderr_over"] == "probes"
     assert abs(result["trace"] - exact) < 4 * result["stderr"], (result["trace"], result["stderr"], exact)
 
@@ -228,9 +259,9 @@ def test_tiny_llama_matches_the_exact_trace_and_counts_tied_weights_once():
 def test_tiny_llama_vmapped_probes_match_one_probe_at_a_time():
     model = tiny_llama(torch.float32)
     batches = [(torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 8))) for _ in range(2)]
-    assert hessian.auto_probes_per_call(16) == 4 and hessian.auto_probes_per_call(1024) == 1
-    one = hessian.model_sharpness(model, batches, num_samples=6, seed=3, probes_per_call=1)
-    auto = hessian.model_sharpness(model, batches, num_samples=6, seed=3)  # 16 tokens: chunks of 4 + 2
+    assert sharpness.auto_probes_per_call(16) == 4 and sharpness.auto_probes_per_call(1024) == 1
+    one = sharpness.model_sharpness(model, batches, num_samples=6, seed=3, probes_per_call=1)
+    auto = sharpness.model_sharpness(model, batches, num_samples=6, seed=3)  # 16 tokens: chunks of 4 + 2
     for a, b in zip(one["per_batch"] + [one], auto["per_batch"] + [auto]):
         assert a["trace"] == pytest.approx(b["trace"], rel=1e-5) and a["stderr"] == pytest.approx(b["stderr"], rel=1e-5)
 
@@ -243,12 +274,12 @@ def test_hessian_uses_the_plain_loss_where_training_chunks_it(monkeypatch):
     the same trace."""
     model = tiny_llama(torch.float32)
     batches = [(torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 8)))]
-    want = hessian.model_sharpness(model, batches, num_samples=4, seed=1)
+    want = sharpness.model_sharpness(model, batches, num_samples=4, seed=1)
     monkeypatch.setattr(model_module, "LOSS_CHUNK_ELEMENTS", 128)
     with torch.enable_grad():
         _, loss = model(*batches[0])
         assert loss.grad_fn.name() == "ChunkedCrossEntropyBackward"  # training takes the chunked path
-    got = hessian.model_sharpness(model, batches, num_samples=4, seed=1)
+    got = sharpness.model_sharpness(model, batches, num_samples=4, seed=1)
     assert got["trace"] == want["trace"] and got["loss"] == want["loss"]
 
 
@@ -257,20 +288,20 @@ def labelled_batches(lengths, seed=0):
     g = torch.Generator().manual_seed(seed)
     batches = [(torch.randint(0, 64, (1, t), generator=g), torch.randint(0, 64, (1, t), generator=g)) for t in lengths]
     for _, y in batches:
-        y[:, :2] = IGNORE
+        y[:, :2] = IGNORE_INDEX
     return batches
 
 
 def test_padding_changes_neither_the_loss_nor_the_trace():
     model = tiny_llama()
     batches = labelled_batches([7, 4])
-    padded = hessian.pad_batches(batches, 9)
+    padded = sharpness.pad_batches(batches, 9)
     assert [x.shape for x, _ in padded] == [(1, 9), (1, 9)]
     params = {n: p.detach() for n, p in model.named_parameters()}
     for (x, y), (xp, yp) in zip(batches, padded):
-        assert torch.equal(xp[:, :x.shape[1]], x) and (yp[:, y.shape[1]:] == IGNORE).all()
-        exact = exact_hessian(hessian.batch_loss_fn(model, x, y), params).trace().item()
-        assert exact_hessian(hessian.batch_loss_fn(model, xp, yp), params).trace().item() == pytest.approx(exact, rel=1e-10)
+        assert torch.equal(xp[:, :x.shape[1]], x) and (yp[:, y.shape[1]:] == IGNORE_INDEX).all()
+        exact = exact_hessian(sharpness.batch_loss_fn(model, x, y), params).trace().item()
+        assert exact_hessian(sharpness.batch_loss_fn(model, xp, yp), params).trace().item() == pytest.approx(exact, rel=1e-10)
         assert model(xp, yp)[1].item() == pytest.approx(model(x, y)[1].item(), rel=1e-12)
 
 
@@ -280,10 +311,10 @@ def test_compiled_estimator_matches_eager_and_compiles_once():
     numbers are the eager ones up to float32 rounding."""
     model = tiny_llama(torch.float32)
     batches = labelled_batches([8, 5, 8], seed=1)
-    eager = hessian.model_sharpness(model, batches, num_samples=5, seed=2, probes_per_call=2)
+    eager = sharpness.model_sharpness(model, batches, num_samples=5, seed=2, probes_per_call=2)
     torch._dynamo.reset()  # forget compilations of other tests' models
     with torch._dynamo.config.patch(error_on_recompile=True):
-        compiled = hessian.model_sharpness(model, batches, num_samples=5, seed=2, probes_per_call=2, compile=True)
+        compiled = sharpness.model_sharpness(model, batches, num_samples=5, seed=2, probes_per_call=2, compile=True)
     for a, b in zip(eager["per_batch"] + [eager], compiled["per_batch"] + [compiled]):
         assert a["trace"] == pytest.approx(b["trace"], rel=1e-4) and a["stderr"] == pytest.approx(b["stderr"], rel=1e-3)
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["tokens"] == b["tokens"]
@@ -293,12 +324,12 @@ def test_default_sdpa_backend_is_left_alone_outside_the_estimator():
     model = tiny_llama(torch.float32)
     x, y = torch.randint(0, 64, (1, 8)), torch.randint(0, 64, (1, 8))
     params = {n: p.detach() for n, p in model.named_parameters()}
-    loss_fn = hessian.batch_loss_fn(model, x, y)
-    result = hessian.model_sharpness(model, [(x, y)], num_samples=3, seed=0)
+    loss_fn = sharpness.batch_loss_fn(model, x, y)
+    result = sharpness.model_sharpness(model, [(x, y)], num_samples=3, seed=0)
     assert math.isfinite(result["trace"])
     # afterwards the fused CPU kernel is selected again: it has no double backward ...
     with pytest.raises((RuntimeError, NotImplementedError)):
-        hessian.hessian_vector_product(loss_fn, params)(params)
+        sharpness.hessian_vector_product(loss_fn, params)(params)
     # ... and an ordinary training step works
     _, loss = model(x, y)
     loss.backward()
@@ -314,7 +345,7 @@ def test_measurement_leaves_training_undisturbed():
     grads = [p.grad.clone() for p in model.parameters()]
     weights = [p.detach().clone() for p in model.parameters()]
     rng = torch.get_rng_state()
-    out = hessian.sharpness_during_training(model, batches, num_samples=4, seed=0)
+    out = sharpness.sharpness_during_training(model, batches, num_samples=4, seed=0)
     assert set(out) == {"sharpness", "sharpness_stderr"} and math.isfinite(out["sharpness"])
     assert model.training
     assert torch.equal(torch.get_rng_state(), rng)
@@ -327,20 +358,20 @@ def test_the_estimator_runs_in_true_float32_whatever_the_caller_set(monkeypatch)
     so in-training sharpness ran its HVPs in TF32 while sharpness.py ran true fp32."""
     model = tiny_llama(torch.float32)
     batches = labelled_batches([8, 6], seed=3)
-    plain = hessian.model_sharpness(model, batches, num_samples=4, seed=0)
-    seen, real = [], hessian.hutchinson_trace
+    plain = sharpness.model_sharpness(model, batches, num_samples=4, seed=0)
+    seen, real = [], sharpness.hutchinson_trace
 
     def spy(*args, **kwargs):
         seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
                      torch.is_autocast_enabled("cpu")))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(hessian, "hutchinson_trace", spy)
+    monkeypatch.setattr(sharpness, "hutchinson_trace", spy)
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train.py sets them
     try:
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            inside = hessian.model_sharpness(model, batches, num_samples=4, seed=0)
+            inside = sharpness.model_sharpness(model, batches, num_samples=4, seed=0)
         assert seen == [(False, False, False)] * 2
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32  # restored
     finally:
@@ -354,11 +385,11 @@ def test_dropout_in_training_mode_and_low_precision_are_refused():
     x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
     model.train()
     with pytest.raises(ValueError, match="dropout"):
-        hessian.batch_loss_fn(model, x, y)
-    result = hessian.model_sharpness(model, [(x, y)], num_samples=2, seed=0)  # measures in eval mode
+        sharpness.batch_loss_fn(model, x, y)
+    result = sharpness.model_sharpness(model, [(x, y)], num_samples=2, seed=0)  # measures in eval mode
     assert math.isfinite(result["trace"]) and model.training
     with pytest.raises(ValueError, match="float32"):
-        hessian.model_sharpness(tiny_llama(torch.bfloat16), [(x, y)], num_samples=2, seed=0)
+        sharpness.model_sharpness(tiny_llama(torch.bfloat16), [(x, y)], num_samples=2, seed=0)
 
 
 def test_same_seed_same_bits_other_seed_differs():
@@ -366,12 +397,12 @@ def test_same_seed_same_bits_other_seed_differs():
     batches = [(torch.randint(0, 64, (1, 8)), torch.randint(0, 64, (1, 8))) for _ in range(3)]
 
     def run(seed):
-        result = hessian.model_sharpness(model, batches, num_samples=5, seed=seed)
+        result = sharpness.model_sharpness(model, batches, num_samples=5, seed=seed)
         return [(r["trace"], r["stderr"]) for r in result["per_batch"]], result["trace"], result["stderr"]
 
     assert run(0) == run(0)
     assert run(0)[1] != run(1)[1]
-    generator_run = [hessian.hutchinson_trace(hessian.batch_loss_fn(model, *batches[0]),
+    generator_run = [sharpness.hutchinson_trace(sharpness.batch_loss_fn(model, *batches[0]),
                                                 dict(model.named_parameters()), 4,
                                                 torch.Generator().manual_seed(7)) for _ in range(2)]
     assert generator_run[0] == generator_run[1]
@@ -416,9 +447,9 @@ def test_sft_batches_supervise_only_the_answers(testbed):
             ids, labels = render(rows[3 * b + i]["messages"], tokenizer)
             n = len(ids) - 1
             assert x[i, :n].tolist() == ids[:-1] and y[i, :n].tolist() == labels[1:]
-            assert (y[i, n:] == IGNORE).all() and (x[i, n:] == tokenizer.eot).all()
+            assert (y[i, n:] == IGNORE_INDEX).all() and (x[i, n:] == tokenizer.eot).all()
             answer = tokenizer.encode(rows[3 * b + i]["messages"][-1]["content"]) + [tokenizer.eot]
-            assert [t for t in y[i].tolist() if t != IGNORE] == answer
+            assert [t for t in y[i].tolist() if t != IGNORE_INDEX] == answer
     # a cut that leaves no answer token: the conversation is skipped, and none left is an error
     with pytest.raises(ValueError, match="no conversation"):
         loaders.sft_batches(path, tokenizer, seq_len=4, batch_size=1, num_batches=2)

@@ -20,6 +20,7 @@ import train
 from data.formats import write_meta, write_tokens
 from data.testbed.prepare import prepare as prepare_testbed
 from nanowso.checkpoint import load_checkpoint
+from nanowso import start
 from nanowso.common import parse_args
 from train import TrainConfig
 
@@ -70,9 +71,9 @@ def test_lr_logged_is_the_schedule(testbed, tmp_path):
 
 @contextlib.contextmanager
 def crash_at_update(monkeypatch, n):
-    """train.train_step raises KeyboardInterrupt at its n-th call inside the block (which must
-    then raise it), as a crash mid-run would; the real step is back afterwards."""
-    real_step, calls = train.train_step, []
+    """train.py's optimizer step raises KeyboardInterrupt at its n-th call inside the block (which
+    must then raise it), as a crash mid-run would; the real step is back afterwards."""
+    real_step, calls = train.optimizer_step, []
 
     def crashing_step(*args, **kwargs):
         calls.append(1)
@@ -80,12 +81,12 @@ def crash_at_update(monkeypatch, n):
             raise KeyboardInterrupt
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(train, "train_step", crashing_step)
+    monkeypatch.setattr(train, "optimizer_step", crashing_step)
     try:
         with pytest.raises(KeyboardInterrupt):
             yield
     finally:
-        monkeypatch.setattr(train, "train_step", real_step)
+        monkeypatch.setattr(train, "optimizer_step", real_step)
 
 
 def test_resume_after_a_crash_is_bit_exact(testbed, tmp_path, monkeypatch):
@@ -542,7 +543,7 @@ def test_sigterm_stops_like_ctrl_c(testbed, tmp_path):
 
 
 def test_a_second_ctrl_c_while_saving_is_reported_not_obeyed(testbed, tmp_path, monkeypatch, capfd):
-    real_step, real_save, calls = train.train_step, train.save_checkpoint, []
+    real_step, real_save, calls = train.optimizer_step, start.save_checkpoint, []
     before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN under a shell's `cmd &`
     assert before in (signal.default_int_handler, signal.SIG_IGN)  # not a handler an earlier test left
 
@@ -556,8 +557,8 @@ def test_a_second_ctrl_c_while_saving_is_reported_not_obeyed(testbed, tmp_path, 
         os.kill(os.getpid(), signal.SIGINT)
         real_save(path, state)
 
-    monkeypatch.setattr(train, "train_step", ctrl_c_at_step_5)
-    monkeypatch.setattr(train, "save_checkpoint", ctrl_c_during_the_save)
+    monkeypatch.setattr(train, "optimizer_step", ctrl_c_at_step_5)
+    monkeypatch.setattr(start, "save_checkpoint", ctrl_c_during_the_save)
     with pytest.raises(SystemExit) as stop:
         train.main(config(testbed, tmp_path, max_iters=100, eval_interval=1000))
     assert stop.value.code == 130 and "already stopping" in capfd.readouterr().err

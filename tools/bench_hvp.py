@@ -43,7 +43,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import Llama, build_config
-from nanowso.hessian import auto_probes_per_call, hutchinson_trace, rademacher_like
+from sharpness import auto_probes_per_call, hutchinson_trace, rademacher_like
 
 
 def quadratic_form(z, hz):
