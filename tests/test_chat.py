@@ -5,8 +5,8 @@ supervised tokens located by byte offsets of the assistant contents)."""
 import pytest
 
 from data.chat import generation_prompt, has_supervision, render
-from model import IGNORE_INDEX
 from data.formats import Tokenizer
+from model import IGNORE_INDEX
 
 EOS = "\x00EOS\x00"  # stands for the eos id in the reference string
 

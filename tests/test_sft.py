@@ -18,10 +18,10 @@ import sft
 import train
 from data import conversations, loaders
 from data.chat import render
-from model import IGNORE_INDEX
 from data.formats import Tokenizer, read_jsonl, write_jsonl
 from data.testbed.prepare import prepare as prepare_testbed
-from model import Llama, LlamaConfig
+from model import IGNORE_INDEX, Llama, LlamaConfig
+from nanowso import sweep
 from nanowso.runtime import Runtime
 from sft import SFTConfig
 from train import TrainConfig
@@ -97,7 +97,7 @@ def test_finetune_learns_answers_with_the_table8_schedule(testbed, pretrained, t
     # counted from the answers themselves (not from render's mask, which this checks).
     tokenizer = Tokenizer.from_dict(json.load(open(testbed / "meta.json"))["tokenizer"])
     answer_tokens = [len(tokenizer.encode(r["messages"][-1]["content"])) + 1 for r in rows]
-    want = [sum(answer_tokens[i] for i in batch) for batch in sft.update_batches(len(rows), cfg)]
+    want = [sum(answer_tokens[i] for i in batch) for batch in conversations.update_batches(len(rows), cfg)]
     assert [r["supervised_tokens"] for r in steps] == want
 
     assert 0 <= run["sft_select_exact_match"] <= 1 and 0 <= run["sft_test_choice"] <= 1
@@ -126,7 +126,7 @@ def test_sft_fits_its_own_training_set(testbed, tmp_path):
 def test_collate_shifts_labels_and_pads_with_ignore(testbed):
     tokenizer = Tokenizer.from_dict(json.load(open(testbed / "meta.json"))["tokenizer"])
     rows = read_jsonl(testbed / "sft_train.jsonl")[:3]
-    examples, cut = sft.tokenize([r["messages"] for r in rows], tokenizer, 2048, "train")
+    examples, cut = conversations.tokenize([r["messages"] for r in rows], tokenizer, 2048, "train")
     x, y = loaders.pad_collate(examples, tokenizer.eot)
     for row, r in enumerate(rows):
         ids, labels = render(r["messages"], tokenizer)
@@ -143,7 +143,7 @@ def test_gradient_accumulation_equals_one_big_batch(testbed, pretrained):
     ckpt = torch.load(pretrained, weights_only=False)
     tokenizer = Tokenizer.from_dict(ckpt["tokenizer"])
     rows = read_jsonl(testbed / "sft_train.jsonl")
-    examples, _ = sft.tokenize([r["messages"] for r in rows[:12]], tokenizer, 2048, "train")
+    examples, _ = conversations.tokenize([r["messages"] for r in rows[:12]], tokenizer, 2048, "train")
     cfg = SFTConfig(init_from=pretrained, global_batch_size=12, batch_size=4)
     rt = Runtime(rank=0, world_size=1, device="cpu", dtype="float32", autocast=contextlib.nullcontext())
     weights = []
@@ -201,7 +201,7 @@ def test_an_optimum_at_the_edge_of_the_sweep_is_warned_and_flagged(small_testbed
     summary = sft.main(config(small_testbed, pretrained, tmp_path, learning_rate=0.0, lrs="1e-3,2e-3"))
     assert summary["best_lr"] == 1e-3 and summary["best_lr_at_edge"] is True
     assert "warning: the chosen LR 0.001 is at the low edge" in capsys.readouterr().out
-    assert not sft.at_edge(2e-3, [1e-3, 2e-3, 4e-3]) and not sft.at_edge(1e-3, [1e-3]) and sft.at_edge(4e-3, [1e-3, 4e-3])
+    assert not sweep.at_edge(2e-3, [1e-3, 2e-3, 4e-3]) and not sweep.at_edge(1e-3, [1e-3]) and sweep.at_edge(4e-3, [1e-3, 4e-3])
 
 
 def test_select_by_alpaca_eval_judges_each_lr_against_the_lowest(small_testbed, pretrained, tmp_path, monkeypatch):
@@ -235,9 +235,9 @@ def test_selection_rule():
             {"lr": 2e-3, "sft_select_exact_match": 0.7, "val_loss": 0.9},
             {"lr": 4e-3, "sft_select_exact_match": 0.7, "val_loss": 0.8},
             {"lr": 8e-3, "sft_select_exact_match": None, "val_loss": None}]  # diverged
-    assert sft.select(runs, "sft_select_exact_match")["lr"] == 2e-3  # higher wins; ties go to the smaller LR
-    assert sft.select(runs, "val_loss")["lr"] == 4e-3  # lower wins; a diverged run never does
-    assert sft.select(runs[3:], "val_loss") is None
+    assert sweep.select(runs, "sft_select_exact_match")["lr"] == 2e-3  # higher wins; ties go to the smaller LR
+    assert sweep.select(runs, "val_loss")["lr"] == 4e-3  # lower wins; a diverged run never does
+    assert sweep.select(runs[3:], "val_loss") is None
 
 
 def test_a_diverged_lr_is_reported_and_never_selected(small_testbed, pretrained, tmp_path, monkeypatch):

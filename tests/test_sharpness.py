@@ -21,10 +21,9 @@ import sharpness
 import train
 from data import loaders
 from data.chat import render
-from model import IGNORE_INDEX
 from data.formats import Tokenizer, load_meta, load_split, read_jsonl
 from data.testbed.prepare import prepare as prepare_testbed
-from model import Llama, LlamaConfig
+from model import IGNORE_INDEX, Llama, LlamaConfig
 from nanowso.common import parse_args
 from study import figures
 

@@ -19,8 +19,8 @@ import model as model_module
 import train
 from data.formats import write_meta, write_tokens
 from data.testbed.prepare import prepare as prepare_testbed
-from nanowso.checkpoint import load_checkpoint
 from nanowso import start
+from nanowso.checkpoint import load_checkpoint
 from nanowso.common import parse_args
 from train import TrainConfig
 
