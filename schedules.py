@@ -72,8 +72,14 @@ def _check_count(name, value, meaning):
         raise ValueError(f"{name}={value!r} must be >= 1; {name} is {meaning}")
 
 
-def validate_pretrain(schedule, *, warmup_iters, max_iters, alpha, stable_ratio=0.75, cooldown="linear"):
+# The LR functions below check only t, the update they are asked about. Their settings are
+# checked once, where a run is configured, by these validate_* functions (train.py's
+# TrainConfig and sft.py call them), not at every update.
+
+def validate_pretrain(schedule, *, warmup_iters, max_iters, alpha, stable_ratio=0.75, cooldown="linear", lr_max=None):
     """Raise ValueError, naming the parameter, unless pretrain_lr accepts these settings."""
+    if lr_max is not None:
+        _check_lr_max(lr_max)
     _check_choice("schedule", schedule, PRETRAIN_SCHEDULES)
     _check_choice("cooldown", cooldown, COOLDOWNS)
     _check_count("max_iters", max_iters, "the number of pre-training updates (T_pre in the paper)")
@@ -86,18 +92,35 @@ def validate_pretrain(schedule, *, warmup_iters, max_iters, alpha, stable_ratio=
                  "the WSD stable fraction of the post-warmup updates (rho in the paper)")
 
 
-def validate_cooldown(*, alpha, cooldown_iters, cooldown="linear"):
+def validate_cooldown(*, alpha, cooldown_iters, cooldown="linear", lr_max=None, t_stable=0):
     """Raise ValueError, naming the parameter, unless cooldown_lr accepts these settings."""
+    if lr_max is not None:
+        _check_lr_max(lr_max)
+    if t_stable < 0:
+        raise ValueError(f"t_stable={t_stable!r} must be >= 0; t_stable is the last update at lr_max "
+                         "before the cooldown")
     _check_choice("cooldown", cooldown, COOLDOWNS)
     _check_range("alpha", alpha, 0, 1, "the minimum-LR factor the cooldown decays to (alpha_pre in the paper)")
     _check_count("cooldown_iters", cooldown_iters, "the number of cooldown updates (M; train.py's --max_iters)")
 
 
-def validate_midtrain(*, alpha_mid, mid_iters):
+def validate_midtrain(*, alpha_mid, mid_iters, pretrain_iters=1, lr_end_of_pretraining=0.0):
     """Raise ValueError, naming the parameter, unless midtrain_lr accepts these settings."""
+    _check_count("pretrain_iters", pretrain_iters, "the number of pre-training updates (T_pre in the paper)")
+    if not lr_end_of_pretraining >= 0:  # 0 is fine: pre-training may decay to zero
+        raise ValueError(f"lr_end_of_pretraining={lr_end_of_pretraining!r} must be >= 0; "
+                         "it is the pre-training LR at T_pre, pretrain_lr(T_pre, ...)")
     _check_range("alpha_mid", alpha_mid, 0, 1, "the mid-training minimum-LR factor (alpha_mid in the paper)")
     _check_count("mid_iters", mid_iters,
                  "the number of mid-training updates (T_mid in the paper; train.py's --max_iters)")
+
+
+def validate_sft(*, lr_max, warmup_iters, max_iters):
+    """Raise ValueError, naming the parameter, unless sft_lr accepts these settings."""
+    _check_lr_max(lr_max)
+    _check_count("max_iters", max_iters, "the number of SFT updates")
+    if warmup_iters < 0:
+        raise ValueError(f"warmup_iters={warmup_iters!r} must be >= 0; warmup_iters is the number of SFT warmup updates")
 
 
 def wsd_t_stable(*, warmup_iters, max_iters, stable_ratio):
@@ -115,9 +138,6 @@ def pretrain_lr(t, schedule, *, lr_max, warmup_iters, max_iters, alpha, stable_r
     `cooldown` picks the shape of the WSD decay phase ("linear" is Eq. (4)); the other
     schedules ignore it. With stable_ratio = 1 there is no decay phase and WSD equals WSO.
     """
-    validate_pretrain(schedule, warmup_iters=warmup_iters, max_iters=max_iters, alpha=alpha,
-                      stable_ratio=stable_ratio, cooldown=cooldown)
-    _check_lr_max(lr_max)
     _check_range("t", t, 1, max_iters, "the 1-based index of the pre-training update")
     if t <= warmup_iters:  # the warmup shared by Eq. (4), (5), (9), (10)
         return lr_max * t / warmup_iters
@@ -142,11 +162,6 @@ def cooldown_lr(t, *, lr_max, t_stable, cooldown_iters, alpha, cooldown="linear"
     same decay with T_stable = n, so "WSO + cooldown" equals a WSD run that stopped its
     stable phase at n. It ends at exactly alpha * lr_max.
     """
-    _check_lr_max(lr_max)
-    validate_cooldown(alpha=alpha, cooldown_iters=cooldown_iters, cooldown=cooldown)
-    if t_stable < 0:
-        raise ValueError(f"t_stable={t_stable!r} must be >= 0; t_stable is the last update at lr_max "
-                         "before the cooldown")
     _check_range("t", t, t_stable + 1, t_stable + cooldown_iters,
                  "the global index of the cooldown update (t_stable + 1 .. t_stable + cooldown_iters)")
     u = (t - t_stable) / cooldown_iters
@@ -159,11 +174,6 @@ def midtrain_lr(t, *, lr_end_of_pretraining, pretrain_iters, mid_iters, alpha_mi
     Mid-training continues from the final pre-training LR, lr_end_of_pretraining =
     pretrain_lr(T_pre, ...); alpha_mid = 0 decays it linearly to 0 at T_pre + T_mid, alpha_mid = 1 keeps it constant.
     """
-    validate_midtrain(alpha_mid=alpha_mid, mid_iters=mid_iters)
-    _check_count("pretrain_iters", pretrain_iters, "the number of pre-training updates (T_pre in the paper)")
-    if not lr_end_of_pretraining >= 0:  # 0 is fine: pre-training may decay to zero
-        raise ValueError(f"lr_end_of_pretraining={lr_end_of_pretraining!r} must be >= 0; "
-                         "it is the pre-training LR at T_pre, pretrain_lr(T_pre, ...)")
     _check_range("t", t, pretrain_iters + 1, pretrain_iters + mid_iters,
                  "the global index of the mid-training update (T_pre + 1 .. T_pre + T_mid)")
     return lr_end_of_pretraining * ((1 - alpha_mid) * (pretrain_iters + mid_iters - t) / mid_iters + alpha_mid)
@@ -177,10 +187,6 @@ def sft_lr(t, *, lr_max, warmup_iters, max_iters):
     being swept) and still ends at the minimum LR 0; a warmup that fits is left unchanged.
     A single update (max_iters = 1) is then all decay, and its LR is 0.
     """
-    _check_lr_max(lr_max)
-    _check_count("max_iters", max_iters, "the number of SFT updates")
-    if warmup_iters < 0:
-        raise ValueError(f"warmup_iters={warmup_iters!r} must be >= 0; warmup_iters is the number of SFT warmup updates")
     _check_range("t", t, 1, max_iters, "the 1-based index of the SFT update")
     warmup_iters = min(warmup_iters, max_iters - 1)
     if t <= warmup_iters:

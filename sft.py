@@ -191,6 +191,7 @@ def finetune(lr, run_dir, sweep, identity):
     save) left run_dir/resume.pt: this LR continues from it, as if never stopped."""
     cfg, model, batches = sweep.cfg, sweep.model, sweep.examples.batches
     optimizer = make_optimizer(model, cfg, sweep.rt.device)  # fresh: SFT starts a new optimization
+    schedules.validate_sft(lr_max=lr, warmup_iters=cfg.warmup_iters, max_iters=len(batches))
     log_path, resume_path = os.path.join(run_dir, "log.jsonl"), os.path.join(run_dir, "resume.pt")
     done, losses = start_lr(lr, sweep, optimizer, log_path, resume_path, identity)
     result = {"lr": lr, "run_dir": run_dir, "steps": len(batches), "diverged_at_step": None}
@@ -233,8 +234,7 @@ def finetune(lr, run_dir, sweep, identity):
         if stop:
             sweep.interrupts.stop(f"{resume_path} holds update {step} of {len(batches)} at lr {lr:g}; finished LRs "
                                   f"are kept", sweep.argv)
-    # The final checkpoint has no optimizer state: a finished LR is never continued, and a 1B
-    # model's AdamW state is 8 GB.
+    # the final checkpoint, without AdamW's state: a finished LR never continues (a 1B model's is 8 GB)
     weights, _ = full_state(sweep)
     if sweep.rt.master:
         save_checkpoint(os.path.join(run_dir, "ckpt.pt"), {

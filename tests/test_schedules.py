@@ -23,7 +23,10 @@ from schedules import (  # noqa: E402
     midtrain_lr,
     pretrain_lr,
     sft_lr,
+    validate_cooldown,
+    validate_midtrain,
     validate_pretrain,
+    validate_sft,
     wsd_t_stable,
 )
 
@@ -255,8 +258,11 @@ def test_linear_cooldown_is_eq11_from_eta_max(alpha):
     (29, {}, "t=29 is outside [21, 28]"),
 ])
 def test_cooldown_rejects_invalid(t, changes, message):
+    """The settings once, as a run is configured (validate_cooldown); t at every update."""
+    settings = {**dict(lr_max=LR_MAX, t_stable=20, cooldown_iters=8, alpha=0.0), **changes}
     with pytest.raises(ValueError, match=re.escape(message)):
-        cooldown_lr(t, **{**dict(lr_max=LR_MAX, t_stable=20, cooldown_iters=8, alpha=0.0), **changes})
+        validate_cooldown(**settings)
+        cooldown_lr(t, **settings)
 
 
 # --- SFT ----------------------------------------------------------------------------------
@@ -302,8 +308,11 @@ PRE = dict(lr_max=LR_MAX, warmup_iters=4, max_iters=20, alpha=0.1)
     (21, "wso", {}, "t=21 is outside [1, 20]"),
 ])
 def test_pretrain_rejects_invalid(t, schedule, changes, message):
+    """The settings once, as a run is configured (validate_pretrain); t at every update."""
+    settings = {**PRE, **changes}
     with pytest.raises(ValueError, match=re.escape(message)):
-        pretrain_lr(t, schedule, **{**PRE, **changes})
+        validate_pretrain(schedule, **settings)
+        pretrain_lr(t, schedule, **settings)
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -333,8 +342,11 @@ MID = dict(lr_end_of_pretraining=0.03, pretrain_iters=20, mid_iters=8, alpha_mid
     (29, {}, "t=29 is outside [21, 28]"),
 ])
 def test_midtrain_rejects_invalid(t, changes, message):
+    """The settings once, as a run is configured (validate_midtrain); t at every update."""
+    settings = {**MID, **changes}
     with pytest.raises(ValueError, match=re.escape(message)):
-        midtrain_lr(t, **{**MID, **changes})
+        validate_midtrain(**settings)
+        midtrain_lr(t, **settings)
 
 
 @pytest.mark.parametrize("t, changes, message", [
@@ -345,8 +357,11 @@ def test_midtrain_rejects_invalid(t, changes, message):
     (21, {}, "t=21 is outside [1, 20]"),
 ])
 def test_sft_rejects_invalid(t, changes, message):
+    """The settings once, before an LR of the sweep fine-tunes (validate_sft); t at every update."""
+    settings = {**dict(lr_max=LR_MAX, warmup_iters=4, max_iters=20), **changes}
     with pytest.raises(ValueError, match=re.escape(message)):
-        sft_lr(t, **{**dict(lr_max=LR_MAX, warmup_iters=4, max_iters=20), **changes})
+        validate_sft(**settings)
+        sft_lr(t, **settings)
 
 
 # --- the script -----------------------------------------------------------------------------
