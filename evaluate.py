@@ -5,7 +5,7 @@ be compared; and --compare, the tables themselves from several runs (study/table
 
     python evaluate.py --ckpt=out/ckpt.pt --tasks=val_loss,testbed_recall,testbed_probes,testbed_sft_test
     python evaluate.py --ckpt=out/ckpt.pt --tasks=hellaswag,arc_easy --data_files=hellaswag=h.jsonl,arc_easy=a.parquet
-    python evaluate.py --ckpt=out/sft/ckpt.pt --harness=gsm8k_cot,drop --harness_fewshot=drop=5   # lm-eval's tasks
+    python evaluate.py --ckpt=out/sft/lr_0.001/ckpt.pt --harness=gsm8k_cot,drop --harness_fewshot=drop=5   # lm-eval's tasks
     python evaluate.py --compare out-wso out-wsd-0.1 out-cosine-0.0 ...   # the paper's tables
     python evaluate.py --help
 

@@ -10,11 +10,10 @@ and write the paper's tables and figures (Tables 1-2, Figures 1-4) to results/.
     python reproduce.py --experiment=decay-free  # WSO vs WSO + cooldown vs WSO + merge (WSM)
     python reproduce.py --help                   # every option
 
-How long, on a 2-core CPU (--scale=cpu): Experiment 1 for three seeds with --jobs=2 is estimated
-at 2h05m; measured on an idle machine it took 1h22m, five seeds 2h17m (README, Results): the
-estimate is calibrated on the slowest machine measured and runs high on faster ones. The other
-experiments are of the same order per seed, `over` four times as long. The estimate for what is
-left is printed before the first stage; --dry_run=true prints only that and the stages.
+How long, on a 2-core CPU (--scale=cpu): the estimate of what is left is printed before the
+first stage (--dry_run=true prints only that and the stages). It is calibrated on the slowest
+machine measured and runs high on faster ones; measured wall times are in docs/results.md. The
+other experiments are of the same order per seed, `over` four times as long.
 
 The experiments and the commands that make them are study/plan.py's plan (its docstring says
 what each experiment runs); this script runs that plan and writes the tables and figures.
@@ -37,9 +36,9 @@ runs_dir/report/ instead):
     fig4_sharpness_vs_sft.png                    post-SFT score against final sharpness (held-out
     fig4_sharpness_train_vs_sft.png              pre-training text, as the paper; training text)
     fig5_decay_length.png                        score and sharpness against WSD's decay length
---scale=cpu sizes the testbed study for a 2-core CPU (README, Results: the measured times).
+--scale=cpu sizes the testbed study for a 2-core CPU (docs/results.md: the measured times).
 --scale=gpu is Experiment 1 at the 125m preset on FineWeb-Edu, Tulu 3 and the lm-eval tasks;
-prepare the data first (README, "At GPU scale").
+prepare the data first (docs/results.md, "At GPU scale").
 """
 
 import collections
@@ -75,7 +74,7 @@ from study.tables import COMPARED, paper_tables, scheduler_label, sft_task_avg, 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The CPU kernels every stage runs on. torch (ATen), MKL and oneDNN each pick their kernels by
 # the CPU's instruction set, and AVX-512 kernels add in another order than AVX2's: the same
-# seed on an AVX-512 machine gave another trajectory from the first steps (README, Results).
+# seed on an AVX-512 machine follows another trajectory from the first steps (docs/results.md).
 # Pinned to AVX2 (ATen's env var is read in aten/src/ATen/native/DispatchStub.cpp; MKL's is its
 # Conditional Numerical Reproducibility branch), an AVX-512 machine gives the AVX2 machine's
 # numbers to the last digit. Set only where torch would pick AVX-512 (other CPUs run their own
@@ -297,7 +296,7 @@ def figure4(rows, out_dir, suffix=""):
 
 def decay_length_figure(rows, out_dir):
     """Figure 5: score and sharpness against WSD's decay fraction (the rows' decay_fraction,
-    study.DECAY_FRACTIONS)."""
+    study.plan.DECAY_FRACTIONS)."""
     per_fraction = {}
     for r in rows:
         if r["sft_task_avg"] is not None and r["sharpness_train"] is not None:

@@ -88,8 +88,8 @@ class SFTConfig:
     judge_reference: str = "lowest"  # lowest (this sweep's lowest LR: the paper's, for the WSO sweep) | a checkpoint | an outputs .jsonl
     judge_data: str = ""  # AlpacaEval rows (.jsonl/.json/.parquet with `instruction`); "" the Hub's 805
     judge_limit: int = 0  # judge only the first N instructions (0: all)
-    # schedule and batch: the testbed's 1,500 conversations need more passes and smaller batches
-    # than Table 8's ~845k; 10 epochs x 1,500 / 32 = 469 updates (the paper: ~6.6k)
+    # schedule and batch: the testbed's 450 training conversations need more passes and smaller
+    # batches than Table 8's ~845k: 10 epochs x 450 / 32 = 141 updates (the paper: ~6.6k)
     warmup_iters: int = 20  # updates of linear warmup before the cosine to 0 (the paper: 100)
     epochs: int = 10  # passes over the training conversations (the paper: 1)
     global_batch_size: int = 32  # sequences per update (the paper: 128)

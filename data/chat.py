@@ -21,7 +21,8 @@ break (then whole-string tokenization would merge "\\n\\n" across the boundary; 
 the header's "\\n" stays masked and the content's own tokens stay supervised).
 Everywhere else the ids equal those of tokenizing the rendered string in one go.
 
-Nothing here runs on its own; sft.py and sharpness.py import it.
+Nothing here runs on its own; data/conversations.py and data/loaders.py (for sft.py and
+sharpness.py), sample.py and nanowso's scoring, harness and judge import it.
 """
 
 from model import IGNORE_INDEX

@@ -2,10 +2,10 @@
 lm-evaluation-harness on this project's checkpoints: any task in lm-eval's registry (GSM8K,
 DROP, AGIEval, BBH, MMLU, ...: the suites of the paper's Tables 15 and 18) run with lm-eval's
 own task configs, prompts, few-shot samples, filters and metrics, through HarnessLM, a
-TemplateLM (lm_eval/api/model.py) over model.Llama and data.common.Tokenizer (compact
+TemplateLM (lm_eval/api/model.py) over model.Llama and data.formats.Tokenizer (compact
 vocabularies included). evaluate.py --harness calls run(); this file does not run on its own.
 
-    python evaluate.py --ckpt=out/sft/ckpt.pt --harness=gsm8k_cot,drop,agieval_en,bbh --harness_fewshot=drop=5
+    python evaluate.py --ckpt=out/sft/lr_0.001/ckpt.pt --harness=gsm8k_cot,drop,agieval_en,bbh --harness_fewshot=drop=5
     python evaluate.py --ckpt=out/ckpt.pt --harness=arc_easy --harness_files=arc_easy=arc.jsonl
 
 lm_eval is an optional extra, imported only here: `pip install "lm-eval[hf]>=0.4.13,<0.5"`

@@ -65,7 +65,7 @@ def setup_distributed(device="auto", dtype="auto", tf32=False, process_group=Fal
     """The Runtime of this process. Under torchrun (WORLD_SIZE > 1) joins the process group:
     NCCL with one GPU per process (LOCAL_RANK), gloo on the CPU. process_group: join one even
     as a single process (FSDP needs it; without torchrun, on this machine's loopback).
-    tf32: let CUDA matmuls use TF32 (pre-training's speed; hessian.model_sharpness switches it
+    tf32: let CUDA matmuls use TF32 (pre-training's speed; sharpness.py's full_fp32 switches it
     off while it measures)."""
     rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     device = resolve_device(device)
@@ -104,9 +104,8 @@ def to_device(t, device):
 
 
 def fsdp():
-    """nanowso/parallel.py, imported for --parallel=fsdp only: with it imported, rank 0 of a 2-process
-    DDP train.py run hung at exit (torch 2.13, gloo; a minimal DDP script with the same imports
-    did not)."""
+    """nanowso/parallel.py, imported for --parallel=fsdp only: importing it made 2-process DDP
+    runs hang at exit (torch 2.13, gloo; docs/LOG.md)."""
     from nanowso import parallel
     return parallel
 

@@ -3,7 +3,7 @@ The study as a plan: the paper's experiments at each scale (Sections 3-6), as th
 of this repo that make them, in order, with what each stage reads and writes. Pure: nothing
 here runs a stage; reproduce.py runs the plan and reports it.
 
-    pass
+    from study.plan import ReproduceConfig, plan
     plan(ReproduceConfig(experiment="mid"))   # [(kind, run_dir, command, steps), ...]
 
 Experiment 1 (Section 3, Table 1): WSO (alpha_pre = 1.0) and WSD, Linear, Cosine with
@@ -45,10 +45,9 @@ SCALES = {
                 mid=dict(dataset="testbed_mid", max_iters=round(MID_FRACTION * 600)),
                 # sharpness.py of each final model: 4 x 20 probes take seconds on the tiny model
                 sharpness=dict(num_batches=4, num_samples=20),
-                # one pre-training run (COST 1.0) on one thread, its 7 sharpness measurements included:
-                # 7m17s and 7m31s for the study's first two, side by side (--jobs=2) on the 2-core CPU
-                # that made the first tables; the project's faster 2-core machines take 4m04s-4m48s
-                # (AVX-512 EPYCs), so there the estimate runs up to 1.8x high (README, Results)
+                # one pre-training run (COST 1.0) on one thread, its 7 sharpness measurements included,
+                # two side by side (--jobs=2) on the slowest 2-core CPU measured (docs/LOG.md); faster
+                # machines finish early
                 seconds_per_cost=440,
                 # 600 steps store the facts under every schedule (data/testbed/prepare.py's sizes);
                 # SFT: 5 epochs of the 450 training conversations, 71 updates, 5 of warmup (~7%)

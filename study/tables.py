@@ -2,7 +2,7 @@
 defined, and the layout, each difference taken from the best decay-based run. Used by
 `python evaluate.py --compare <run dirs>` and by reproduce.py; nothing here runs on its own.
 
-A row is a dict: run (a name), seed, schedule, alpha_pre, alpha_mid (runs.schedule_of),
+A row is a dict: run (a name), seed, schedule, alpha_pre, alpha_mid (nanowso.checkpoint.schedule_of),
 and the metrics valid_loss, task_avg, sft_task_avg (and any other key a column names).
 """
 
@@ -50,7 +50,7 @@ def valid_loss(val_loss):
     model for the sentence order of each training document it memorized: in a WSO run
     (150 people, seed 0) it rose 0.45 -> 0.57 -> 0.64 at steps 200, 400, 600 while the value
     loss fell 0.34 -> 0.18 -> 0.15 and recall rose 79% -> 90% -> 95%, so it does not measure
-    how well the facts are fit (README, The offline testbed)."""
+    how well the facts are fit (docs/testbed.md)."""
     return val_loss.get("value_loss", val_loss.get("loss"))
 
 

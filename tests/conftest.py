@@ -3,6 +3,17 @@
 import pytest
 import torch
 
+from data.testbed.prepare import prepare as prepare_testbed
+
+
+@pytest.fixture(scope="session")
+def testbed(tmp_path_factory):
+    """The offline testbed of 40 people (data/testbed/prepare.py, seed 0), prepared once per
+    session: pretrain/, mid/ and the SFT files. A test that changes it works on a copy."""
+    root = tmp_path_factory.mktemp("testbed")
+    prepare_testbed(str(root), seed=0, n_people=40)
+    return root
+
 
 @pytest.fixture(scope="module")
 def one_thread():

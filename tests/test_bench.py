@@ -10,6 +10,8 @@ from model import build_config
 from nanowso.common import parse_args
 from tools import bench
 
+pytestmark = pytest.mark.slow  # integration: real training runs, subprocesses
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -17,7 +19,7 @@ def test_preset_is_benchmarked_at_its_own_size():
     """Defect: the size defaults overrode --preset, so --preset=125m benchmarked width 256."""
     cfg = parse_args(bench.BenchConfig, ["--preset=125m", "--seq_len=1024"])
     assert bench.model_config(cfg) == build_config("125m", vocab_size=100288, max_seq_len=1024)
-    reference = parse_args(bench.BenchConfig, ["--dim=256", "--ffn_dim=768", "--vocab_size=50304"])  # README's
+    reference = parse_args(bench.BenchConfig, ["--dim=256", "--ffn_dim=768", "--vocab_size=50304"])  # docs/speed.md's
     assert bench.model_config(reference) == build_config("tiny", dim=256, ffn_dim=768, vocab_size=50304,
                                                          max_seq_len=256)
 
@@ -48,7 +50,7 @@ def test_bench_runs_under_torchrun(parallel):
 
 
 def test_sizes_prints_the_readme_table(capsys):
-    """tools/sizes.py: the figures of the README's table (16 bytes per parameter under DDP; 8b does not fit)."""
+    """tools/sizes.py: the figures of docs/scale.md's table (16 bytes per parameter under DDP; 8b does not fit)."""
     from tools import sizes
     sizes.main(sizes.SizesConfig())
     out = capsys.readouterr().out

@@ -196,6 +196,7 @@ def documents(directory, split) -> list[str]:
     return text.split(EOT_TEXT)[1:]
 
 
+@pytest.mark.slow
 def test_testbed_is_deterministic(testbed_dirs):
     def files(d):
         return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}

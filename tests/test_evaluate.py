@@ -358,6 +358,7 @@ def trained(tmp_path_factory):
     return root, out / "ckpt.pt"
 
 
+@pytest.mark.slow
 def test_cli_evaluates_a_trained_checkpoint(trained, tmp_path):
     from contextlib import nullcontext
     root, ckpt_path = trained

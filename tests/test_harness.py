@@ -32,7 +32,7 @@ MC = {"arc_easy": "arc.jsonl", "hellaswag": "hellaswag.jsonl", "winogrande": "wi
 GSM8K = [{"question": f"Tom has {a} apples and buys {b} more. How many apples does he have?",
           "answer": f"Tom has {a} + {b} = {a + b} apples.\n#### {a + b}"} for a, b in ((3, 4), (10, 5), (7, 8), (2, 9))]
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from nanowso.checkpoint import save_checkpoint
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALPACA = os.path.join(REPO, "tests", "fixtures", "lm_eval", "alpaca_eval.jsonl")
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # tests/conftest.py
 
 
 def test_both_orders_cancel_a_judge_that_always_prefers_the_second():

@@ -12,11 +12,12 @@ import torch
 
 import schedules
 import train
-from data.testbed.prepare import prepare as prepare_testbed
 from model import Llama, LlamaConfig
 from nanowso.checkpoint import load_checkpoint
 from tools import merge
 from tools.merge import MergeConfig
+
+pytestmark = pytest.mark.slow  # integration: real training runs, subprocesses
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -75,12 +76,11 @@ def run_config(testbed, out_dir, **overrides):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, one_thread):
+def runs(testbed, tmp_path_factory, one_thread):
     """A WSO run keeping ckpt_000003..12.pt, and a short one with another learning rate."""
     root = tmp_path_factory.mktemp("merge")
-    prepare_testbed(str(root / "testbed"), seed=0, n_people=40)
-    train.main(run_config(root / "testbed", root / "wso"))
-    train.main(run_config(root / "testbed", root / "other", max_iters=3, learning_rate=1e-3))
+    train.main(run_config(testbed, root / "wso"))
+    train.main(run_config(testbed, root / "other", max_iters=3, learning_rate=1e-3))
     return root
 
 

@@ -1,6 +1,6 @@
 """train.py --parallel=fsdp (nanowso/parallel.py) on CPU with gloo: two processes equal one, sharded
 checkpoints resume bit-exactly on as many processes and reshard onto fewer, and every
-single-file reader (tools/convert_checkpoint.py, common.load_checkpoint, tools/merge.py) takes them."""
+single-file reader (tools/convert_checkpoint.py, nanowso.checkpoint.load_checkpoint, tools/merge.py) takes them."""
 
 import json
 import os
@@ -11,22 +11,17 @@ import pytest
 import torch
 
 import train
-from data.testbed.prepare import prepare as prepare_testbed
+from data.formats import Tokenizer
 from nanowso import parallel
 from nanowso.checkpoint import load_checkpoint
 from tools import convert_checkpoint, merge
 from tools.merge import MergeConfig
 
+pytestmark = pytest.mark.slow  # integration: real training runs, subprocesses
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMON = ["--batch_size=2", "--seq_len=64", "--warmup_iters=1", "--log_interval=1", "--eval_interval=2",
           "--eval_tokens=1024", "--compile=false", "--device=cpu", f"--tokens_per_step={8 * 64}"]
-
-
-@pytest.fixture(scope="module")
-def testbed(tmp_path_factory):
-    root = tmp_path_factory.mktemp("testbed")
-    prepare_testbed(str(root), seed=0, n_people=40)
-    return root
 
 
 def torchrun(n, out_dir, testbed, *args):
@@ -142,7 +137,7 @@ def test_fsdp_cooldown_from_weights_only_shards_is_refused(runs, testbed):
     metadata); a cooldown continues AdamW, so it says so instead of failing inside dcp.load."""
     kept, full = runs / "fsdp" / "ckpt_000002_sharded", runs / "fsdp" / "ckpt_sharded"
     assert not parallel.holds_optimizer(str(kept)) and parallel.holds_optimizer(str(full))
-    tokenizer = train.Tokenizer.from_dict(load_checkpoint(str(full))["tokenizer"])
+    tokenizer = Tokenizer.from_dict(load_checkpoint(str(full))["tokenizer"])
     cfg = train.TrainConfig(dataset=str(testbed / "pretrain"), parallel="fsdp", stage="cooldown", alpha=0.0,
                             max_iters=2, init_from=str(kept), batch_size=2, seq_len=64, warmup_iters=1,
                             tokens_per_step=8 * 64, device="cpu")

@@ -11,6 +11,8 @@ import reproduce
 from reproduce import ReproduceConfig
 from study import plan as study
 
+pytestmark = pytest.mark.slow  # integration: real training runs, subprocesses
+
 TOY = dict(max_iters=8, sft_lrs="1e-3", sft_epochs=1, eval_limit=16)
 
 

@@ -26,6 +26,8 @@ from nanowso.runtime import Runtime
 from sft import SFTConfig
 from train import TrainConfig
 
+pytestmark = pytest.mark.slow  # integration: real training runs, subprocesses
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TULU_SAMPLE = os.path.join(REPO, "tests", "fixtures", "tulu_sample.jsonl")
 
@@ -38,9 +40,10 @@ def trim(testbed, **rows_per_file):
 
 
 @pytest.fixture(scope="module")
-def testbed(tmp_path_factory):
-    root = tmp_path_factory.mktemp("testbed")
-    prepare_testbed(str(root), seed=0, n_people=40)  # 300 training conversations
+def testbed(testbed, tmp_path_factory):
+    """conftest's testbed (300 training conversations), copied, with 10 selection and 10 test people."""
+    root = tmp_path_factory.mktemp("sft") / "testbed"
+    shutil.copytree(testbed, root)
     return trim(root, sft_select=10, sft_test=10)
 
 

@@ -22,7 +22,6 @@ import train
 from data import loaders
 from data.chat import render
 from data.formats import Tokenizer, load_meta, load_split, read_jsonl
-from data.testbed.prepare import prepare as prepare_testbed
 from model import IGNORE_INDEX, Llama, LlamaConfig
 from nanowso.common import parse_args
 from study import figures
@@ -304,6 +303,7 @@ def test_padding_changes_neither_the_loss_nor_the_trace():
         assert model(xp, yp)[1].item() == pytest.approx(model(x, y)[1].item(), rel=1e-12)
 
 
+@pytest.mark.slow
 def test_compiled_estimator_matches_eager_and_compiles_once():
     """--compile: batches of different lengths are padded to one shape and the last chunk
     of probes is padded with zero probes, so one compilation serves every call; the
@@ -410,13 +410,6 @@ def test_same_seed_same_bits_other_seed_differs():
 # ------------------------------------------------------------------- data and CLI
 
 @pytest.fixture(scope="module")
-def testbed(tmp_path_factory):
-    root = tmp_path_factory.mktemp("testbed")
-    prepare_testbed(str(root), seed=0, n_people=40)
-    return root
-
-
-@pytest.fixture(scope="module")
 def checkpoint(testbed, tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("run")
     train.main(train.TrainConfig(dataset=str(testbed / "pretrain"), out_dir=str(out_dir), batch_size=2, seq_len=32,
@@ -454,6 +447,7 @@ def test_sft_batches_supervise_only_the_answers(testbed):
         loaders.sft_batches(path, tokenizer, seq_len=4, batch_size=1, num_batches=2)
 
 
+@pytest.mark.slow
 def test_cli_end_to_end(checkpoint, capsys):
     cfg = parse_args(sharpness.SharpnessConfig, [f"--ckpt={checkpoint}", "--num_batches=2", "--num_samples=3"])
     results = sharpness.main(cfg)
@@ -472,6 +466,7 @@ def test_cli_end_to_end(checkpoint, capsys):
         assert r["trace"] == results[name]["trace"]
 
 
+@pytest.mark.slow
 def test_cli_errors(checkpoint, tmp_path):
     missing = subprocess.run([sys.executable, "sharpness.py", f"--ckpt={tmp_path / 'nope.pt'}"], cwd=REPO,
                              capture_output=True, text=True)
@@ -514,9 +509,9 @@ def test_plots(tmp_path):
     assert math.isnan(figures.plot_sharpness_vs_score({"WSO": (1.0, 0.6)}, path=str(tmp_path / "one.png")))
 
 
-def test_figures_3_and_4_from_training_runs(tmp_path):
-    root = tmp_path / "tb"
-    prepare_testbed(str(root), seed=0, n_people=40)
+@pytest.mark.slow
+def test_figures_3_and_4_from_training_runs(testbed, tmp_path):
+    root = testbed
     runs = []
     for schedule, score in (("wso", 40.0), ("wsd", 30.0), ("cosine", 20.0)):
         out = tmp_path / schedule

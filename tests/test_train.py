@@ -17,21 +17,15 @@ import torch
 
 import model as model_module
 import train
-from data.formats import write_meta, write_tokens
-from data.testbed.prepare import prepare as prepare_testbed
+from data.formats import Tokenizer, write_meta, write_tokens
 from nanowso import start
 from nanowso.checkpoint import load_checkpoint
 from nanowso.common import parse_args
 from train import TrainConfig
 
+pytestmark = pytest.mark.slow  # integration: real training runs, subprocesses
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def testbed(tmp_path_factory):
-    root = tmp_path_factory.mktemp("testbed")
-    prepare_testbed(str(root), seed=0, n_people=40)
-    return root
 
 
 def config(testbed, out_dir, **overrides):
@@ -361,7 +355,7 @@ def test_sharpness_is_recorded_during_training_without_disturbing_it(testbed, tm
 
 def test_starting_point_of_scratch_resume_mid_and_cooldown(testbed, tmp_path):
     """train.starting_point, the one place that decides what a run starts from."""
-    tokenizer = train.Tokenizer.from_dict(load_meta_of(testbed / "pretrain")["tokenizer"])
+    tokenizer = Tokenizer.from_dict(load_meta_of(testbed / "pretrain")["tokenizer"])
     scratch = train.starting_point(config(testbed, tmp_path / "pre", max_iters=6, keep_every=3), tokenizer, 1)
     assert (scratch.model_state, scratch.optimizer_state, scratch.rng, scratch.branch) == (None, None, None, None)
     assert scratch.counters == train.Counters(0, 0, 0) and scratch.last_step == 6

@@ -5,7 +5,7 @@ dense peak on a known GPU (H100/H200 SXM 989 TFLOP/s, A100 312), else this machi
 matmul peak measured in the same run; peak memory on a GPU. Speed lives here, never in tests.
 tools/gpu_check.py is the one GPU check (training, resume, MFU, HVP, FSDP2).
 
-    python tools/bench.py --dim=256 --ffn_dim=768 --vocab_size=50304   # the CPU reference size (README, Speed)
+    python tools/bench.py --dim=256 --ffn_dim=768 --vocab_size=50304   # the CPU reference size (docs/speed.md)
     python tools/bench.py --preset=125m --batch_size=16 --seq_len=1024 --device=cuda
     torchrun --nproc_per_node=8 tools/bench.py --preset=1b --parallel=fsdp --batch_size=4 --seq_len=2048
 

@@ -1,7 +1,7 @@
 """
 A sharded checkpoint (train.py --parallel=fsdp: a directory of torch.distributed.checkpoint
 shards and run.pt) as one ckpt.pt file, the form a single-process run writes: weights, AdamW's
-state and the run's state. Every script reads sharded directories as they are (common.
+state and the run's state. Every script reads sharded directories as they are (nanowso/checkpoint.py's
 load_checkpoint gathers them); this writes the file once, for a copy elsewhere or for tools
 that expect one file. It runs as one process, without a GPU.
 

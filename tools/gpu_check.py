@@ -5,7 +5,7 @@ resume and compares, measures MFU at 125m and 350m against the device's bf16 den
 the Hessian-vector product (math attention backend) at T = 1024 on 125m, and trains with FSDP2
 on that one GPU; one summary line per check, exit status 1 if any fails.
 
-    python tools/gpu_check.py                    # on a GPU (about 5 minutes on an H100/H200)
+    python tools/gpu_check.py                    # on a GPU (estimated at about 5 minutes on an H100/H200)
     python tools/gpu_check.py --device=cpu       # the same checks on the tiny preset (tests run this)
 
 The training data is a synthetic token stream over the full cl100k vocabulary (a fixed random

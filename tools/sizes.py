@@ -1,5 +1,5 @@
 """
-What the presets need on N GPUs, on paper (README, "One GPU, several GPUs"): memory per GPU
+What the presets need on N GPUs, on paper (docs/scale.md): memory per GPU
 under DDP and FSDP2, and days for the paper's token budgets at a stated MFU. Counts come from
 model.py on the meta device; nothing is measured.
 

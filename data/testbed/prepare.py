@@ -50,8 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from data.formats import Tokenizer, load_meta, write_atomic, write_jsonl, write_meta, write_tokens
 
 VERSION = 6  # bump when the testbed changes, so is_prepared() sends stale copies to be re-made
-# (5: version 4 at the measured sizes below; 6: the mid-training validation marks its values,
-# every token file is version 5's)
+# (docs/LOG.md lists the versions)
 
 FEMALE_NAMES = ["Alice", "Beatrice", "Clara", "Daphne", "Elena", "Fiona", "Greta", "Helen", "Irene",
                 "Julia", "Karen", "Laura", "Marta", "Nadia", "Olivia", "Paula", "Rosa", "Sonia",
