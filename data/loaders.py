@@ -13,17 +13,20 @@ chat template and its loss mask are data/chat.py's. Nothing here runs on its own
 sft.py, evaluate.py and sharpness.py import it.
 """
 
+import importlib
 import os
 
 import numpy as np
 import torch
 
 from data.chat import has_supervision, render
-from model import IGNORE_INDEX
 from data.formats import load_split, read_jsonl
+from model import IGNORE_INDEX
 
 DATA_DIR = os.path.dirname(os.path.abspath(__file__))
-NAMED = {"testbed": "testbed/pretrain", "testbed_mid": "testbed/mid", "fineweb_edu": "fineweb_edu"}
+NAMED = {"testbed": "testbed/pretrain", "testbed_mid": "testbed/mid", "hmm": "hmm/pretrain", "hmm_mid": "hmm/mid",
+         "fineweb_edu": "fineweb_edu"}
+GENERATED = {"testbed": "data.testbed.prepare", "hmm": "data.hmm.prepare"}  # made on first use
 
 
 # ------------------------------------------------------------------- where data lives
@@ -32,10 +35,11 @@ def resolve_dataset(name):
     """A data set name -> its prepared directory; the testbed is generated on first use."""
     if name in NAMED:
         path = os.path.join(DATA_DIR, NAMED[name])
-        if name.startswith("testbed"):
-            from data.testbed.prepare import is_prepared, prepare
-            if not is_prepared(os.path.join(DATA_DIR, "testbed")):
-                prepare(os.path.join(DATA_DIR, "testbed"))
+        generator = GENERATED.get(name.split("_")[0])
+        if generator:
+            module, folder = importlib.import_module(generator), os.path.join(DATA_DIR, name.split("_")[0])
+            if not module.is_prepared(folder):
+                module.prepare(folder)
         if not os.path.exists(os.path.join(path, "meta.json")):
             raise SystemExit(f"error: data set {name!r} is not prepared; run python data/{name}/prepare.py --help")
         return path
@@ -52,10 +56,10 @@ def resolve_dataset(name):
 
 def testbed_of(dataset):
     """The testbed folder made by data/testbed/prepare.py that `dataset` belongs to, or None:
-    for "testbed" or "testbed_mid" the default one (prepared on first use); for a directory,
+    for "testbed", "hmm" or their _mid the default one (prepared on first use); for a directory,
     itself or its parent, whichever holds the SFT and probe files (they sit beside the
     pretrain/ and mid/ corpora)."""
-    if dataset in ("testbed", "testbed_mid"):
+    if dataset in ("testbed", "testbed_mid", "hmm", "hmm_mid"):
         return os.path.dirname(resolve_dataset(dataset))
     if not os.path.isdir(dataset):
         return None
