@@ -12,7 +12,7 @@ import torch
 
 import train
 from data.formats import Tokenizer
-from nanowso import parallel
+from nanowso import parallel, start
 from nanowso.checkpoint import load_checkpoint
 from tools import convert_checkpoint, merge
 from tools.merge import MergeConfig
@@ -142,7 +142,7 @@ def test_fsdp_cooldown_from_weights_only_shards_is_refused(runs, testbed):
                             max_iters=2, init_from=str(kept), batch_size=2, seq_len=64, warmup_iters=1,
                             tokens_per_step=8 * 64, device="cpu")
     with pytest.raises(SystemExit, match="holds weights without AdamW's state"):
-        train.starting_point(cfg, tokenizer, 2)
+        start.starting_point(cfg, tokenizer, 2)
 
 
 def test_fsdp_refuses_in_training_sharpness():

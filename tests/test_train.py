@@ -354,32 +354,32 @@ def test_sharpness_is_recorded_during_training_without_disturbing_it(testbed, tm
 # ------------------------------------------------------------ where a run starts
 
 def test_starting_point_of_scratch_resume_mid_and_cooldown(testbed, tmp_path):
-    """train.starting_point, the one place that decides what a run starts from."""
+    """start.starting_point, the one place that decides what a run starts from."""
     tokenizer = Tokenizer.from_dict(load_meta_of(testbed / "pretrain")["tokenizer"])
-    scratch = train.starting_point(config(testbed, tmp_path / "pre", max_iters=6, keep_every=3), tokenizer, 1)
+    scratch = start.starting_point(config(testbed, tmp_path / "pre", max_iters=6, keep_every=3), tokenizer, 1)
     assert (scratch.model_state, scratch.optimizer_state, scratch.rng, scratch.branch) == (None, None, None, None)
-    assert scratch.counters == train.Counters(0, 0, 0) and scratch.last_step == 6
+    assert scratch.counters == start.Counters(0, 0, 0) and scratch.last_step == 6
     train.main(config(testbed, tmp_path / "pre", max_iters=6, keep_every=3, keep_optimizer=True))
     pre = load_checkpoint(str(tmp_path / "pre" / "ckpt.pt"))
 
-    resume = train.starting_point(config(testbed, tmp_path / "pre", max_iters=9, init_from="resume"), tokenizer, 1)
-    assert resume.counters == train.Counters(6, pre["samples_seen"], pre["tokens_seen"]) and resume.last_step == 9
+    resume = start.starting_point(config(testbed, tmp_path / "pre", max_iters=9, init_from="resume"), tokenizer, 1)
+    assert resume.counters == start.Counters(6, pre["samples_seen"], pre["tokens_seen"]) and resume.last_step == 9
     assert resume.optimizer_state is not None and resume.rng is not None and resume.branch is None
     assert resume.run_config["init_from"] == "scratch"  # where the run began, not "resume"
 
     mid_cfg = config(testbed, tmp_path / "mid", stage="mid", init_from=str(tmp_path / "pre" / "ckpt.pt"),
                      dataset=str(testbed / "mid"), max_iters=4)
-    mid = train.starting_point(mid_cfg, tokenizer, 1)
-    assert mid.branch == train.Branch(6, 3e-3) and mid.last_step == 10
-    assert mid.counters == train.Counters(6, 0, pre["tokens_seen"])  # new data from its start
+    mid = start.starting_point(mid_cfg, tokenizer, 1)
+    assert mid.branch == start.Branch(6, 3e-3) and mid.last_step == 10
+    assert mid.counters == start.Counters(6, 0, pre["tokens_seen"])  # new data from its start
     assert mid.optimizer_state is not None and mid.rng is None
 
     cool_cfg = config(testbed, tmp_path / "cool", stage="cooldown", init_from=str(tmp_path / "pre" / "ckpt_000003.pt"),
                       max_iters=3, alpha=0.0)
-    cool = train.starting_point(cool_cfg, tokenizer, 1)
+    cool = start.starting_point(cool_cfg, tokenizer, 1)
     kept = load_checkpoint(str(tmp_path / "pre" / "ckpt_000003.pt"))
-    assert cool.branch == train.Branch(3, 3e-3) and cool.last_step == 6
-    assert cool.counters == train.Counters(3, kept["samples_seen"], kept["tokens_seen"])  # the same run, continued
+    assert cool.branch == start.Branch(3, 3e-3) and cool.last_step == 6
+    assert cool.counters == start.Counters(3, kept["samples_seen"], kept["tokens_seen"])  # the same run, continued
     assert cool.optimizer_state is not None and cool.rng is not None
 
 
