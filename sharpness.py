@@ -337,6 +337,54 @@ def sharpness_during_training(raw_model, batches, num_samples, seed=0, rank=0, w
     return {"sharpness": result["trace"], "sharpness_stderr": result["stderr"]}
 
 
+# ------------------------------------------------ a sharpness that does not shrink with confidence
+
+def adam_denominators(model, optimizer_state):
+    """{name: sqrt(v_hat) + eps}: the divisor AdamW applies to each gradient entry, from the
+    state_dict of nanowso.optim.make_optimizer's AdamW (its groups: matrices, then vectors),
+    v_hat = exp_avg_sq / (1 - beta2^step)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.ndim >= 2]
+    named += [(n, p) for n, p in model.named_parameters() if p.ndim < 2]
+    groups = [(g, i) for g in optimizer_state["param_groups"] for i in g["params"]]
+    if len(groups) != len(named):
+        raise ValueError(f"the optimizer state holds {len(groups)} tensors, the model {len(named)}")
+    out = {}
+    for (name, p), (group, i) in zip(named, groups):
+        state = optimizer_state["state"][i]
+        v_hat = state["exp_avg_sq"].to(p.device, torch.float64) / (1 - group["betas"][1] ** float(state["step"]))
+        out[name] = (v_hat.sqrt() + group["eps"]).to(p.dtype)
+    return out
+
+
+def preconditioned_probe(denominators, probe=rademacher):
+    """Probes z / sqrt(d): z^T D^-1/2 H D^-1/2 z has expectation Tr(D^-1 H), the trace of the
+    Hessian as AdamW's steps see it (Cohen et al. 2022, arXiv 2207.14484, follow its largest
+    eigenvalue: it settles near 38 / lr). Unlike Tr(H) it does not fall just because the
+    gradients, and so AdamW's denominators, shrink as the model grows confident."""
+    return lambda params, generator: {n: z / denominators[n].sqrt() for n, z in probe(params, generator).items()}
+
+
+def preconditioned_sharpness(model, denominators, batches, num_samples, seed=0):
+    """Tr(D^-1 H) of the model's loss, mean +- standard error over `batches` (probes seeded
+    seed + b, as model_sharpness), by the plain loop; in eval mode and true float32."""
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    check_fp32(params)
+    was_training, traces = model.training, []
+    model.eval()
+    try:
+        with full_fp32(next(iter(params.values())).device.type):
+            for b, (x, y) in enumerate(batches):
+                generator = torch.Generator(x.device).manual_seed(seed + b)
+                loss_fn = batch_loss_fn(model, x, y)
+                trace, _ = hutchinson(loss_fn, params, num_samples, generator, preconditioned_probe(denominators))
+                traces.append(trace)
+    finally:
+        model.train(was_training)
+    traces = np.array(traces)
+    stderr = traces.std(ddof=1) / math.sqrt(len(traces)) if len(traces) > 1 else float("nan")
+    return {"trace": float(traces.mean()), "stderr": float(stderr), "per_batch": traces.tolist()}
+
+
 # ------------------------------------------------------------------ the command
 
 @dataclass
