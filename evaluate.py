@@ -64,9 +64,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from model import IGNORE_INDEX
 from data.formats import Tokenizer, load_rows, load_split, load_value_mask, read_jsonl, write_jsonl
 from data.loaders import resolve_dataset, testbed_of, validation_batches
+from model import IGNORE_INDEX
 from nanowso.checkpoint import load_checkpoint, load_model, schedule_of, training_config
 from nanowso.common import Eta, parse_args
 from nanowso.judge import alpaca_eval, alpaca_rows, load_judge, reference_outputs

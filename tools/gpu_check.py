@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data.formats import Tokenizer, load_meta, write_meta, write_tokens
 from model import Llama
 from nanowso.common import parse_args
-from sharpness import model_sharpness
 from nanowso.runtime import autocast_context, resolve_device
+from sharpness import model_sharpness
 from tools import bench
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo root, where train.py is
