@@ -147,7 +147,7 @@ def run_all(cfg):
 
 class StudyProgress:
     """One line as each stage finishes, with the study's ETA from the stages' relative cost
-    (study.stage_cost) and the pace of the last WINDOW finishes (a pause, or other work beside
+    (study.plan.stage_cost) and the pace of the last WINDOW finishes (a pause, or other work beside
     the study, fades from the estimate instead of weighing on it to the end)."""
 
     WINDOW = 8

@@ -42,6 +42,9 @@ that has it is skipped when the sweep is rerun), out_dir/config.json, and out_di
           = 50 x (exact_match + choice), sft_task_avg} (null without a testbed; a diverged run
           has null metrics and is never chosen), and with --select_by=alpaca_eval
           alpaca_eval, alpaca_eval_stderr (every verdict in lr_<lr>/alpaca_eval.jsonl)
+
+Reading order: SFTConfig (every option), finetune (one LR, the loop top to bottom), train_step
+(one update), main (the sweep); the sweep's bookkeeping is nanowso/sweep.py.
 """
 
 import json

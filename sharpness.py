@@ -31,14 +31,11 @@ standard error); hutchinson_trace (the same estimate, fast: bit-packed probes, v
 HVPs, torch.compile; tested equal to hutchinson on the same probes); model_sharpness (a
 model's loss over fixed batches: common random numbers, float32); main (the command).
 
-Measurement (Appendix H, model_sharpness): per batch b, t_b = Tr of the Hessian of that
-batch's loss, the mean cross-entropy over its target tokens (label != IGNORE_INDEX), from
-num_samples probes drawn by a generator seeded with seed + b, so every checkpoint sees the
-same batches and the same probes (common random numbers: differences between schedules
-are tighter than either number). The estimate is mean_b t_b +- std_b(t_b) / sqrt(B),
-a standard error that holds both the batch-to-batch spread and the probes' noise. It runs
-in true float32 wherever it is called (TF32 matmuls off), so a measurement inside
-train.py equals one by sharpness.py.
+Measurement (Appendix H, model_sharpness): t_b = Tr of the Hessian of batch b's mean loss
+over its target tokens, from probes seeded seed + b, so every checkpoint sees the same batches
+and probes (common random numbers: differences between schedules are tighter than either
+number); the estimate is mean_b t_b +- std_b(t_b) / sqrt(B), in true float32 (TF32 off)
+wherever it runs, so a measurement inside train.py equals one by sharpness.py.
 """
 
 import functools
@@ -66,7 +63,7 @@ from nanowso.runtime import setup_distributed
 from study.figures import draw_figures
 
 LOSS_NORMALIZATION = ("per batch: mean next-token cross-entropy over the batch's target tokens with "
-                      "label != -100; the estimate averages the per-batch traces with equal weight")
+                      f"label != {IGNORE_INDEX}; the estimate averages the per-batch traces with equal weight")
 
 
 def hessian_vector_product(loss_fn, params):
@@ -317,7 +314,7 @@ def full_fp32(device_type):
 
 
 def pad_batches(batches, length):
-    """Every (x, y) right-padded to `length` positions, x with token 0 and y with -100.
+    """Every (x, y) right-padded to `length` positions, x with token 0 and y with IGNORE_INDEX.
     The loss and its Hessian do not change: causal attention keeps a position from seeing
     later ones, and a position without a label adds nothing to the mean."""
     def pad(t, value):
@@ -350,31 +347,34 @@ def adam_denominators(model, optimizer_state):
         raise ValueError(f"the optimizer state holds {len(groups)} tensors, the model {len(named)}")
     out = {}
     for (name, p), (group, i) in zip(named, groups):
-        state = optimizer_state["state"][i]
+        state = optimizer_state["state"].get(i, {})
+        if state.get("exp_avg_sq") is None or state["exp_avg_sq"].shape != p.shape:
+            raise ValueError(f"the optimizer state has no second moment shaped like {name} {tuple(p.shape)}: "
+                             f"not this model's AdamW (nanowso.optim.make_optimizer), or never stepped")
         v_hat = state["exp_avg_sq"].to(p.device, torch.float64) / (1 - group["betas"][1] ** float(state["step"]))
         out[name] = (v_hat.sqrt() + group["eps"]).to(p.dtype)
     return out
 
 
 def preconditioned_probe(denominators, probe=rademacher):
-    """Probes z / sqrt(d): z^T D^-1/2 H D^-1/2 z has expectation Tr(D^-1 H), the trace of the
-    Hessian as AdamW's steps see it (Cohen et al. 2022, arXiv 2207.14484, follow its largest
-    eigenvalue: it settles near 38 / lr). Unlike Tr(H) it does not fall just because the
-    gradients, and so AdamW's denominators, shrink as the model grows confident."""
+    """Probes z / sqrt(d): E[z^T D^-1/2 H D^-1/2 z] = Tr(D^-1 H), the Hessian as AdamW's steps see it
+    (Cohen et al. 2022, arXiv 2207.14484: its top eigenvalue settles near 38 / lr). It does not fall
+    just because the gradients, and with them AdamW's denominators, shrink as the model grows sure."""
     return lambda params, generator: {n: z / denominators[n].sqrt() for n, z in probe(params, generator).items()}
 
 
 def preconditioned_sharpness(model, denominators, batches, num_samples, seed=0):
-    """Tr(D^-1 H) of the model's loss, mean +- standard error over `batches` (probes seeded
-    seed + b, as model_sharpness), by the plain loop; in eval mode and true float32."""
+    """Tr(D^-1 H) of the model's loss, mean +- standard error over `batches` (nan for one), by the
+    plain loop with torch.randint probes seeded seed + b (not model_sharpness's bit-packed ones);
+    in eval mode and true float32."""
     params = {name: p.detach() for name, p in model.named_parameters()}
     check_fp32(params)
-    was_training, traces = model.training, []
+    device, was_training, traces = next(iter(params.values())).device, model.training, []
     model.eval()
     try:
-        with full_fp32(next(iter(params.values())).device.type):
+        with full_fp32(device.type):
             for b, (x, y) in enumerate(batches):
-                generator = torch.Generator(x.device).manual_seed(seed + b)
+                x, y, generator = x.to(device), y.to(device), torch.Generator(device).manual_seed(seed + b)
                 loss_fn = batch_loss_fn(model, x, y)
                 trace, _ = hutchinson(loss_fn, params, num_samples, generator, preconditioned_probe(denominators))
                 traces.append(trace)

@@ -7,7 +7,7 @@ open_instruct/dataset_transformation.py, CHAT_TEMPLATES["tulu"]).
     generation prompt: <|assistant|>\\n
 
 The loss covers assistant content + eos only; every other token, including the
-`<|assistant|>\\n` header, gets label -100. Labels are aligned with the ids, as in
+`<|assistant|>\\n` header, gets label IGNORE_INDEX (-100). Labels are aligned with the ids, as in
 Hugging Face (labels[i] belongs to ids[i]); a next-token model takes
 x = ids[:-1], y = labels[1:].
 

@@ -6,7 +6,7 @@ windows, the fixed held-out tokens, and padded batches of chat-rendered conversa
     TokenWindows(shards, T, seed)     # training samples, a pure function of (seed, k)
     validation_batches(...)           # the first eval_tokens of the val split, in order
     pretrain_batches(...)             # the same, as the fixed sequences sharpness is measured on
-    sft_batches(...), pad_collate(...)  # conversations -> right-padded (x, y), y = -100 off the answer
+    sft_batches(...), pad_collate(...)  # conversations -> right-padded (x, y), y = IGNORE_INDEX off the answer
 
 The formats themselves (meta.json, token files, the tokenizer) are data/formats.py's; the
 chat template and its loss mask are data/chat.py's. Nothing here runs on its own: train.py,
@@ -143,7 +143,7 @@ def pretrain_batches(data_dir, seq_len, batch_size, num_batches, split="val"):
 # ---------------------------------------------------------------------- conversations
 
 def pad_collate(examples, pad_id):
-    """Right-padded (x, y) of [(ids, labels)] with y = next token's label, -100 on padding.
+    """Right-padded (x, y) of [(ids, labels)] with y = next token's label, IGNORE_INDEX on padding.
     The causal mask keeps real tokens from attending to the padding after them, so no
     attention mask is needed."""
     T = max(len(ids) for ids, _ in examples) - 1

@@ -232,7 +232,7 @@ def score_items(model, tokenizer, items, metrics, batch_size=16, desc=None):
 
 @torch.no_grad()
 def mean_loss(model, batches, device, autocast):
-    """The mean next-token loss over every target token (label != -100) of fixed batches
+    """The mean next-token loss over every target token (label != IGNORE_INDEX) of fixed batches
     [(x, y), ...]: each batch's mean weighted by its token count. The model is evaluated
     in eval mode and left in the mode it came in."""
     was_training = model.training

@@ -1,7 +1,10 @@
 """
-Where a training run starts and what may change when it continues: the fields a resume may
-change (RESUMABLE_CHANGES, RECORDED_CHANGES), the refusals that keep a resumed run the same
-run (check_resume), and the command that resumes one. Nothing here runs on its own.
+Where a training run starts and how it is saved, for train.py: what a resume may change
+(RESUMABLE_CHANGES, RECORDED_CHANGES) and the refusals that keep a resumed run the same run
+(check_resume); the start itself, from scratch, a resume, mid-training or a cooldown
+(starting_point, a Start record); the data, the model and AdamW it builds (load_data,
+build_model); the Run the loop reads; and the checkpoint it writes (save_run). Nothing here
+runs on its own.
 """
 
 import math
@@ -218,6 +221,12 @@ def branch_point(ckpt, cfg):
     branch = Branch(pretrain_iters=ckpt["step"], lr_end_of_pretraining=lr_of_update(ckpt["step"], pre, None))
     if cfg.stage == "cooldown":
         check_cooldown_branch(ckpt, cfg, branch.lr_end_of_pretraining)
+        schedules.validate_cooldown(alpha=cfg.alpha, cooldown_iters=cfg.max_iters, cooldown=cfg.cooldown,
+                                    lr_max=branch.lr_end_of_pretraining, t_stable=branch.pretrain_iters)
+    else:  # what the checkpoint brings to Eq. 11, checked once as TrainConfig checks the rest
+        schedules.validate_midtrain(alpha_mid=cfg.alpha_mid, mid_iters=cfg.max_iters,
+                                    pretrain_iters=branch.pretrain_iters,
+                                    lr_end_of_pretraining=branch.lr_end_of_pretraining)
     return branch
 
 
