@@ -274,6 +274,14 @@ class EvalConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, else fp32) | float32 | bfloat16
 
+    def __post_init__(self):
+        if self.limit < 0:
+            raise ValueError(f"limit={self.limit} must be >= 0 (0 scores every item)")
+        if not self.harness and not [t for t in self.tasks.split(",") if t.strip()]:
+            raise ValueError(f"tasks={self.tasks!r} names no task: give some of {', '.join(TASKS)} (or --harness)")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size} must be >= 1")
+
 
 def testbed_folder(ckpt):
     """The testbed the checkpoint was trained on (probes and SFT files sit in its root,

@@ -1,4 +1,4 @@
-"""
+r"""
 Supervised fine-tuning (SFT) with the paper's learning-rate sweep (Section 3.1; Appendix D, Table 8).
 
     python sft.py --init_from=out/ckpt.pt                      # the testbed: sweep, select, test
@@ -64,7 +64,7 @@ import schedules
 from data.conversations import load_data
 from data.formats import Tokenizer, write_atomic, write_jsonl
 from model import IGNORE_INDEX, LlamaConfig
-from nanowso.checkpoint import load_checkpoint, load_model, rng_state, save_checkpoint, schedule_of
+from nanowso.checkpoint import load_checkpoint, load_model, prepare_out_dir, rng_state, save_checkpoint, schedule_of
 from nanowso.common import Eta, append_jsonl, parse_args
 from nanowso.judge import alpaca_rows, load_judge, model_outputs, pairwise, reference_outputs
 from nanowso.optim import make_optimizer, optimizer_step, set_lr
@@ -115,6 +115,7 @@ class SFTConfig:
     parallel: str = "ddp"  # under torchrun: ddp (a replica per process) | fsdp (sharded, nanowso/parallel.py: 1b, 8b)
     log_interval: int = 10  # updates between progress lines and log.jsonl records
     checkpoint_interval: int = 100  # updates between lr_<lr>/resume.pt (weights + AdamW) inside an LR; 0: only on Ctrl-C
+    overwrite: bool = False  # out_dir holds a sweep of other settings (or this one): delete its files first
 
     def __post_init__(self):
         for name, least in (("warmup_iters", 0), ("epochs", 1), ("global_batch_size", 1), ("batch_size", 1),
@@ -138,7 +139,7 @@ class SFTConfig:
 # Fields that may change between a sweep and its rerun without changing any LR's result.
 RERUN_CHANGES = {"out_dir", "lrs", "learning_rate", "select_by", "log_interval", "compile", "device", "judge",
                  "judge_model", "judge_reference", "judge_data", "judge_limit",
-                 "checkpoint_interval", "num_proc", "parallel"}
+                 "checkpoint_interval", "num_proc", "parallel", "overwrite"}
 
 
 def sweep_lrs(cfg):
@@ -346,19 +347,19 @@ def alpaca_score(lr, run_dir, sweep, model):
 
 def main(cfg: SFTConfig, argv=None):
     sweep, init, testbed, metric = set_up(cfg)
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    # A finished LR is reused only if it was made from the same settings and checkpoint.
+    identity = {**{k: v for k, v in asdict(cfg).items() if k not in RERUN_CHANGES}, "init": init}
     if sweep.rt.master:
+        prepare_sweep_dir(cfg, identity)
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            json.dump({"sft": asdict(cfg), "model": sweep.model.config.to_dict(), "init_config": sweep.init_config},
-                      f, indent=2)
+            json.dump({"sft": asdict(cfg), "model": sweep.model.config.to_dict(), "init_config": sweep.init_config,
+                       "identity": identity}, f, indent=2)
     lrs, updates = sweep_lrs(cfg), len(sweep.examples.batches)
     print(f"SFT of {cfg.init_from} ({sweep.model.num_params():,} parameters) on {cfg.dataset}: "
           f"{len(sweep.examples.train)} training conversations, {updates} updates of {cfg.global_batch_size} "
           f"per LR (grad_accum={cfg.global_batch_size // cfg.batch_size}), LRs {[f'{lr:g}' for lr in lrs]}, "
           f"select by {metric}, device={sweep.rt.device}, dtype={sweep.rt.dtype}, compile={cfg.compile}")
 
-    # A finished LR is reused only if it was made from the same settings and checkpoint.
-    identity = {**{k: v for k, v in asdict(cfg).items() if k not in RERUN_CHANGES}, "init": init}
     runs, todo = finished_runs(cfg, lrs, identity)
     unjudged = [f"{r['lr']:g}" for r in runs if metric == "alpaca_eval" and "alpaca_eval" not in r]
     if unjudged:
@@ -375,7 +376,25 @@ def main(cfg: SFTConfig, argv=None):
     summary = summarize(cfg, sweep, init, metric, lrs, runs)
     if dist.is_initialized():  # torchrun's, or --parallel=fsdp's group of one
         dist.destroy_process_group()
+    if summary["best_lr"] is None:
+        diverged = ", ".join(f"{r['lr']:g} at update {r['diverged_at_step']}" for r in runs)
+        raise SystemExit(f"error: no LR of the sweep gave a model to select (every one diverged: {diverged}); "
+                         f"sweep lower LRs (--lrs) or check the data")
     return summary
+
+
+def prepare_sweep_dir(cfg, identity):
+    """A sweep reruns into its own out_dir (finished LRs are kept); one of other settings or
+    another checkpoint is refused there, or with --overwrite=true replaces it."""
+    path = os.path.join(cfg.out_dir, "config.json")
+    earlier = None
+    if os.path.isfile(path):
+        with open(path) as f:
+            earlier = json.load(f).get("identity")
+    same = earlier is None or earlier == identity  # older sweeps did not record it: finished_runs checks each LR
+    prepare_out_dir(cfg.out_dir, overwrite=cfg.overwrite, new=cfg.overwrite or not same,
+                    what="an SFT sweep of other settings or another checkpoint",
+                    way_on="rerun it with its own settings to continue it")
 
 
 def run_lr(lr, sweep, identity, testbed):

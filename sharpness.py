@@ -485,6 +485,9 @@ def main(cfg):
         r = results[name]
         rt.log(f"{name}: sharpness Tr(H) = {r['trace']:.4g} +- {r['stderr']:.2g} (stderr over {r['stderr_over']}; "
               f"{format_duration(r['seconds'])})")
+        if r["trace"] + 2 * r["stderr"] < 0:
+            rt.log(f"  note: a negative trace means the model is not near a minimum of the loss on the {name} data: "
+                   f"the loss curves down along most directions there (a model never trained on that data)")
     out = cfg.out or os.path.join(os.path.dirname(os.path.abspath(cfg.ckpt)), "sharpness.json")
     settings = {**asdict(cfg), "seq_len": seq_len, "device": device, "loss_normalization": LOSS_NORMALIZATION}
     report = {"ckpt": os.path.abspath(cfg.ckpt), "step": ckpt.get("step"), "settings": settings, "results": results}

@@ -43,8 +43,8 @@ from nanowso.common import Eta, Pace, append_jsonl, format_bytes, parse_args, tr
 from nanowso.optim import optimizer_step, set_lr
 from nanowso.runtime import Interrupts, setup_distributed, to_device
 from nanowso.scoring import mean_loss
-from nanowso.start import (Run, build_model, checkpoint_path, grad_accumulation, kept_path, load_data, lr_of_update,
-                           resume_command, save_run, starting_point)
+from nanowso.start import (Run, build_model, checkpoint_path, grad_accumulation, inherit, kept_path, load_data,
+                           lr_of_update, prepare_run_dir, resume_command, save_run, starting_point)
 from sharpness import sharpness_during_training
 
 
@@ -88,7 +88,8 @@ class TrainConfig:
     checkpoint_interval: int = 0  # steps between checkpoints; 0 means at every eval
     keep_every: int = 0  # also keep out_dir/ckpt_<step>.pt every N steps (tools/merge.py, stage=cooldown); 0 = off
     keep_optimizer: bool = False  # kept checkpoints also hold AdamW's state (3x the size): a cooldown needs it
-    init_from: str = "scratch"  # scratch | resume (out_dir/ckpt.pt) | path to a checkpoint
+    init_from: str = "scratch"  # scratch | resume (out_dir/ckpt.pt; settings not given: the checkpoint's) | a path
+    overwrite: bool = False  # a new run into an out_dir holding one: delete that run's files first
     # sharpness during training (Figure 3; sharpness.py)
     sharpness_interval: int = 0  # steps between Hessian-trace measurements (and at the end); 0 = off
     sharpness_batches: int = 4  # fixed held-out sequences per data set (the paper: up to 4096)
@@ -186,6 +187,7 @@ def main(cfg: TrainConfig, argv=None):
         interrupts.restore()
     if dist.is_initialized():
         dist.destroy_process_group()
+    rt.log(f"done: {ckpt_path} holds step {last_step}; log in {run.log_path}")
     return run.model
 
 
@@ -194,7 +196,10 @@ def main(cfg: TrainConfig, argv=None):
 def set_up(cfg):
     """The Run of `cfg`: processes, data, where it starts, the model; config.json and the
     log's first lines are written."""
+    inherit(cfg)  # a resume or a cooldown: what the command does not say is the checkpoint's
     rt = setup_distributed(cfg.device, cfg.dtype, tf32=True, process_group=cfg.parallel == "fsdp")
+    if rt.master:
+        prepare_run_dir(cfg)  # a new run never lands on an old one
     grad_accum = grad_accumulation(cfg, rt.world_size)
     data_dir, tokenizer, train_shards, val_shards = load_data(cfg)
     start = starting_point(cfg, tokenizer, rt.world_size)

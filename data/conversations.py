@@ -8,6 +8,7 @@ tokens are numpy arrays: its 939k conversations are never a Python list.
 """
 
 import hashlib
+import json
 import os
 
 import numpy as np
@@ -38,7 +39,20 @@ def load_messages(name):
         columns = rows.column_names
     if "messages" not in columns:
         raise SystemExit(f"error: data set {name!r} has no `messages` column (it has {columns})")
-    return [row["messages"] for row in rows] if name != "tulu3" else rows.select_columns(["messages"])
+    if name == "tulu3":
+        return rows.select_columns(["messages"])
+    for i, row in enumerate(rows):
+        check_messages(row.get("messages"), f"{name}, row {i + 1}")
+    return [row["messages"] for row in rows]
+
+
+def check_messages(messages, where):
+    """Exit naming `where` unless `messages` is a list of {"role": str, "content": str}."""
+    bad = not isinstance(messages, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages)
+    if bad:
+        raise SystemExit(f"error: {where}: `messages` must be a list of {{\"role\": ..., \"content\": ...}} objects "
+                         f"with text values, as Tulu 3's; it is {json.dumps(messages)[:80]}")
 
 
 def take(conversations, indices):
@@ -87,9 +101,10 @@ def load_data(cfg, tokenizer):
 
 
 def tokenize(conversations, tokenizer, seq_len, split, num_proc=0):
-    """[(ids, labels)] of the conversations that keep supervision after the cut, and the
-    number of those that lose it: they would add nothing to the loss, so they are left out
-    of the batches, and counted so that the cut never drops data silently. The rendering runs
+    """([(ids, labels)] of the conversations that keep supervision after the cut, the number
+    of those whose answers the cut removes, the number without an assistant turn): the last
+    two would add nothing to the loss, so they are left out of the batches, and counted so
+    that nothing is dropped silently. The rendering runs
     as Dataset.map over num_proc processes (0: one per CPU core from 10,000 conversations on;
     fewer run in this process)."""
     rows = conversations if isinstance(conversations, Dataset) else Dataset.from_dict({"messages": conversations})
@@ -97,12 +112,15 @@ def tokenize(conversations, tokenizer, seq_len, split, num_proc=0):
         num_proc = min(os.cpu_count() or 1, 32) if len(rows) >= 10_000 else None
 
     def render_row(row, index):
+        answered = any(isinstance(m, dict) and m.get("role") == "assistant" for m in row["messages"] or [])
         try:
             ids, labels = render(row["messages"], tokenizer, max_len=seq_len)
         except ValueError as e:
-            return {"ids": [], "labels": [], "supervised": False, "error": f"{split} conversation {index}: {e}"}
+            return {"ids": [], "labels": [], "supervised": False, "answered": answered,
+                    "error": f"{split} conversation {index}: {e}"}
         # labels[0] has no token before it to predict it from
-        return {"ids": ids, "labels": labels, "supervised": has_supervision(labels[1:]), "error": ""}
+        return {"ids": ids, "labels": labels, "supervised": has_supervision(labels[1:]), "answered": answered,
+                "error": ""}
 
     # The fingerprint names the result for datasets' cache; hashing render_row's closure (the
     # tokenizer) would not be stable, and would warn.
@@ -112,14 +130,17 @@ def tokenize(conversations, tokenizer, seq_len, split, num_proc=0):
     errors = [e for e in rendered["error"] if e]
     if errors:
         raise SystemExit(f"error: {errors[0]}")
-    examples, without_supervision = [], 0
+    examples, cut, unanswered = [], 0, 0
     for batch in rendered.iter(batch_size=1024):
-        for ids, labels, supervised in zip(batch["ids"], batch["labels"], batch["supervised"]):
+        for ids, labels, supervised, answered in zip(batch["ids"], batch["labels"], batch["supervised"],
+                                                     batch["answered"]):
             if supervised:
                 examples.append((np.array(ids, dtype=np.int32), np.array(labels, dtype=np.int32)))  # Tulu 3: GBs
+            elif answered:
+                cut += 1
             else:
-                without_supervision += 1
-    return examples, without_supervision
+                unanswered += 1
+    return examples, cut, unanswered
 
 
 def update_batches(num_examples, cfg):

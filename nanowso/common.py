@@ -53,7 +53,7 @@ def parse_args(cls, argv=None, description=""):
     if any(a in ("-h", "--help") for a in argv):
         comments = _field_comments(cls)
         print(description.strip() + "\n\noptions (--key=value):")
-        options = [f"--{n}={getattr(defaults, n)!s}" for n in names]
+        options = [f"--{f.name}={f.default!s}" for f in dataclasses.fields(cls)]  # as declared, before __post_init__
         width = min(max(map(len, options)), 40)
         for n, option in zip(names, options):
             print(f"  {option:<{width}}  {comments.get(n, '')}".rstrip())
@@ -70,25 +70,40 @@ def parse_args(cls, argv=None, description=""):
             raise SystemExit(f"error: unknown option --{key}{hint} (see --help)")
         values[key] = _parse_value(text, getattr(defaults, key), key)
     try:
-        return cls(**values)
+        config = cls(**values)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+    config.given = frozenset(values)  # what the command said: a resume takes the rest from its checkpoint
+    return config
 
 
 def append_jsonl(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        raise SystemExit(f"error: the operating system would not let us write {path} ({e.strerror}); free some "
+                         f"space or choose a writable --out_dir, then rerun (a resume rewrites the log)") from None
 
 
 def truncate_log(path, last_step):
-    """Drop records after `last_step`: a resumed run rewrites the steps a crash lost."""
+    """Drop records after `last_step`: a resumed run rewrites the steps a crash lost. A line
+    cut short (a full disk, a kill mid-write) is dropped too."""
     if not os.path.exists(path):
         return
     with open(path) as f:
-        kept = [line for line in f if json.loads(line).get("step", 0) <= last_step]
+        kept = [line for line in f if (record := _record(line)) is not None and record.get("step", 0) <= last_step]
     with open(f"{path}.tmp", "w") as f:
         f.writelines(kept)
     os.replace(f"{path}.tmp", path)
+
+
+def _record(line):
+    """A log line's record, or None for a line cut short (it does not parse or end)."""
+    try:
+        return json.loads(line) if line.endswith("\n") else None
+    except ValueError:
+        return None
 
 
 def format_duration(seconds):

@@ -18,14 +18,15 @@ import schedules
 from data.formats import Tokenizer, load_meta, load_split
 from data.loaders import TokenWindows, resolve_dataset
 from model import PRESETS, Llama, LlamaConfig, build_config
-from nanowso.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from nanowso.checkpoint import (checkpoint_config, load_checkpoint, prepare_out_dir, rng_state, save_checkpoint,
+                                set_rng_state)
 from nanowso.optim import load_optimizer_state, make_optimizer, own_settings
 from nanowso.runtime import Runtime, fsdp
 
 # train.py's config fields that may differ between two points of one run (a resume, the
 # checkpoints tools/merge.py merges): they change what is printed or where, not the training
 # trajectory. max_iters may grow: for WSO that extends a finished run exactly.
-RESUMABLE_CHANGES = frozenset({"out_dir", "init_from", "log_interval", "eval_interval", "eval_tokens",
+RESUMABLE_CHANGES = frozenset({"out_dir", "init_from", "overwrite", "log_interval", "eval_interval", "eval_tokens",
                                "checkpoint_interval", "keep_every", "keep_optimizer", "compile", "max_iters",
                                "sharpness_interval", "sharpness_batches", "sharpness_samples"})
 # Fields a resume may change although the trajectory then differs from the resumed step on: the
@@ -156,8 +157,6 @@ def starting_point(cfg, tokenizer, world_size):
                          f"--keep_optimizer=true")
     changes = list(ckpt.get("changes", [])) if resume or cfg.stage == "cooldown" else []
     if resume:
-        if cfg.warmup_by_rule:
-            cfg.warmup_iters = ckpt["config"]["warmup_iters"]
         changed = check_resume(ckpt, cfg, world_size)
         changes += [{"step": ckpt["step"], **changed}] if changed else []
         branch = ckpt.get("branch", ckpt.get("mid"))  # older checkpoints name it "mid"
@@ -177,10 +176,59 @@ def starting_point(cfg, tokenizer, world_size):
     # Keep where the run started (a mid-training run's pre-training checkpoint), not "resume".
     run_config = {**asdict(cfg), "init_from": ckpt["config"]["init_from"] if resume else cfg.init_from}
     first_step = branch.pretrain_iters + 1 if branch else 1
+    if resume and counters.step >= first_step + cfg.max_iters - 1:
+        raise SystemExit(nothing_to_resume(source, counters.step, first_step + cfg.max_iters - 1, cfg))
     return Start(model_config=LlamaConfig.from_dict(ckpt["model_config"]), model_state=ckpt["model"],
                  optimizer_state=ckpt["optimizer"] if resume or cfg.stage != "pre" else None,
                  rng=ckpt["rng"] if same_run else None, counters=counters, branch=branch, run_config=run_config,
                  last_step=first_step + cfg.max_iters - 1, changes=changes, sharded=ckpt.get("sharded"))
+
+
+def inherit(cfg):
+    """A resume or a cooldown continues the checkpoint's run: every setting the command does
+    not give (parse_args records cfg.given) is the checkpoint's, but a cooldown's own length,
+    decay and logging (BRANCH_CHANGES). The warmup by rule (--warmup_iters=-1) is always the
+    checkpoint's: a tenth of the new --max_iters would be another run's. Read before the data
+    is: --dataset is among them."""
+    resume = cfg.init_from == "resume"
+    if not resume and cfg.stage != "cooldown":
+        return
+    path = checkpoint_path(cfg) if resume else cfg.init_from
+    if not (os.path.isfile(path) or os.path.isdir(path)):
+        return  # read_checkpoint says what is missing
+    saved, keep = checkpoint_config(path), set() if resume else BRANCH_CHANGES
+    given = getattr(cfg, "given", None)  # None: built in code, every field as given
+    for name, value in saved.items():
+        if name in keep or not hasattr(cfg, name) or name in ("stage", "out_dir", "init_from"):
+            continue
+        if (name == "warmup_iters" and cfg.warmup_by_rule) or (given is not None and name not in given):
+            setattr(cfg, name, value)
+
+
+def nothing_to_resume(path, step, last_step, cfg):
+    """The message for a resume that has no step to take (the run is finished, or --max_iters
+    is below the checkpoint's step)."""
+    if step == last_step:
+        state = f"the run is finished: {path} holds its last step, {step}"
+    else:
+        state = f"{path} holds step {step}, past --max_iters={cfg.max_iters} (its last step would be {last_step})"
+    extend = (" To extend it (exactly so for a constant LR) pass a larger --max_iters." if cfg.stage == "pre" else
+              " A branch ends at its --max_iters; branch anew for a longer one.")
+    return f"error: nothing to do: {state}.{extend}"
+
+
+def prepare_run_dir(cfg):
+    """out_dir ready for this run: a resume continues the run there (the directory must be
+    writable); anything else is a new run, refused where a run is (checkpoint.prepare_out_dir)."""
+    source = os.path.abspath(cfg.init_from)
+    if (cfg.overwrite and cfg.init_from not in ("scratch", "resume")
+            and os.path.dirname(source) == os.path.abspath(cfg.out_dir)):
+        raise SystemExit(f"error: --overwrite=true would delete {cfg.init_from}, the checkpoint this run starts from; "
+                         f"write the new run to another --out_dir")
+    if cfg.init_from == "resume" and not os.path.isdir(cfg.out_dir):
+        return  # nothing there to resume: read_checkpoint says so
+    prepare_out_dir(cfg.out_dir, overwrite=cfg.overwrite, what="a training run", new=cfg.init_from != "resume",
+                    way_on="--init_from=resume continues it")
 
 
 def checkpoint_path(cfg):

@@ -59,13 +59,12 @@ class Sweep:
 
 def prepare_examples(cfg, tokenizer, train_chats, val_chats):
     """Tokenized conversations, the order of every update, and the counts for the log."""
-    train, train_cut = tokenize(train_chats, tokenizer, cfg.seq_len, "train", cfg.num_proc)
-    val, val_cut = tokenize(val_chats, tokenizer, cfg.seq_len, "val", cfg.num_proc)
+    train, train_cut, train_unanswered = tokenize(train_chats, tokenizer, cfg.seq_len, "train", cfg.num_proc)
+    val, val_cut, val_unanswered = tokenize(val_chats, tokenizer, cfg.seq_len, "val", cfg.num_proc)
     if not train or not val:
         split, chats = ("training", train_chats) if not train else ("validation", val_chats)
-        chats = message_lists(chats)
-        if not any(m.get("role") == "assistant" for messages in chats for m in messages):
-            roles = sorted({str(m.get("role")) for messages in chats for m in messages})
+        if not (train_cut if not train else val_cut):
+            roles = sorted({str(m.get("role")) for messages in message_lists(chats) for m in messages})
             raise SystemExit(f"error: no {split} conversation has an assistant turn (roles: {', '.join(roles)}); SFT "
                              f"learns from assistant messages only: each conversation needs one with role "
                              f"\"assistant\"")
@@ -74,6 +73,10 @@ def prepare_examples(cfg, tokenizer, train_chats, val_chats):
     if train_cut or val_cut:
         print(f"warning: seq_len={cfg.seq_len} cuts the whole answer of {train_cut} training and {val_cut} "
               f"validation conversations; they add nothing to the loss")
+    if train_unanswered or val_unanswered:
+        print(f"warning: {train_unanswered} training and {val_unanswered} validation conversations have no "
+              f"assistant turn, nothing to learn from: left out")
+    train_cut, val_cut = train_cut + train_unanswered, val_cut + val_unanswered  # the counts the log keeps
     batches = update_batches(len(train), cfg)
     if cfg.warmup_iters >= len(batches):
         print(f"warning: {len(batches)} updates per LR <= warmup_iters={cfg.warmup_iters}; "
@@ -209,14 +212,16 @@ def summarize(cfg, sweep, init, metric, lrs, runs):
 
 def print_table(summary):
     alpaca = any("alpaca_eval" in r for r in summary["runs"])
-    print(f"{'lr':>9} {'train_loss':>10} {'val_loss':>9} {'select_avg':>10} {'test_em':>8} {'test_choice':>11}"
-          + f" {'alpaca_win':>10}" * alpaca)
-    fmt = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
+    # scores in percent, as the paper's tables (sft_select_task_avg is one already; the rest are fractions)
+    print(f"{'lr':>9} {'train_loss':>10} {'val_loss':>9} {'select_avg%':>11} {'test_em%':>8} {'test_choice%':>12}"
+          + f" {'alpaca_win%':>11}" * alpaca)
+    fmt = lambda v, spec, scale=1: format(v * scale, spec) if v is not None else "-"  # noqa: E731
     for r in summary["runs"]:
         mark = "  <- best" if r["lr"] == summary["best_lr"] else ""
         print(f"{r['lr']:>9g} {fmt(r['final_train_loss'], '>10.4f')} {fmt(r['val_loss'], '>9.4f')} "
-              f"{fmt(r['sft_select_task_avg'], '>10.1f')} {fmt(r['sft_test_exact_match'], '>8.3f')} "
-              f"{fmt(r['sft_test_choice'], '>11.3f')}" + f" {fmt(r.get('alpaca_eval'), '>10.3f')}" * alpaca + mark)
+              f"{fmt(r['sft_select_task_avg'], '>11.1f')} {fmt(r['sft_test_exact_match'], '>8.1f', 100)} "
+              f"{fmt(r['sft_test_choice'], '>12.1f', 100)}" + f" {fmt(r.get('alpaca_eval'), '>11.1f', 100)}" * alpaca
+              + mark)
     avg = summary["sft_task_avg"]
     print(f"selected by {summary['select_by']}: lr {summary['best_lr']}, sft_task_avg "
           f"{'-' if avg is None else f'{avg:.1f}'}")

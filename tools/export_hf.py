@@ -170,7 +170,11 @@ def export(ckpt_path, out_dir, dtype="float32"):
     tokenizer = Tokenizer.from_dict(ckpt["tokenizer"])
     os.makedirs(out_dir, exist_ok=True)
     tensors = hf_state_dict(ckpt["model"], cfg, getattr(torch, dtype))
-    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    weights = os.path.join(out_dir, "model.safetensors")
+    save_file(tensors, weights, metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(weights, 0o666 & ~umask)  # safetensors writes 0600; as its siblings (and open()) would
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf_config(cfg, tokenizer, dtype), f, indent=2)
     compact = tokenizer.compact_vocab is not None

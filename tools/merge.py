@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import schedules
-from nanowso.checkpoint import load_checkpoint, save_checkpoint
+from nanowso.checkpoint import load_checkpoint, prepare_out_dir, save_checkpoint
 from nanowso.common import parse_args
 from nanowso.start import RESUMABLE_CHANGES
 
@@ -41,6 +41,7 @@ class MergeConfig:
     shape: str = "linear"  # the emulated decay: linear (the uniform mean) | cosine | 1-sqrt | inverse-sqrt
     weights: str = ""  # explicit c_0..c_k, comma-separated, instead of --shape
     out: str = ""  # where to write the merged checkpoint, in its own directory (e.g. out-merge/ckpt.pt)
+    overwrite: bool = False  # --out's directory holds a checkpoint: delete it (and the results beside it) first
 
     def __post_init__(self):
         if self.shape not in schedules.MERGE_SHAPES:
@@ -127,6 +128,12 @@ def merge(paths, weights):
             raise SystemExit(f"error: {path} is at step {ckpt['step']}, not after {steps[-1]}; list the "
                              f"checkpoints in strictly increasing step order")
         steps.append(ckpt["step"])
+        odd = [f"{name} {tuple(v.shape)} vs {tuple(total[name].shape)}" for name, v in ckpt["model"].items()
+               if name not in total or v.shape != total[name].shape]
+        odd += [f"{name} missing" for name in total if name not in ckpt["model"]]
+        if odd:
+            raise SystemExit(f"error: {path}'s weights do not have the shapes of {paths[0]}'s ({'; '.join(odd[:3])}); "
+                             f"merge checkpoints of one model")
         for name, v in ckpt["model"].items():
             total[name] += c * v.double()
     ckpt["model"] = {name: total[name].to(v.dtype) for name, v in ckpt["model"].items()}
@@ -142,10 +149,13 @@ def main(cfg: MergeConfig):
         raise SystemExit(f"error: --out={cfg.out} is beside the checkpoints it merges; write it to its own directory "
                          f"(evaluate.py and sft.py write their results beside it), e.g. out-merge/ckpt.pt")
     weights = weights_of(cfg, len(paths) - 1)
+    if os.path.exists(cfg.out) and not cfg.overwrite:
+        raise SystemExit(f"error: {cfg.out} exists; pass another --out, or --overwrite=true to replace it "
+                         f"(and the results beside it)")
+    prepare_out_dir(out_dir, overwrite=cfg.overwrite, what="a checkpoint", new=True)
     ckpt, steps = merge(paths, weights)
     shape = "custom" if cfg.weights else cfg.shape
     ckpt["merge"] = {"ckpts": [os.path.abspath(p) for p in paths], "steps": steps, "shape": shape, "weights": weights}
-    os.makedirs(out_dir, exist_ok=True)
     save_checkpoint(cfg.out, ckpt)
     print(f"merged steps {', '.join(map(str, steps))} ({shape}) with weights "
           f"{', '.join(f'{c:.4f}' for c in weights)} -> {cfg.out}")
