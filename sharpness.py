@@ -14,7 +14,7 @@ through it.
     python sharpness.py --ckpt=out/ckpt.pt                 # pretrain val + SFT held-out
     python sharpness.py --ckpt=out/ckpt.pt --datasets=sft --num_batches=64
     python sharpness.py --ckpt=out/ckpt.pt --pretrain_split=train   # on the training text itself
-    python sharpness.py --ckpt=out/ckpt.pt --compile        # long measurements: compiles once
+    python sharpness.py --ckpt=out/ckpt.pt --compile=true   # long measurements: compiles once
     torchrun --nproc_per_node=8 sharpness.py --ckpt=...      # the batches split over 8 processes
     python sharpness.py --figures=out-wso,out-wsd,out-cos     # Figures 3-4 from runs of
                                                             # train.py --sharpness_interval=N
@@ -22,7 +22,7 @@ through it.
 
 The paper's settings (Table 23): seq_len 1024, batch size 1, 50 probes, up to 4096
 batches per data set, measured every 4000 steps:
-    python sharpness.py --ckpt=... --seq_len=1024 --batch_size=1 --num_samples=50 --num_batches=4096 --compile
+    python sharpness.py --ckpt=... --seq_len=1024 --batch_size=1 --num_samples=50 --num_batches=4096 --compile=true
 The defaults here suit the testbed. Writes sharpness.json beside the checkpoint (--out):
 {ckpt, step, settings, results: {pretrain | sft: model_sharpness's numbers, data}}.
 

@@ -2,11 +2,12 @@
 Pre-training and mid-training of a Llama-3 model with the paper's LR schedules
 (Sections 2.4, 3.1, 4.1; Appendices B, C, G).
 
-    python train.py --schedule=wso                    # WSO on the offline testbed
-    python train.py --schedule=wsd --alpha=0.1        # Eq. 4, decay to 10% of eta_max
+    python train.py --schedule=wso                    # WSO on the offline testbed, into out/
+    python train.py --schedule=wsd --alpha=0.1 --out_dir=out-wsd   # Eq. 4, decay to 10% of eta_max
+    python train.py --init_from=resume --out_dir=out  # continue a stopped run (settings not given: its own)
     python train.py --stage=mid --init_from=out/ckpt.pt --dataset=testbed_mid --alpha_mid=1.0 --out_dir=out-mid
-    python train.py --keep_every=100                  # also keep out/ckpt_000100.pt, ... (for tools/merge.py)
-    python train.py --stage=cooldown --init_from=out/ckpt_000400.pt --max_iters=100 --alpha=0.0 --out_dir=out-cool
+    python train.py --keep_every=100 --keep_optimizer=true --out_dir=out-keep   # also keep ckpt_000100.pt, ...
+    python train.py --stage=cooldown --init_from=out-keep/ckpt_000400.pt --max_iters=100 --alpha=0.0 --out_dir=out-cool
     torchrun --nproc_per_node=2 train.py ...          # DDP (gloo on CPU, NCCL on CUDA)
     torchrun --nproc_per_node=8 train.py --preset=8b --parallel=fsdp ...  # FSDP2 (nanowso/parallel.py)
     python train.py --help                            # every option and its default
@@ -16,7 +17,8 @@ Writes out_dir/ckpt.pt (weights, optimizer, RNG states, data position, config; w
 out_dir/log.jsonl (one JSON object per logged step; eval records carry val_loss).
 With --keep_every=N it also keeps out_dir/ckpt_<step:06d>.pt every N steps: weights and the
 run's state without AdamW's moments, what tools/merge.py needs (a third of the size); add
---keep_optimizer=true to branch a cooldown from them (stage=cooldown continues AdamW).
+--keep_optimizer=true to branch a cooldown from them (stage=cooldown continues AdamW). A new
+run into an out_dir that holds one is refused; --overwrite=true deletes the old run's files first.
 
 Reading order: TrainConfig (every option), main (the loop, top to bottom), set_up (what
 the loop reads). Where a run starts (scratch, resume, mid-training, cooldown) and how it

@@ -60,6 +60,8 @@ def parse_args(cls, argv=None, description=""):
         raise SystemExit(0)
     values = {}
     for arg in argv:
+        if re.fullmatch(r"--\w+", arg) and isinstance(getattr(defaults, arg[2:], None), bool):
+            arg += "=true"  # a bare boolean flag: --compile is --compile=true
         m = re.fullmatch(r"--(\w+)=(.*)", arg, re.S)
         if not m:
             raise SystemExit(f"error: expected --key=value, got {arg!r} (see --help)")

@@ -129,7 +129,7 @@ def test_sft_fits_its_own_training_set(testbed, tmp_path):
 def test_collate_shifts_labels_and_pads_with_ignore(testbed):
     tokenizer = Tokenizer.from_dict(json.load(open(testbed / "meta.json"))["tokenizer"])
     rows = read_jsonl(testbed / "sft_train.jsonl")[:3]
-    examples, cut = conversations.tokenize([r["messages"] for r in rows], tokenizer, 2048, "train")
+    examples, cut, unanswered = conversations.tokenize([r["messages"] for r in rows], tokenizer, 2048, "train")
     x, y = loaders.pad_collate(examples, tokenizer.eot)
     for row, r in enumerate(rows):
         ids, labels = render(r["messages"], tokenizer)
@@ -137,7 +137,7 @@ def test_collate_shifts_labels_and_pads_with_ignore(testbed):
         assert (y[row, len(ids) - 1:] == IGNORE_INDEX).all()  # padding is never in the loss
         supervised = [t for t in y[row].tolist() if t != IGNORE_INDEX]
         assert tokenizer.decode(supervised) == " " + r["answer"] + "<|endoftext|>"  # as pre-training spells it
-    assert cut == 0
+    assert cut == 0 and unanswered == 0
 
 
 def test_gradient_accumulation_equals_one_big_batch(testbed, pretrained):
@@ -146,7 +146,7 @@ def test_gradient_accumulation_equals_one_big_batch(testbed, pretrained):
     ckpt = torch.load(pretrained, weights_only=False)
     tokenizer = Tokenizer.from_dict(ckpt["tokenizer"])
     rows = read_jsonl(testbed / "sft_train.jsonl")
-    examples, _ = conversations.tokenize([r["messages"] for r in rows[:12]], tokenizer, 2048, "train")
+    examples, _, _ = conversations.tokenize([r["messages"] for r in rows[:12]], tokenizer, 2048, "train")
     cfg = SFTConfig(init_from=pretrained, global_batch_size=12, batch_size=4)
     rt = Runtime(rank=0, world_size=1, device="cpu", dtype="float32", autocast=contextlib.nullcontext())
     weights = []
@@ -193,7 +193,7 @@ def test_sweep_reports_every_lr_selects_by_metric_and_rerun_skips(small_testbed,
     resummary = sft.main(dataclasses.replace(cfg, select_by="val_loss"))
     assert resummary["runs"] == summary["runs"]
     assert resummary["best_lr"] == min(summary["runs"], key=lambda r: r["val_loss"])["lr"]
-    with pytest.raises(SystemExit, match="made with other settings"):
+    with pytest.raises(SystemExit, match="already holds an SFT sweep of other settings"):
         sft.main(dataclasses.replace(cfg, seed=1))
 
 
@@ -311,8 +311,8 @@ def test_tokenize_over_processes_equals_rendering_each_conversation(testbed):
             cut += 1
     assert cut == 1  # the long Tulu conversation's answer starts past 256 tokens
     for num_proc in (2, None):
-        got, got_cut = conversations.tokenize(chats, tokenizer, 256, "train", num_proc)
-        assert got_cut == cut and [(list(i), list(l)) for i, l in got] == want
+        got, got_cut, unanswered = conversations.tokenize(chats, tokenizer, 256, "train", num_proc)
+        assert got_cut == cut and unanswered == 0 and [(list(i), list(l)) for i, l in got] == want
         assert got[0][0].dtype == np.int32
 
 
