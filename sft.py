@@ -40,8 +40,16 @@ that has it is skipped when the sweep is rerun), out_dir/config.json, and out_di
     runs: one per LR, ascending: {lr, run_dir, steps, diverged_at_step, final_train_loss,
           val_loss, sft_{select,test}_{exact_match,choice} in [0, 1], sft_{select,test}_task_avg
           = 50 x (exact_match + choice), sft_task_avg} (null without a testbed; a diverged run
-          has null metrics and is never chosen), and with --select_by=alpaca_eval
-          alpaca_eval, alpaca_eval_stderr (every verdict in lr_<lr>/alpaca_eval.jsonl)
+          has null metrics and is never chosen), with --select_by=alpaca_eval
+          alpaca_eval, alpaca_eval_stderr (every verdict in lr_<lr>/alpaca_eval.jsonl), and
+          pretrain_val_loss, forgetting: the loss on the first --forgetting_tokens of the
+          pre-training val split after SFT, and its rise over the initial model's
+    pretrain_val_loss_before: the initial model's (null when not measured)
+
+Adaptability as a learning-forgetting frontier (Watts et al. 2026, arXiv 2605.02105): each LR
+of a sweep is a point (forgetting, SFT score); a schedule whose points lie up and to the left
+learns more for what it forgets, which one selected score cannot show:
+    python sft.py --frontier=out-wso-sft,out-wsd-sft --frontier_path=frontier.png
 
 Reading order: SFTConfig (every option), finetune (one LR, the loop top to bottom), train_step
 (one update), main (the sweep); the sweep's bookkeeping is nanowso/sweep.py.
@@ -70,9 +78,11 @@ from nanowso.judge import alpaca_rows, load_judge, model_outputs, pairwise, refe
 from nanowso.optim import make_optimizer, optimizer_step, set_lr
 from nanowso.runtime import Interrupts, Runtime, fsdp, setup_distributed, to_device
 from nanowso.scoring import testbed_sft_accuracy
-from nanowso.sweep import (FINAL_LOSS_STEPS, HIGHER_IS_BETTER, Sweep, finished_runs, full_state, micro_batches,
-                           prepare_examples, start_lr, summarize, val_loss)
+from nanowso.sweep import (FINAL_LOSS_STEPS, HIGHER_IS_BETTER, Sweep, finished_runs, forgetting, full_state,
+                           measure_before, micro_batches, prepare_examples, pretrain_val_batches, start_lr, summarize,
+                           val_loss)
 from schedules import SFT_LR_GRIDS
+from study.figures import frontier_curves, plot_frontier
 from study.tables import sft_task_avg
 
 
@@ -116,10 +126,15 @@ class SFTConfig:
     log_interval: int = 10  # updates between progress lines and log.jsonl records
     checkpoint_interval: int = 100  # updates between lr_<lr>/resume.pt (weights + AdamW) inside an LR; 0: only on Ctrl-C
     overwrite: bool = False  # out_dir holds a sweep of other settings (or this one): delete its files first
+    # forgetting: each fine-tuned model's loss on held-out pre-training text minus the initial model's
+    forgetting_tokens: int = 65536  # tokens of the checkpoint's val split (as evaluate.py's val_loss); 0: off
+    frontier: str = ""  # comma list of finished sweeps' out_dirs: draw their learning-forgetting frontier instead
+    frontier_path: str = "frontier.png"  # where --frontier draws it
 
     def __post_init__(self):
         for name, least in (("warmup_iters", 0), ("epochs", 1), ("global_batch_size", 1), ("batch_size", 1),
-                            ("log_interval", 1), ("checkpoint_interval", 0), ("num_proc", 0)):
+                            ("log_interval", 1), ("checkpoint_interval", 0), ("num_proc", 0),
+                            ("forgetting_tokens", 0)):
             if getattr(self, name) < least:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= {least}")
         if self.seq_len < 2:
@@ -139,7 +154,8 @@ class SFTConfig:
 # Fields that may change between a sweep and its rerun without changing any LR's result.
 RERUN_CHANGES = {"out_dir", "lrs", "learning_rate", "select_by", "log_interval", "compile", "device", "judge",
                  "judge_model", "judge_reference", "judge_data", "judge_limit",
-                 "checkpoint_interval", "num_proc", "parallel", "overwrite"}
+                 "checkpoint_interval", "num_proc", "parallel", "overwrite", "frontier", "frontier_path",
+                 "forgetting_tokens"}  # each result holds the forgetting it was measured with (or none)
 
 
 def sweep_lrs(cfg):
@@ -194,6 +210,8 @@ def finetune(lr, run_dir, sweep, identity):
     An attempt of the same sweep that was stopped (Ctrl-C, SIGTERM, a crash after a periodic
     save) left run_dir/resume.pt: this LR continues from it, as if never stopped."""
     cfg, model, batches = sweep.cfg, sweep.model, sweep.examples.batches
+    if cfg.parallel == "fsdp":
+        fsdp().reshard(model)  # the previous LR's scoring left the weights gathered: AdamW must hold the shards
     optimizer = make_optimizer(model, cfg, sweep.rt.device)  # fresh: SFT starts a new optimization
     schedules.validate_sft(lr_max=lr, warmup_iters=cfg.warmup_iters, max_iters=len(batches))
     log_path, resume_path = os.path.join(run_dir, "log.jsonl"), os.path.join(run_dir, "resume.pt")
@@ -210,7 +228,8 @@ def finetune(lr, run_dir, sweep, identity):
                                                      sweep.rt)
         except FloatingPointError as e:  # a too-large LR: this point of the sweep failed, not the sweep
             print(f"[lr {lr:g}] non-finite values at step {step} ({e}); this LR is marked diverged")
-            result.update(diverged_at_step=step, final_train_loss=None, val_loss=None)
+            result.update(diverged_at_step=step, final_train_loss=None, val_loss=None,
+                          **({"pretrain_val_loss": None, "forgetting": None} if sweep.pretrain_val else {}))
             if sweep.rt.master and os.path.exists(resume_path):
                 os.remove(resume_path)
             return result
@@ -247,7 +266,8 @@ def finetune(lr, run_dir, sweep, identity):
             "init_config": sweep.init_config, "step": len(batches), "rng": rng_state()})
         if os.path.exists(resume_path):
             os.remove(resume_path)
-    result.update(final_train_loss=float(np.mean(losses[-FINAL_LOSS_STEPS:])), val_loss=val_loss(sweep))
+    result.update(final_train_loss=float(np.mean(losses[-FINAL_LOSS_STEPS:])), val_loss=val_loss(sweep),
+                  **forgetting(sweep))
     return result
 
 
@@ -302,7 +322,9 @@ def set_up(cfg):
     init = dict(zip(("schedule", "alpha_pre", "alpha_mid"), schedule_of(ckpt)), stage=ckpt["config"].get("stage"),
                 step=ckpt["step"])
     sweep = Sweep(cfg=cfg, rt=rt, model=model, step_model=step_model, examples=examples, init_weights=ckpt["model"],
-                  init_config=ckpt["config"], tokenizer=tokenizer, eta=Eta(0), alpaca=alpaca)
+                  init_config=ckpt["config"], tokenizer=tokenizer, eta=Eta(0), alpaca=alpaca,
+                  pretrain_val=pretrain_val_batches(cfg, ckpt["config"]))
+    measure_before(sweep)
     return sweep, init, testbed, metric
 
 
@@ -346,6 +368,10 @@ def alpaca_score(lr, run_dir, sweep, model):
 
 
 def main(cfg: SFTConfig, argv=None):
+    if cfg.frontier:
+        path = plot_frontier(frontier_curves(cfg.frontier.split(",")), cfg.frontier_path)
+        print(f"wrote {path}")
+        return path
     sweep, init, testbed, metric = set_up(cfg)
     # A finished LR is reused only if it was made from the same settings and checkpoint.
     identity = {**{k: v for k, v in asdict(cfg).items() if k not in RERUN_CHANGES}, "init": init}

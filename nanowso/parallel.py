@@ -39,6 +39,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from model import Llama
@@ -83,10 +84,21 @@ def load_full_state(model, optimizer, model_state, optimizer_state):
     memory-mapped, or None: `optimizer_state is None` must agree across ranks).
     optimizer_state is the single-process form, optimizer.state_dict() keyed by index."""
     master = dist.get_rank() == 0
-    set_model_state_dict(model, model_state if master else {}, options=FULL)
+    reshard(model)
+    # set_*_state_dict(broadcast_from_rank0) puts DTensors into the dicts it is given, in place:
+    # copies, so the caller's state loads again (the SFT sweep loads the same weights for every LR)
+    set_model_state_dict(model, dict(model_state) if master else {}, options=FULL)
     if optimizer_state is not None:
         named = by_name(optimizer_state, model, optimizer) if master else {}
         set_optimizer_state_dict(model, optimizer, named, options=FULL)
+
+
+def reshard(model):
+    """Back to shards: a forward without a backward (scoring in eval mode) leaves the root
+    module's weights gathered, as plain tensors; an optimizer built then, or a state loaded,
+    would hold those instead of the shards that train."""
+    if not all(isinstance(p, DTensor) for p in model.parameters()):
+        model.reshard()
 
 
 def by_name(optimizer_state, model, optimizer):
@@ -94,7 +106,7 @@ def by_name(optimizer_state, model, optimizer):
     keyed by parameter name instead, the form set_optimizer_state_dict reads."""
     names = {p: n for n, p in model.named_parameters()}
     order = [names[p] for group in optimizer.param_groups for p in group["params"]]
-    state = {order[i]: s for i, s in optimizer_state["state"].items()}
+    state = {order[i]: dict(s) for i, s in optimizer_state["state"].items()}
     groups = [{**g, "params": [order[i] for i in g["params"]]} for g in optimizer_state["param_groups"]]
     return {"state": state, "param_groups": groups}
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from data.conversations import message_lists, tokenize, update_batches
-from data.formats import Tokenizer, write_atomic
-from data.loaders import pad_collate
+from data.formats import Tokenizer, load_split, write_atomic
+from data.loaders import pad_collate, resolve_dataset, validation_batches
 from nanowso.checkpoint import set_rng_state
 from nanowso.common import Eta, append_jsonl, truncate_log
 from nanowso.optim import load_optimizer_state, own_settings
@@ -55,6 +55,8 @@ class Sweep:
     argv: tuple = ()  # the command's arguments: rerunning it resumes
     updates_done: int = 0
     alpaca: tuple | None = None  # --select_by=alpaca_eval: (judge, rows, reference outputs or "lowest")
+    pretrain_val: list | None = None  # held-out pre-training batches that measure forgetting (None: not measured)
+    pretrain_loss_before: float | None = None  # the initial model's loss on them (measure_before)
 
 
 def prepare_examples(cfg, tokenizer, train_chats, val_chats):
@@ -122,6 +124,41 @@ def val_loss(sweep):
     val, size = sweep.examples.val, sweep.cfg.batch_size
     batches = [pad_collate(val[i:i + size], sweep.tokenizer.eot) for i in range(0, len(val), size)]
     return mean_loss(sweep.model, batches, sweep.rt.device, sweep.rt.autocast)
+
+
+def pretrain_val_batches(cfg, ckpt_config):
+    """The first cfg.forgetting_tokens of the val split of the data the checkpoint was trained
+    on, in windows of its seq_len (evaluate.py's val_loss reads the same); None when off or
+    when that split is not on this machine (said, not silent)."""
+    if not cfg.forgetting_tokens:
+        return None
+    dataset = ckpt_config.get("dataset", "testbed")
+    try:
+        shards = load_split(resolve_dataset(dataset), "val")
+    except (OSError, KeyError, ValueError) as e:
+        print(f"note: forgetting is not measured: the pre-training data {dataset!r} has no val split here ({e}); "
+              f"prepare it, or pass --forgetting_tokens=0")
+        return None
+    return validation_batches(shards, ckpt_config.get("seq_len", 128), cfg.forgetting_tokens, cfg.batch_size)
+
+
+def measure_before(sweep):
+    """The initial model's loss on the held-out pre-training batches: forgetting's zero."""
+    if sweep.pretrain_val is not None:
+        load_weights(sweep, sweep.init_weights)  # under FSDP the sharded model holds no weights yet
+        sweep.pretrain_loss_before = mean_loss(sweep.model, sweep.pretrain_val, sweep.rt.device, sweep.rt.autocast)
+        print(f"held-out pre-training loss before SFT: {sweep.pretrain_loss_before:.4f} "
+              f"({sum(y.numel() for _, y in sweep.pretrain_val):,} tokens): each LR's forgetting is measured from it")
+
+
+def forgetting(sweep):
+    """{pretrain_val_loss, forgetting}: the fine-tuned model's loss on the held-out pre-training
+    batches, and how much SFT raised it (the x of the learning-forgetting frontier); {} when not
+    measured."""
+    if sweep.pretrain_val is None:
+        return {}
+    loss = mean_loss(sweep.model, sweep.pretrain_val, sweep.rt.device, sweep.rt.autocast)
+    return {"pretrain_val_loss": loss, "forgetting": loss - sweep.pretrain_loss_before}
 
 
 def start_lr(lr, sweep, optimizer, log_path, resume_path, identity):
@@ -199,7 +236,8 @@ def summarize(cfg, sweep, init, metric, lrs, runs):
     summary = {"dataset": cfg.dataset, "init_from": cfg.init_from, "init": init,
                "select_by": metric, "higher_is_better": HIGHER_IS_BETTER[metric], "best_lr": best["lr"],
                "best_ckpt": best["run_dir"] and os.path.join(best["run_dir"], "ckpt.pt"),
-               "sft_task_avg": best["sft_task_avg"], "data": sweep.examples.counts, "runs": runs}
+               "sft_task_avg": best["sft_task_avg"], "data": sweep.examples.counts,
+               "pretrain_val_loss_before": sweep.pretrain_loss_before, "runs": runs}
     summary["best_lr_at_edge"] = at_edge(best["lr"], lrs)
     if sweep.rt.master:
         write_atomic(os.path.join(cfg.out_dir, "summary.json"), (json.dumps(summary, indent=1) + "\n").encode())
@@ -213,15 +251,16 @@ def summarize(cfg, sweep, init, metric, lrs, runs):
 def print_table(summary):
     alpaca = any("alpaca_eval" in r for r in summary["runs"])
     # scores in percent, as the paper's tables (sft_select_task_avg is one already; the rest are fractions)
+    forgot = any(r.get("forgetting") is not None for r in summary["runs"])
     print(f"{'lr':>9} {'train_loss':>10} {'val_loss':>9} {'select_avg%':>11} {'test_em%':>8} {'test_choice%':>12}"
-          + f" {'alpaca_win%':>11}" * alpaca)
+          + f" {'alpaca_win%':>11}" * alpaca + f" {'forgetting':>10}" * forgot)
     fmt = lambda v, spec, scale=1: format(v * scale, spec) if v is not None else "-"  # noqa: E731
     for r in summary["runs"]:
         mark = "  <- best" if r["lr"] == summary["best_lr"] else ""
         print(f"{r['lr']:>9g} {fmt(r['final_train_loss'], '>10.4f')} {fmt(r['val_loss'], '>9.4f')} "
               f"{fmt(r['sft_select_task_avg'], '>11.1f')} {fmt(r['sft_test_exact_match'], '>8.1f', 100)} "
               f"{fmt(r['sft_test_choice'], '>12.1f', 100)}" + f" {fmt(r.get('alpaca_eval'), '>11.1f', 100)}" * alpaca
-              + mark)
+              + f" {fmt(r.get('forgetting'), '>+10.4f')}" * forgot + mark)
     avg = summary["sft_task_avg"]
     print(f"selected by {summary['select_by']}: lr {summary['best_lr']}, sft_task_avg "
           f"{'-' if avg is None else f'{avg:.1f}'}")

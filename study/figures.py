@@ -118,6 +118,66 @@ def plot_against_decay_fraction(per_fraction, path="fig5_decay_length.png"):
     return path
 
 
+FRONTIER_SCORES = (("sft_test_task_avg", "SFT Task Avg (test people)"), ("alpaca_eval", "AlpacaEval win rate"),
+                   ("val_loss", "SFT validation loss (lower is better)"))
+
+
+def frontier_curves(sweep_dirs):
+    """The learning-forgetting frontier of finished sft.py sweeps, from their summary.json:
+    ({label: [[(forgetting, score, lr) per LR] per sweep]}, the score's axis label). A sweep's
+    label is the schedule it fine-tuned (sweeps of one schedule, e.g. seeds, share a label);
+    the score is the first of FRONTIER_SCORES the sweeps have; diverged LRs are left out."""
+    summaries = []
+    for sweep_dir in sweep_dirs:
+        path = os.path.join(sweep_dir, "summary.json")
+        if not os.path.isfile(path):
+            raise SystemExit(f"error: {sweep_dir} has no summary.json: not a finished sft.py sweep (its out_dir)")
+        with open(path) as f:
+            summary = json.load(f)
+        if not any(r.get("forgetting") is not None for r in summary["runs"]):
+            raise SystemExit(f"error: {path} holds no forgetting (a sweep made before sft.py measured it, or with "
+                             f"--forgetting_tokens=0); fine-tune again into a new --out_dir")
+        summaries.append(summary)
+    key, ylabel = next((k, label) for k, label in FRONTIER_SCORES
+                       if all(any(r.get(k) is not None for r in s["runs"]) for s in summaries))
+    curves = {}
+    for summary in summaries:
+        init = summary["init"]
+        label = init["schedule"].upper() + (f" a={init['alpha_pre']}" if init["schedule"] != "wso" else "")
+        points = [(r["forgetting"], r[key], r["lr"]) for r in summary["runs"]
+                  if r.get("forgetting") is not None and r[key] is not None]
+        curves.setdefault(label, []).append(points)
+    return curves, ylabel
+
+
+def plot_frontier(curves, path="frontier.png"):
+    """Each sweep's LRs as a line of (forgetting, score) points, one colour per schedule, the
+    lowest and highest LR named; what a schedule buys shows as its lines lying above and to the
+    left of the others'. curves: frontier_curves' pair."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves, ylabel = curves
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for (label, sweeps), color in zip(curves.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+        for i, points in enumerate(sweeps):
+            x, y, lrs = zip(*sorted(points, key=lambda p: p[2]))
+            ax.plot(x, y, marker="o", markersize=3, color=color, alpha=0.8, label=label if i == 0 else None)
+            for j in (0, len(lrs) - 1):
+                ax.annotate(f"{lrs[j]:g}", (x[j], y[j]), fontsize=6, color=color, xytext=(3, 3),
+                            textcoords="offset points")
+    ax.set_xscale("symlog", linthresh=0.01)
+    ax.set_xlabel("forgetting: held-out pre-training loss after SFT minus before (nats)")
+    ax.set_ylabel(ylabel)
+    ax.set_title("learning-forgetting frontier (one line per sweep, points: SFT LRs)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return path
+
+
 def draw_figures(run_dirs, out_dir):
     """Figures 3 and 4 from train.py runs made with --sharpness_interval: Figure 3 per data
     set from each run's log.jsonl; Figure 4 from each run's last pre-training sharpness and

@@ -478,3 +478,62 @@ def test_two_processes_match_one(testbed, pretrained, tmp_path, parallel):
     a = torch.load(tmp_path / parallel / "lr_0.003" / "ckpt.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "one" / "lr_0.003" / "ckpt.pt", weights_only=False)["model"]
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-5) for k in a)
+
+
+def test_the_sweep_measures_forgetting_and_draws_the_frontier(small_testbed, pretrained, tmp_path):
+    """Each LR's forgetting is its fine-tuned checkpoint's loss on held-out pre-training text
+    (evaluate.py's validation_loss, computed here from the saved files) minus the initial
+    model's; the frontier reads exactly those numbers back from summary.json."""
+    import evaluate
+    from data.formats import load_split
+    from nanowso.checkpoint import load_checkpoint, load_model
+    from study.figures import frontier_curves
+
+    out = tmp_path / "sweep"
+    cfg = config(small_testbed, pretrained, out, learning_rate=0.0, lrs="1e-3,3e-2", forgetting_tokens=1024)
+    summary = sft.main(cfg)
+    shards = load_split(str(small_testbed / "pretrain"), "val")
+
+    def held_out_loss(path):
+        ckpt = load_checkpoint(path)
+        model = load_model(ckpt, "cpu")
+        return evaluate.validation_loss(model, Tokenizer.from_dict(ckpt["tokenizer"]), shards, 64, 1024)["loss"]
+
+    before = held_out_loss(pretrained)
+    assert summary["pretrain_val_loss_before"] == pytest.approx(before, rel=1e-5)
+    for r in summary["runs"]:
+        after = held_out_loss(os.path.join(r["run_dir"], "ckpt.pt"))
+        assert r["pretrain_val_loss"] == pytest.approx(after, rel=1e-5)
+        assert r["forgetting"] == pytest.approx(after - before, abs=1e-5)
+    low, high = summary["runs"]
+    assert high["forgetting"] > low["forgetting"]  # 30x the LR moves the weights further from pre-training
+
+    curves, ylabel = frontier_curves([str(out)])
+    assert ylabel.startswith("SFT Task Avg")
+    assert curves == {"WSO": [[(r["forgetting"], r["sft_test_task_avg"], r["lr"]) for r in summary["runs"]]]}
+    path = sft.main(SFTConfig(frontier=str(out), frontier_path=str(tmp_path / "frontier.png")))
+    assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+    # a sweep that measured no forgetting cannot draw a frontier, and says why
+    off = tmp_path / "off"
+    summary = sft.main(config(small_testbed, pretrained, off, learning_rate=1e-3, forgetting_tokens=0))
+    assert summary["pretrain_val_loss_before"] is None and "forgetting" not in summary["runs"][0]
+    with pytest.raises(SystemExit, match="holds no forgetting"):
+        frontier_curves([str(off)])
+    with pytest.raises(SystemExit, match="not a finished sft.py sweep"):
+        frontier_curves([str(tmp_path)])
+
+
+def test_an_fsdp_sweep_of_several_lrs_matches_one_process(small_testbed, pretrained, tmp_path, monkeypatch):
+    """--parallel=fsdp (a process group of one) over a sweep of two LRs: every LR starts from the
+    same initial weights (loading them must leave them loadable again, also after the previous LR
+    was scored in eval mode), and each LR ends where the single-process sweep's does, to rounding."""
+    monkeypatch.setattr(sft, "testbed_sft_accuracy", lambda *a, **k: {"exact_match": 0.5, "choice": 0.5, "n": 1})
+    runs = {}
+    for parallel in ("ddp", "fsdp"):
+        cfg = config(small_testbed, pretrained, tmp_path / parallel, learning_rate=0.0, lrs="1e-3,3e-3",
+                     parallel=parallel, forgetting_tokens=1024)
+        runs[parallel] = sft.main(cfg)["runs"]
+    for one, sharded in zip(runs["ddp"], runs["fsdp"]):
+        for key in ("final_train_loss", "val_loss", "pretrain_val_loss"):
+            assert sharded[key] == pytest.approx(one[key], rel=1e-5, abs=0)
