@@ -15,6 +15,7 @@ through it.
     python sharpness.py --ckpt=out/ckpt.pt --datasets=sft --num_batches=64
     python sharpness.py --ckpt=out/ckpt.pt --pretrain_split=train   # on the training text itself
     python sharpness.py --ckpt=out/ckpt.pt --compile=true   # long measurements: compiles once
+    python sharpness.py --ckpt=out/ckpt.pt --preconditioned=true   # and Tr(D^-1 H), D from AdamW
     torchrun --nproc_per_node=8 sharpness.py --ckpt=...      # the batches split over 8 processes
     python sharpness.py --figures=out-wso,out-wsd,out-cos     # Figures 3-4 from runs of
                                                             # train.py --sharpness_interval=N
@@ -24,7 +25,8 @@ The paper's settings (Table 23): seq_len 1024, batch size 1, 50 probes, up to 40
 batches per data set, measured every 4000 steps:
     python sharpness.py --ckpt=... --seq_len=1024 --batch_size=1 --num_samples=50 --num_batches=4096 --compile=true
 The defaults here suit the testbed. Writes sharpness.json beside the checkpoint (--out):
-{ckpt, step, settings, results: {pretrain | sft: model_sharpness's numbers, data}}.
+{ckpt, step, settings, results: {pretrain | sft: model_sharpness's numbers, data, and with
+--preconditioned preconditioned: {trace, stderr, per_batch} of Tr(D^-1 H) on the same batches}}.
 
 Reading order: hutchinson (Eq. 12 as it reads: a probe, an HVP, z^T H z, the mean and its
 standard error); hutchinson_trace (the same estimate, fast: bit-packed probes, vmapped
@@ -403,6 +405,7 @@ class SharpnessConfig:
     compile: bool = False  # torch.compile the HVP: faster per probe, after a compile of a minute or more
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     out: str = ""  # JSON path; empty: sharpness.json next to the checkpoint
+    preconditioned: bool = False  # also Tr(D^-1 H), D AdamW's denominators from the checkpoint (train.py's ckpt.pt)
     figures: str = ""  # comma list of train.py run dirs: draw Figures 3-4 from them instead of measuring
     figures_dir: str = "."  # where the figures go
 
@@ -448,6 +451,19 @@ def data_sources(cfg, ckpt):
     return sources
 
 
+def checkpoint_denominators(cfg, ckpt, model, rt):
+    """--preconditioned: AdamW's denominators from the checkpoint's optimizer state."""
+    if rt.distributed:
+        raise SystemExit("error: --preconditioned runs in one process (python sharpness.py, not torchrun)")
+    if not ckpt.get("optimizer"):
+        raise SystemExit(f"error: {cfg.ckpt} holds no AdamW state (an SFT, merged or exported checkpoint, or a kept "
+                         f"ckpt_*.pt of a run without --keep_optimizer=true); Tr(D^-1 H) needs train.py's ckpt.pt")
+    try:
+        return adam_denominators(model, ckpt["optimizer"])
+    except ValueError as e:
+        raise SystemExit(f"error: {cfg.ckpt}: {e}") from None
+
+
 def main(cfg):
     if cfg.figures:
         written = draw_figures(cfg.figures.split(","), cfg.figures_dir)
@@ -460,6 +476,7 @@ def main(cfg):
     seq_len = cfg.seq_len or ckpt["config"]["seq_len"]
     model = load_model(ckpt, device)
     tokenizer = Tokenizer.from_dict(ckpt["tokenizer"])
+    denominators = checkpoint_denominators(cfg, ckpt, model, rt) if cfg.preconditioned else None
     results = {}
     for name, path in data_sources(cfg, ckpt).items():
         try:
@@ -485,6 +502,10 @@ def main(cfg):
         r = results[name]
         rt.log(f"{name}: sharpness Tr(H) = {r['trace']:.4g} +- {r['stderr']:.2g} (stderr over {r['stderr_over']}; "
               f"{format_duration(r['seconds'])})")
+        if denominators is not None:
+            r["preconditioned"] = preconditioned_sharpness(model, denominators, batches, cfg.num_samples, cfg.seed)
+            rt.log(f"{name}: preconditioned Tr(D^-1 H) = {r['preconditioned']['trace']:.4g} +- "
+                   f"{r['preconditioned']['stderr']:.2g} (AdamW's denominators at step {ckpt.get('step')})")
         if r["trace"] + 2 * r["stderr"] < 0:
             rt.log(f"  note: a negative trace means the model is not near a minimum of the loss on the {name} data: "
                    f"the loss curves down along most directions there (a model never trained on that data)")

@@ -579,3 +579,28 @@ def test_adam_denominators_are_the_optimizer_s_own_and_scale_the_trace():
                                                batches, num_samples=3)
     assert fours["per_batch"] == pytest.approx([t / 4 for t in ones["per_batch"]], rel=1e-5)
     assert ones["per_batch"] != pytest.approx(fours["per_batch"])
+
+
+@pytest.mark.slow
+def test_cli_preconditioned_trace_is_the_checkpoint_s_adamw_view(checkpoint, tmp_path):
+    """--preconditioned: beside Tr(H), Tr(D^-1 H) with D read from the checkpoint's AdamW state,
+    on the same batches, equal to preconditioned_sharpness called directly; a checkpoint
+    without AdamW state is refused by name."""
+    from nanowso.checkpoint import load_checkpoint, load_model
+    out = tmp_path / "s.json"
+    args = [f"--ckpt={checkpoint}", "--datasets=pretrain", "--num_batches=2", "--num_samples=3",
+            "--preconditioned=true", f"--out={out}"]
+    results = sharpness.main(parse_args(sharpness.SharpnessConfig, args))
+    ckpt = load_checkpoint(str(checkpoint))
+    model = load_model(ckpt, "cpu")
+    batches = loaders.pretrain_batches(ckpt["config"]["dataset"], seq_len=32, batch_size=1, num_batches=2)
+    want = sharpness.preconditioned_sharpness(model, sharpness.adam_denominators(model, ckpt["optimizer"]),
+                                              batches, 3)
+    got = json.loads(out.read_text())["results"]["pretrain"]["preconditioned"]
+    assert got == results["pretrain"]["preconditioned"]
+    assert got["per_batch"] == pytest.approx(want["per_batch"], rel=1e-6)
+    no_adam = tmp_path / "weights_only.pt"
+    torch.save({k: v for k, v in ckpt.items() if k != "optimizer"}, no_adam)
+    with pytest.raises(SystemExit, match="holds no AdamW state"):
+        sharpness.main(parse_args(sharpness.SharpnessConfig, [f"--ckpt={no_adam}", "--datasets=pretrain",
+                                                              "--preconditioned=true", f"--out={out}"]))
