@@ -1,6 +1,6 @@
 """A testbed in the paper's regime: text with irreducible entropy, facts as a long tail.
 
-    python data/hmm/prepare.py [--out_dir=data/hmm] [--seed=0] [--train_tokens=2600000] [--exposures=10]
+    python data/hmm/prepare.py [--out_dir=data/hmm] [--seed=0] [--train_tokens=2600000] [--exposures=50]
 
 The biography testbed (data/testbed) is a memorization regime: 41.5k tokens seen ~59 times,
 loss near zero, and there the Hessian trace shrinks as facts are memorized. Pre-training in
@@ -19,11 +19,23 @@ the paper is the opposite: natural text, seen about once, its loss far above zer
 - SFT asks about them with the testbed's questions, answers spelled as the biographies spell
   them (the same token ids), with the testbed's people splits; probes.jsonl and mid/ as the
   testbed's.
-With the study's 600 updates of 32 x 128 tokens (2.46M tokens) the default corpus is seen
-about once. The layout is the testbed's, so every script takes it: --dataset=hmm (prepared on
-first use) or --dataset=<out_dir>/pretrain. The sizes are not settled yet (docs/LOG.md has the
-pilots): at the defaults (unigram entropy 6.74, floor 5.22 nats) the tiny model ends 600 steps
-at 5.98, still learning, and 10 exposures do not store the facts.
+The sizes (language C of docs/LOG.md's pilots, the tiny model, the study's 600 updates of
+32 x 128 tokens = 2.46M tokens, one thread):
+
+    language                                   floor   WSO val  WSD val  recall  what it gave
+    A: 96 states, 40 words, Dirichlet 0.05,    5.22    5.98     5.99     2%      still learning fast at
+       10 exposures                                                               the end: no premise
+    B: 64 states, 12 words, 0.02, 10 exp.      3.18    3.27     3.23     -       0.09 above the floor:
+                                                                                  premise, facts not stored
+    C: 80 states, 20 words, 0.03, 50 exp.      4.18    4.38     4.31     24-38%  premise on every seed,
+       (the defaults)                                                             facts partly stored
+
+C's held-out loss stays 4.3 nats above zero and 0.12-0.20 above its floor, the corpus (3.0M
+tokens: 2.6M of HMM text, 150 people x 50 biographies) is seen 0.82 times, decay lowers the
+loss by 0.072 on each of 3 seeds, and greedy recall (24-38%) and the 4-way probes (68-86%) sit
+between floor and ceiling, so SFT has something to bring out and room to show it. The
+defaults write exactly what `--n_states=80 --words_per_state=20 --concentration=0.03
+--exposures=50` wrote for the pilots.
 
 Output (deterministic in the seed; meta.json files last):
     pretrain/{train_000000.bin, val_000000.bin, meta.json}  val: HMM text only
@@ -47,15 +59,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from data.formats import get_encoding, load_meta, write_atomic, write_jsonl, write_meta  # noqa: E402
 from data.testbed import prepare as testbed  # noqa: E402
 
-VERSION = 1
+VERSION = 2  # 2: language C's sizes (1: language A's)
 N_WORDS = 1500  # the vocabulary of the filler text
-N_STATES = 96
-WORDS_PER_STATE = 40
-TRANSITION_CONCENTRATION = 0.05  # Dirichlet parameter of each state's row: a few likely successors
+N_STATES = 80
+WORDS_PER_STATE = 20
+TRANSITION_CONCENTRATION = 0.03  # Dirichlet parameter of each state's row: a few likely successors
 DOC_WORDS = (64, 512)  # document lengths in words, uniform (inclusive)
 TRAIN_TOKENS = 2_600_000
 VAL_TOKENS = 131_072  # 2 x train.py's default eval_tokens
-EXPOSURES = 10  # documents per person: its biography phrasings, cycled
+EXPOSURES = 50  # documents per person: its biography phrasings, cycled
 
 
 # ------------------------------------------------------------------ the language
