@@ -8,6 +8,7 @@ and write the paper's tables and figures (Tables 1-2, Figures 1-4) to results/.
     python reproduce.py --experiment=over        # Experiment 3: 4x the pre-training steps
     python reproduce.py --experiment=decay-length  # WSD's decay fraction 0.1 .. 1.0 (beyond the paper)
     python reproduce.py --experiment=decay-free  # WSO vs WSO + cooldown vs WSO + merge (WSM)
+    python reproduce.py --scale=hmm --schedules=wso,wsd_a0 --seeds=0,1,2,3,4 --jobs=2   # the paper's regime
     python reproduce.py --help                   # every option
 
 How long, on a 2-core CPU (--scale=cpu): the estimate of what is left is printed before the
@@ -36,7 +37,15 @@ runs_dir/report/ instead):
     fig4_sharpness_vs_sft.png                    post-SFT score against final sharpness (held-out
     fig4_sharpness_train_vs_sft.png              pre-training text, as the paper; training text)
     fig5_decay_length.png                        score and sharpness against WSD's decay length
+    fig_frontier.png        the learning-forgetting frontier: each sweep's LRs as (forgetting,
+                            SFT score), forgetting the rise of the held-out pre-training loss
+    and, with 2+ seeds, a table pairing each run with WSO seed by seed (differences, or ratios
+    for sharpness): the mean, its 95% bootstrap interval and the smallest effect the seeds
+    detect (results.json: paired_vs_wso)
 --scale=cpu sizes the testbed study for a 2-core CPU (docs/results.md: the measured times).
+--scale=hmm is the paper's regime on a CPU (data/hmm/prepare.py: text with irreducible
+entropy, seen about once, facts embedded as a long tail), with the AdamW-preconditioned
+sharpness of every trained model beside the plain one.
 --scale=gpu is Experiment 1 at the 125m preset on FineWeb-Edu, Tulu 3 and the lm-eval tasks;
 prepare the data first (docs/results.md, "At GPU scale").
 """
@@ -55,7 +64,13 @@ import torch
 from data.formats import read_jsonl, write_atomic
 from nanowso.common import format_duration, parse_args
 from schedules import plot_figures, wsd_t_stable
-from study.figures import pearson_interval, plot_against_decay_fraction, plot_sharpness_curves, plot_sharpness_vs_score
+from study.figures import (
+    pearson_interval,
+    plot_against_decay_fraction,
+    plot_frontier,
+    plot_sharpness_curves,
+    plot_sharpness_vs_score,
+)
 from study.jobs import makespan, run_dag
 from study.plan import (
     DECAY_FRACTIONS,
@@ -69,7 +84,17 @@ from study.plan import (
     plan,
     stage_cost,
 )
-from study.tables import COMPARED, paper_tables, scheduler_label, sft_task_avg, valid_loss, zero_shot_avg
+from study.tables import (
+    COMPARED,
+    paired,
+    paired_rows,
+    paired_table,
+    paper_tables,
+    scheduler_label,
+    sft_task_avg,
+    valid_loss,
+    zero_shot_avg,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The CPU kernels every stage runs on. torch (ATen), MKL and oneDNN each pick their kernels by
@@ -180,14 +205,17 @@ def collect(cfg):
             ev = json.load(f)
         with open(os.path.join(run_dir, "sft", "summary.json")) as f:
             sft = json.load(f)
-        # sharpness: recorded during pre-training (log.jsonl), or measured after (sharpness.json)
+        # sharpness: recorded during pre-training (log.jsonl), and measured after (sharpness.json,
+        # the final value where present; with --preconditioned also Tr(D^-1 H))
         log = os.path.join(run_dir, "log.jsonl")
         sharp = [r for r in read_jsonl(log) if "sharpness_pretrain" in r] if os.path.isfile(log) else []
-        measured = os.path.join(run_dir, "sharpness.json")
+        measured, after = os.path.join(run_dir, "sharpness.json"), {}
         if os.path.isfile(measured):
             with open(measured) as f:
-                results = json.load(f)["results"]
-            sharp = [{"step": None, **{f"sharpness_{k}": v["trace"] for k, v in results.items()}}]
+                after = json.load(f)["results"]
+            sharp = [*sharp, {"step": None, **{f"sharpness_{k}": v["trace"] for k, v in after.items()},
+                              **{f"sharpness_{k}_stderr": v["stderr"] for k, v in after.items()}}]
+        preconditioned = after.get("pretrain", {}).get("preconditioned", {})
         seed, name = os.path.relpath(run_dir, cfg.runs_dir).split(os.sep, 1)  # seed<k>, [over/]<run>
         best = next((r for r in sft["runs"] if r["lr"] == sft["best_lr"]), {})
         with open(os.path.join(run_dir, "sharpness_train.json")) as f:
@@ -211,6 +239,12 @@ def collect(cfg):
             # how much of what the model knows SFT brings out: test exact match / recall
             "sft_em_over_recall": em / recall["exact_match"] if em is not None and recall.get("exact_match") else None,
             "sharpness_pretrain": sharp[-1]["sharpness_pretrain"] if sharp else None,
+            "sharpness_pretrain_stderr": sharp[-1].get("sharpness_pretrain_stderr") if sharp else None,
+            "sharpness_preconditioned": preconditioned.get("trace"),
+            "sharpness_preconditioned_stderr": preconditioned.get("stderr"),
+            # the learning-forgetting frontier: every LR of the sweep, (forgetting, SFT score, LR)
+            "sft_frontier": [(r["forgetting"], r["sft_test_task_avg"], r["lr"]) for r in sft["runs"]
+                             if r.get("forgetting") is not None and r.get("sft_test_task_avg") is not None],
             "sharpness_sft": sharp[-1].get("sharpness_sft") if sharp else None,
             "sharpness_train": on_train["trace"], "sharpness_train_stderr": on_train["stderr"],
             "sharpness_curve": [(r["step"], r["sharpness_pretrain"], r.get("sharpness_sft"), r.get("sharpness_train_text"))
@@ -263,7 +297,17 @@ def figures(rows, out_dir, suffix=""):
                                     stable_ratio=train["stable_ratio"])
             written[f"fig3_{data}"] = plot_sharpness_curves(curves, t_stable,
                                                             os.path.join(out_dir, f"fig3_sharpness_{data}{suffix}.png"))
-    return {**written, **figure4(rows, out_dir, suffix)}
+    frontier = frontier_figure(rows, os.path.join(out_dir, f"fig_frontier{suffix}.png"))
+    return {**written, **figure4(rows, out_dir, suffix), **({"frontier": frontier} if frontier else {})}
+
+
+def frontier_figure(rows, path):
+    """The learning-forgetting frontier of every run and seed (sft.py's forgetting per LR), or
+    None where the sweeps did not measure it."""
+    names, label = run_labels(rows)
+    curves = {label[n]: [r["sft_frontier"] for r in rows if r["run"] == n and r.get("sft_frontier")] for n in names}
+    curves = {k: v for k, v in curves.items() if v}
+    return plot_frontier((curves, "SFT Task Avg (test people)"), path) if curves else None
 
 
 def run_labels(rows):
@@ -334,7 +378,9 @@ def report(cfg):
         for r in rows:
             r["decay_fraction"] = fraction[r["run"]]
         label_keys = [("decay_fraction", "Decay over (1 - ρ)")]
-    relative, absolute = paper_tables(rows, mid, COMPARED_HERE, ABSOLUTE, label_keys)
+    columns = ABSOLUTE + [("sharpness_preconditioned", "Tr(D^-1 H) (PT val)", ".3g")] * any(
+        r.get("sharpness_preconditioned") is not None for r in rows)  # --scale=hmm measures it
+    relative, absolute = paper_tables(rows, mid, COMPARED_HERE, columns, label_keys)
     seeds = sorted({r["seed"] for r in rows})
     title, file = {"pre": ("Table 1 analogue (pre-training -> SFT)", "table1.md"),
                    "mid": ("Table 2 analogue (mid-training -> SFT)", "table2.md"),
@@ -348,6 +394,10 @@ def report(cfg):
             f"best mean in bold.\n\n{relative}\n\nAbsolute values (mean ± std over seeds; task scores x 100; "
             f"sharpness = Hessian trace of the model that SFT starts from; recall and 4-way before SFT; "
             f"† the sweep chose an edge of its LR grid):\n\n{absolute}\n")
+    if any(len(values) > 1 for values in paired_rows(rows).values()):  # intervals need 2+ seeds
+        text += (f"\nEach run against WSO on the same seed (same data order and initial weights), per seed, the "
+                 f"mean with its 95% bootstrap interval over seeds, and the smallest effect these seeds detect "
+                 f"with 80% power (paired t-test at 5%; for a ratio, its distance from 1):\n\n{paired_table(rows)}\n")
     table_path = os.path.join(out_dir, file)
     write_atomic(table_path, text.encode())
     written = figures(rows, out_dir, suffix)
@@ -356,6 +406,8 @@ def report(cfg):
     results = {"config": asdict(cfg), "scale": SCALES[cfg.scale], "rows": rows,
                "pearson_r": {k[len("pearson_r_"):]: v for k, v in written.items() if k.startswith("pearson_r_")},
                "pearson_r_note": "r of the per-run means over seeds; *_interval: 95% bootstrap over seeds",
+               "paired_vs_wso": {f"{run} {key}": {"per_seed": values, **paired(values)}
+                                 for (run, key), values in paired_rows(rows).items()},
                "files": [table_path, *[v for k, v in written.items() if not k.startswith("pearson_r")]]}
     results_path = os.path.join(out_dir, f"results{suffix}.json")
     write_atomic(results_path, (json.dumps(results, indent=1) + "\n").encode())

@@ -161,3 +161,73 @@ def paper_tables(rows, mid, compared=COMPARED, absolute=(), label_keys=()):
     return (markdown(header + [column_title(key, title, mid) + " Δ" for key, title, _, _ in compared], relative),
             markdown(header + [title for _, title, _ in columns],
                      [labels[n] + [cell(n, key, spec) for key, _, spec in columns] for n in names]))
+
+
+# ------------------------------------------------------------------ paired comparisons
+
+# Student's t quantiles for df = 1..30 (the normal's beyond): the paired t-test's power.
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042)
+T_80 = (1.376, 1.061, 0.978, 0.941, 0.920, 0.906, 0.896, 0.889, 0.883, 0.879, 0.876, 0.873, 0.870, 0.868,
+        0.866, 0.865, 0.863, 0.862, 0.861, 0.860, 0.859, 0.858, 0.858, 0.857, 0.856, 0.856, 0.855, 0.855,
+        0.854, 0.854)
+
+
+def paired(values, rounds=10_000, seed=0):
+    """What per-seed paired values (a run minus WSO on the same seed, or their ratio) say:
+    {n, mean, sd, low, high, detectable}: low-high is the 95% percentile bootstrap interval of
+    the mean (the seeds drawn with replacement); detectable is the smallest true effect (the
+    mean's distance from 0 for a difference, from 1 for a ratio) these n seeds find with 80%
+    power in a two-sided paired t-test at 5%, about (t_.975 + t_.80) sd / sqrt(n) with n - 1
+    degrees of freedom. nan for n < 2."""
+    x = np.asarray(values, dtype=float)
+    n, mean = len(x), float(x.mean()) if len(x) else float("nan")
+    if n < 2:
+        return {"n": n, "mean": mean, "sd": float("nan"), "low": float("nan"), "high": float("nan"),
+                "detectable": float("nan")}
+    sd = float(x.std(ddof=1))
+    means = x[np.random.default_rng(seed).integers(n, size=(rounds, n))].mean(axis=1)
+    df = n - 1
+    t = (T_975[df - 1] + T_80[df - 1]) if df <= len(T_975) else 1.960 + 0.842
+    return {"n": n, "mean": mean, "sd": sd, "low": float(np.percentile(means, 2.5)),
+            "high": float(np.percentile(means, 97.5)), "detectable": t * sd / np.sqrt(n)}
+
+
+# (key, what it is, how two runs compare: "diff" = run - WSO, "ratio" = run / WSO, format)
+PAIRED = [("valid_loss", "Valid Loss", "diff", ".4f"), ("sharpness_pretrain", "Tr(H) held-out", "ratio", ".3f"),
+          ("sharpness_preconditioned", "Tr(D^-1 H) held-out", "ratio", ".3f"),
+          ("sharpness_train", "Tr(H) training text", "ratio", ".3f"), ("recall", "Recall before SFT", "diff", ".1f"),
+          ("sft_task_avg", "SFT Task Avg (selected LR)", "diff", ".1f")]
+
+
+def paired_rows(rows, reference="wso", paired_keys=PAIRED):
+    """{(run, key): per-seed values} of each run against `reference` on the seeds both have."""
+    by = {(r["run"], r["seed"]): r for r in rows}
+    out = {}
+    for run in dict.fromkeys(r["run"] for r in rows if r["run"] != reference):
+        for key, _, how, _ in paired_keys:
+            values = []
+            for (name, seed), r in sorted(by.items()):
+                base = by.get((reference, seed))
+                if name != run or base is None or r.get(key) is None or base.get(key) is None:
+                    continue
+                values.append(r[key] / base[key] if how == "ratio" else r[key] - base[key])
+            if values:
+                out[(run, key)] = values
+    return out
+
+
+def paired_table(rows, reference="wso", paired_keys=PAIRED):
+    """Markdown: each run against the reference seed by seed, as the interval and the effect the
+    seeds can detect (a ratio's is its distance from 1)."""
+    table = []
+    for (run, key), values in paired_rows(rows, reference, paired_keys).items():
+        _, what, how, spec = next(p for p in paired_keys if p[0] == key)
+        p = paired(values)
+        sign = "/" if how == "ratio" else "-"
+        table.append([f"{run} {sign} {reference}", what, ", ".join(format(v, spec) for v in values),
+                      format(p["mean"], spec), f"[{p['low']:{spec}}, {p['high']:{spec}}]",
+                      format(p["detectable"], spec)])
+    return markdown(["pair (per seed)", "quantity", "per seed", "mean", "95% bootstrap", "detectable (80% power)"],
+                    table)

@@ -57,3 +57,21 @@ def test_output_reaches_a_pipe_as_printed():
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_paired_interval_and_detectable_effect_on_constructed_examples():
+    """study.tables.paired: constant differences give a zero-width interval at the constant;
+    1..5 give mean 3, sd sqrt(2.5) and the t-test's detectable effect (2.776 + 0.941) sd / sqrt(5);
+    and that effect is detected about 80% of the time when it is the true mean (simulated)."""
+    from study.tables import paired
+    p = paired([0.5] * 4)
+    assert (p["mean"], p["low"], p["high"], p["detectable"]) == (0.5, 0.5, 0.5, 0.0)
+    p = paired([1, 2, 3, 4, 5])
+    assert p["mean"] == 3 and p["sd"] == pytest.approx(np.sqrt(2.5))
+    assert p["detectable"] == pytest.approx((2.776 + 0.941) * np.sqrt(2.5) / np.sqrt(5))
+    assert 1 < p["low"] < 3 < p["high"] < 5
+    assert np.isnan(paired([1.0])["low"]) and np.isnan(paired([1.0])["detectable"])
+    rng = np.random.default_rng(0)
+    x = rng.normal(loc=(2.776 + 0.941) / np.sqrt(5), size=(20_000, 5))
+    t = x.mean(axis=1) / (x.std(axis=1, ddof=1) / np.sqrt(5))
+    assert 0.75 < np.mean(np.abs(t) > 2.776) < 0.85

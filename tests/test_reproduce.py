@@ -283,3 +283,38 @@ def test_stages_run_on_avx2_kernels_where_torch_would_pick_avx512(tmp_path, monk
     monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")
     assert capability_of_a_stage() == "DEFAULT"
     assert "$ ATEN_CPU_CAPABILITY" not in (tmp_path / "run" / "evaluate.log").read_text().split("\n")[-2]
+
+
+def test_hmm_scale_measures_the_mechanism_and_the_frontier_and_pairs_the_seeds(tmp_path, monkeypatch):
+    """--scale=hmm at a toy size on a small HMM language: each trained model gets a held-out
+    sharpness stage with the AdamW-preconditioned trace, each sweep its forgetting per LR; the
+    rows carry both, the frontier figure is drawn, and the table pairs each seed's WSD with its
+    WSO (the numbers in results.json are the rows' own differences)."""
+    from data.hmm import prepare as hmm
+    from study.tables import paired
+    data = tmp_path / "hmm"
+    hmm.prepare(data, seed=0, train_tokens=30_000, val_tokens=6_000, exposures=3, n_people=40)
+    scale = study.SCALES["hmm"]
+    monkeypatch.setitem(scale, "train", {**scale["train"], "dataset": str(data / "pretrain"), "sharpness_batches": 2,
+                                         "sharpness_samples": 2})
+    monkeypatch.setitem(scale, "sft", {**scale["sft"], "dataset": str(data)})
+    monkeypatch.setitem(scale, "sharpness", {"num_batches": 2, "num_samples": 2})
+    cfg = ReproduceConfig(scale="hmm", schedules="wso,wsd_a0", seeds="0,1", runs_dir=str(tmp_path / "runs"),
+                          out_dir=str(tmp_path / "results"), **TOY)
+    results = reproduce.main(cfg)
+    rows = {(r["run"], r["seed"]): r for r in results["rows"]}
+    assert sorted(rows) == [("wsd_a0", 0), ("wsd_a0", 1), ("wso", 0), ("wso", 1)]
+    for r in rows.values():
+        assert isinstance(r["sharpness_preconditioned"], float) and r["sharpness_preconditioned_stderr"] >= 0
+        assert len(r["sft_frontier"]) == 1 and r["sft_frontier"][0][2] == 1e-3  # one LR: (forgetting, score, lr)
+    out = tmp_path / "results"
+    assert (out / "fig_frontier.png").stat().st_size > 0
+    table = (out / "table1.md").read_text()
+    assert "Tr(D^-1 H) held-out" in table and "wsd_a0 / wso" in table and "wsd_a0 - wso" in table
+    saved = json.load(open(out / "results.json"))["paired_vs_wso"]
+    want = [rows[("wsd_a0", s)]["valid_loss"] - rows[("wso", s)]["valid_loss"] for s in (0, 1)]
+    assert saved["wsd_a0 valid_loss"]["per_seed"] == pytest.approx(want)
+    assert saved["wsd_a0 valid_loss"]["mean"] == pytest.approx(paired(want)["mean"])
+    ratio = [rows[("wsd_a0", s)]["sharpness_preconditioned"] / rows[("wso", s)]["sharpness_preconditioned"]
+             for s in (0, 1)]
+    assert saved["wsd_a0 sharpness_preconditioned"]["per_seed"] == pytest.approx(ratio)
