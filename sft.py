@@ -92,7 +92,7 @@ class SFTConfig:
     dataset: str = "testbed"  # testbed | tulu3 | a .jsonl/.parquet file with `messages` | a testbed folder
     out_dir: str = "out-sft"  # out_dir/lr_<lr>/ per LR, out_dir/summary.json
     # the LR sweep (Table 8)
-    lrs: str = "testbed"  # peak LRs, comma-separated, or a named grid: testbed | paper (Table 8's)
+    lrs: str = "testbed"  # peak LRs, comma-separated, or a named grid: testbed | hmm | paper (Table 8's)
     learning_rate: float = 0.0  # one peak LR instead of the sweep; 0 uses --lrs
     select_by: str = "auto"  # sft_select_task_avg | sft_select_exact_match | val_loss | alpaca_eval; auto: the first on a testbed, else val_loss
     # --select_by=alpaca_eval (nanowso/judge.py): the judge, what it compares with, on which instructions

@@ -69,7 +69,7 @@ SCALES = {
                 sharpness=dict(num_batches=32, num_samples=10),
                 preconditioned=True,  # a held-out sharpness stage with --preconditioned=true per trained model
                 seconds_per_cost=None,  # not measured yet
-                sft=dict(dataset="hmm", lrs=",".join(f"{lr:g}" for lr in SFT_LR_GRIDS["testbed"]), epochs=10,
+                sft=dict(dataset="hmm", lrs=",".join(f"{lr:g}" for lr in SFT_LR_GRIDS["hmm"]), epochs=10,
                          warmup_iters=20, compile=False),
                 eval=dict(tasks="val_loss,testbed_recall,testbed_probes"),
                 mid_eval=dict(tasks="val_loss,testbed_mid_recall,testbed_mid_probes")),
