@@ -9,6 +9,7 @@ and write the paper's tables and figures (Tables 1-2, Figures 1-4) to results/.
     python reproduce.py --experiment=decay-length  # WSD's decay fraction 0.1 .. 1.0 (beyond the paper)
     python reproduce.py --experiment=decay-free  # WSO vs WSO + cooldown vs WSO + merge (WSM)
     python reproduce.py --scale=hmm --schedules=wso,wsd_a0 --seeds=0,1,2,3,4 --jobs=2   # the paper's regime
+    python reproduce.py --quick                  # WSO vs WSD to 0 in the paper's regime, 2 seeds, small
     python reproduce.py --help                   # every option
 
 How long, on a 2-core CPU (--scale=cpu): the estimate of what is left is printed before the
@@ -82,6 +83,7 @@ from study.plan import (
     grid,
     is_done,
     plan,
+    quick_config,
     stage_cost,
 )
 from study.tables import (
@@ -417,7 +419,7 @@ def report(cfg):
 
 
 def main(cfg):
-    start = time.time()
+    start, cfg = time.time(), quick_config(cfg)
     run_all(cfg)
     if cfg.dry_run:
         return None

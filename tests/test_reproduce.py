@@ -285,8 +285,8 @@ def test_stages_run_on_avx2_kernels_where_torch_would_pick_avx512(tmp_path, monk
     assert "$ ATEN_CPU_CAPABILITY" not in (tmp_path / "run" / "evaluate.log").read_text().split("\n")[-2]
 
 
-def test_hmm_scale_measures_the_mechanism_and_the_frontier_and_pairs_the_seeds(tmp_path, monkeypatch):
-    """--scale=hmm at a toy size on a small HMM language: each trained model gets a held-out
+def test_quick_hmm_study_measures_the_mechanism_and_the_frontier_and_pairs_the_seeds(tmp_path, monkeypatch):
+    """reproduce.py --quick (--scale=hmm) at a toy size on a small HMM language: each trained model gets a held-out
     sharpness stage with the AdamW-preconditioned trace, each sweep its forgetting per LR; the
     rows carry both, the frontier figure is drawn, and the table pairs each seed's WSD with its
     WSO (the numbers in results.json are the rows' own differences)."""
@@ -299,8 +299,10 @@ def test_hmm_scale_measures_the_mechanism_and_the_frontier_and_pairs_the_seeds(t
                                          "sharpness_samples": 2})
     monkeypatch.setitem(scale, "sft", {**scale["sft"], "dataset": str(data)})
     monkeypatch.setitem(scale, "sharpness", {"num_batches": 2, "num_samples": 2})
-    cfg = ReproduceConfig(scale="hmm", schedules="wso,wsd_a0", seeds="0,1", runs_dir=str(tmp_path / "runs"),
-                          out_dir=str(tmp_path / "results"), **TOY)
+    # --quick: the hmm scale, WSO and WSD to 0, seeds 0 and 1, two stages at a time; the sizes given win
+    cfg = ReproduceConfig(quick=True, runs_dir=str(tmp_path / "runs"), out_dir=str(tmp_path / "results"), **TOY)
+    quick = study.quick_config(cfg)
+    assert (quick.scale, quick.schedules, quick.seeds, quick.jobs, quick.max_iters) == ("hmm", "wso,wsd_a0", "0,1", 2, 8)
     results = reproduce.main(cfg)
     rows = {(r["run"], r["seed"]): r for r in results["rows"]}
     assert sorted(rows) == [("wsd_a0", 0), ("wsd_a0", 1), ("wso", 0), ("wso", 1)]
@@ -318,3 +320,10 @@ def test_hmm_scale_measures_the_mechanism_and_the_frontier_and_pairs_the_seeds(t
     ratio = [rows[("wsd_a0", s)]["sharpness_preconditioned"] / rows[("wso", s)]["sharpness_preconditioned"]
              for s in (0, 1)]
     assert saved["wsd_a0 sharpness_preconditioned"]["per_seed"] == pytest.approx(ratio)
+
+
+def test_quick_settings_yield_to_the_options_a_command_gives():
+    from nanowso.common import parse_args
+    cfg = study.quick_config(parse_args(ReproduceConfig, ["--quick", "--seeds=0,1,2", "--jobs=1"]))
+    assert (cfg.scale, cfg.seeds, cfg.jobs, cfg.max_iters, cfg.out_dir) == ("hmm", "0,1,2", 1, 300, "results/quick")
+    assert study.quick_config(ReproduceConfig()) == ReproduceConfig()  # off: untouched
