@@ -88,6 +88,7 @@ from study.plan import (
 )
 from study.tables import (
     COMPARED,
+    PAIRED,
     paired,
     paired_rows,
     paired_table,
@@ -396,10 +397,16 @@ def report(cfg):
             f"best mean in bold.\n\n{relative}\n\nAbsolute values (mean ± std over seeds; task scores x 100; "
             f"sharpness = Hessian trace of the model that SFT starts from; recall and 4-way before SFT; "
             f"† the sweep chose an edge of its LR grid):\n\n{absolute}\n")
-    if any(len(values) > 1 for values in paired_rows(rows).values()):  # intervals need 2+ seeds
-        text += (f"\nEach run against WSO on the same seed (same data order and initial weights), per seed, the "
-                 f"mean with its 95% bootstrap interval over seeds, and the smallest effect these seeds detect "
-                 f"with 80% power (paired t-test at 5%; for a ratio, its distance from 1):\n\n{paired_table(rows)}\n")
+    reference = "over/wso" if cfg.experiment == "over" else "wso"
+    pairs = paired_rows(rows, reference)
+    if any(len(values) > 1 for values in pairs.values()):  # intervals need 2+ seeds
+        text += (f"\nEach run against WSO on the same seed (same data order and initial weights): per seed, the "
+                 f"mean (geometric for ratios) with its 95% t interval, the percentile bootstrap over seeds (it "
+                 f"covers less than 95% with few seeds), and the smallest effect these seeds detect with 80% "
+                 f"power (paired t-test at 5%; for a ratio, its distance from 1):\n\n"
+                 f"{paired_table(rows, reference)}\n")
+    elif len(seeds) > 1:
+        text += f"\nNo run named {reference} in this experiment: nothing is paired with WSO.\n"
     table_path = os.path.join(out_dir, file)
     write_atomic(table_path, text.encode())
     written = figures(rows, out_dir, suffix)
@@ -408,8 +415,10 @@ def report(cfg):
     results = {"config": asdict(cfg), "scale": SCALES[cfg.scale], "rows": rows,
                "pearson_r": {k[len("pearson_r_"):]: v for k, v in written.items() if k.startswith("pearson_r_")},
                "pearson_r_note": "r of the per-run means over seeds; *_interval: 95% bootstrap over seeds",
-               "paired_vs_wso": {f"{run} {key}": {"per_seed": values, **paired(values)}
-                                 for (run, key), values in paired_rows(rows).items()},
+               "paired_vs_wso": {f"{run} {key}": {"per_seed": values, **{
+                   k: None if isinstance(v, float) and np.isnan(v) else v  # strict JSON: no NaN
+                   for k, v in paired(values, ratio=dict((p[0], p[2]) for p in PAIRED)[key] == "ratio").items()}}
+                   for (run, key), values in pairs.items()},
                "files": [table_path, *[v for k, v in written.items() if not k.startswith("pearson_r")]]}
     results_path = os.path.join(out_dir, f"results{suffix}.json")
     write_atomic(results_path, (json.dumps(results, indent=1) + "\n").encode())

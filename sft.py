@@ -42,8 +42,10 @@ that has it is skipped when the sweep is rerun), out_dir/config.json, and out_di
           = 50 x (exact_match + choice), sft_task_avg} (null without a testbed; a diverged run
           has null metrics and is never chosen), with --select_by=alpaca_eval
           alpaca_eval, alpaca_eval_stderr (every verdict in lr_<lr>/alpaca_eval.jsonl), and
-          pretrain_val_loss, forgetting: the loss on the first --forgetting_tokens of the
-          pre-training val split after SFT, and its rise over the initial model's
+          pretrain_val_loss, forgetting, forgetting_tokens, pretrain_val_loss_before: the loss on
+          the first --forgetting_tokens of the val split of the data the checkpoint was trained
+          on (pre- or mid-training) after SFT, its rise over the initial model's, and what it
+          was measured from
     pretrain_val_loss_before: the initial model's (null when not measured)
 
 Adaptability as a learning-forgetting frontier (Watts et al. 2026, arXiv 2605.02105): each LR
@@ -78,9 +80,9 @@ from nanowso.judge import alpaca_rows, load_judge, model_outputs, pairwise, refe
 from nanowso.optim import make_optimizer, optimizer_step, set_lr
 from nanowso.runtime import Interrupts, Runtime, fsdp, setup_distributed, to_device
 from nanowso.scoring import testbed_sft_accuracy
-from nanowso.sweep import (FINAL_LOSS_STEPS, HIGHER_IS_BETTER, Sweep, finished_runs, forgetting, full_state,
-                           measure_before, micro_batches, prepare_examples, pretrain_val_batches, start_lr, summarize,
-                           val_loss)
+from nanowso.sweep import (FINAL_LOSS_STEPS, HIGHER_IS_BETTER, Sweep, finished_runs, forgetting, forgetting_basis,
+                           full_state, measure_before, micro_batches, prepare_examples, pretrain_val_batches, start_lr,
+                           summarize, val_loss)
 from schedules import SFT_LR_GRIDS
 from study.figures import frontier_curves, plot_frontier
 from study.tables import sft_task_avg
@@ -155,7 +157,7 @@ class SFTConfig:
 RERUN_CHANGES = {"out_dir", "lrs", "learning_rate", "select_by", "log_interval", "compile", "device", "judge",
                  "judge_model", "judge_reference", "judge_data", "judge_limit",
                  "checkpoint_interval", "num_proc", "parallel", "overwrite", "frontier", "frontier_path",
-                 "forgetting_tokens"}  # each result holds the forgetting it was measured with (or none)
+                 "forgetting_tokens"}  # each result records what its forgetting was measured from (or none)
 
 
 def sweep_lrs(cfg):
@@ -229,7 +231,8 @@ def finetune(lr, run_dir, sweep, identity):
         except FloatingPointError as e:  # a too-large LR: this point of the sweep failed, not the sweep
             print(f"[lr {lr:g}] non-finite values at step {step} ({e}); this LR is marked diverged")
             result.update(diverged_at_step=step, final_train_loss=None, val_loss=None,
-                          **({"pretrain_val_loss": None, "forgetting": None} if sweep.pretrain_val else {}))
+                          **({"pretrain_val_loss": None, "forgetting": None, **forgetting_basis(sweep)}
+                             if sweep.pretrain_val else {}))
             if sweep.rt.master and os.path.exists(resume_path):
                 os.remove(resume_path)
             return result
@@ -323,7 +326,7 @@ def set_up(cfg):
                 step=ckpt["step"])
     sweep = Sweep(cfg=cfg, rt=rt, model=model, step_model=step_model, examples=examples, init_weights=ckpt["model"],
                   init_config=ckpt["config"], tokenizer=tokenizer, eta=Eta(0), alpaca=alpaca,
-                  pretrain_val=pretrain_val_batches(cfg, ckpt["config"]))
+                  pretrain_val=pretrain_val_batches(cfg, ckpt))
     measure_before(sweep)
     return sweep, init, testbed, metric
 

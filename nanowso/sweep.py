@@ -16,7 +16,7 @@ import torch
 from data.conversations import message_lists, tokenize, update_batches
 from data.formats import Tokenizer, load_split, write_atomic
 from data.loaders import pad_collate, resolve_dataset, validation_batches
-from nanowso.checkpoint import set_rng_state
+from nanowso.checkpoint import set_rng_state, training_config
 from nanowso.common import Eta, append_jsonl, truncate_log
 from nanowso.optim import load_optimizer_state, own_settings
 from nanowso.runtime import Interrupts, Runtime, fsdp
@@ -126,20 +126,22 @@ def val_loss(sweep):
     return mean_loss(sweep.model, batches, sweep.rt.device, sweep.rt.autocast)
 
 
-def pretrain_val_batches(cfg, ckpt_config):
-    """The first cfg.forgetting_tokens of the val split of the data the checkpoint was trained
-    on, in windows of its seq_len (evaluate.py's val_loss reads the same); None when off or
-    when that split is not on this machine (said, not silent)."""
+def pretrain_val_batches(cfg, ckpt):
+    """The first cfg.forgetting_tokens of the val split of the data the checkpoint was last
+    trained on (pre- or mid-training: training_config), in windows of its seq_len, as
+    evaluate.py's val_loss reads them; None when off, or (said, not silent) when that split
+    cannot be read here."""
     if not cfg.forgetting_tokens:
         return None
-    dataset = ckpt_config.get("dataset", "testbed")
+    config = training_config(ckpt)
+    dataset = config.get("dataset", "testbed")
     try:
         shards = load_split(resolve_dataset(dataset), "val")
-    except (OSError, KeyError, ValueError) as e:
-        print(f"note: forgetting is not measured: the pre-training data {dataset!r} has no val split here ({e}); "
-              f"prepare it, or pass --forgetting_tokens=0")
+        return validation_batches(shards, config.get("seq_len", 128), cfg.forgetting_tokens, cfg.batch_size)
+    except (OSError, KeyError, ValueError, SystemExit) as e:
+        print(f"note: forgetting is not measured: cannot read the val split of the training data {dataset!r} "
+              f"({e}); prepare it, or pass --forgetting_tokens=0")
         return None
-    return validation_batches(shards, ckpt_config.get("seq_len", 128), cfg.forgetting_tokens, cfg.batch_size)
 
 
 def measure_before(sweep):
@@ -158,7 +160,28 @@ def forgetting(sweep):
     if sweep.pretrain_val is None:
         return {}
     loss = mean_loss(sweep.model, sweep.pretrain_val, sweep.rt.device, sweep.rt.autocast)
-    return {"pretrain_val_loss": loss, "forgetting": loss - sweep.pretrain_loss_before}
+    return {"pretrain_val_loss": loss, "forgetting": loss - sweep.pretrain_loss_before,
+            **forgetting_basis(sweep)}
+
+
+def forgetting_basis(sweep):
+    """What a result's forgetting was measured from: the token count and the initial loss."""
+    return {"forgetting_tokens": sweep.cfg.forgetting_tokens, "pretrain_val_loss_before": sweep.pretrain_loss_before}
+
+
+def mixed_forgetting(runs):
+    """A line saying why these runs' forgetting cannot be compared (some measured none, or
+    from other tokens), or "" when they can."""
+    trained = [r for r in runs if r.get("diverged_at_step") is None]
+    # the initial loss to 4 decimals: a GPU's rerun may differ in the last bits
+    bases = {(r.get("forgetting_tokens"), round(r.get("pretrain_val_loss_before") or 0.0, 4))
+             for r in trained if "forgetting" in r}
+    missing = [f"{r['lr']:g}" for r in trained if "forgetting" not in r]
+    if bases and missing:
+        return f"LRs {', '.join(missing)} have no forgetting (finished before it was measured, or with it off)"
+    if len(bases) > 1:
+        return "its LRs measured forgetting on different held-out tokens (reruns with another --forgetting_tokens)"
+    return ""
 
 
 def start_lr(lr, sweep, optimizer, log_path, resume_path, identity):
@@ -239,6 +262,10 @@ def summarize(cfg, sweep, init, metric, lrs, runs):
                "sft_task_avg": best["sft_task_avg"], "data": sweep.examples.counts,
                "pretrain_val_loss_before": sweep.pretrain_loss_before, "runs": runs}
     summary["best_lr_at_edge"] = at_edge(best["lr"], lrs)
+    mixed = mixed_forgetting(runs)
+    if mixed:
+        print(f"warning: the forgetting of this sweep does not compare across LRs: {mixed}; the frontier refuses it "
+              f"(fine-tune into a new --out_dir for one)")
     if sweep.rt.master:
         write_atomic(os.path.join(cfg.out_dir, "summary.json"), (json.dumps(summary, indent=1) + "\n").encode())
     print_table(summary)

@@ -6,13 +6,16 @@ length. Plain functions of numbers, drawn with matplotlib; sharpness.py --figure
 reproduce.py feed them. Nothing here runs on its own.
 """
 
+import itertools
 import json
 import os
 
 import numpy as np
 
 from data.formats import read_jsonl
+from nanowso.sweep import mixed_forgetting
 from schedules import wsd_t_stable
+from study.tables import scheduler_label
 
 
 def plot_sharpness_curves(runs, t_stable=None, path="sharpness_curves.png"):
@@ -137,13 +140,18 @@ def frontier_curves(sweep_dirs):
         if not any(r.get("forgetting") is not None for r in summary["runs"]):
             raise SystemExit(f"error: {path} holds no forgetting (a sweep made before sft.py measured it, or with "
                              f"--forgetting_tokens=0); fine-tune again into a new --out_dir")
+        mixed = mixed_forgetting(summary["runs"])
+        if mixed:
+            raise SystemExit(f"error: {path}: {mixed}; fine-tune again into a new --out_dir")
         summaries.append(summary)
     key, ylabel = next((k, label) for k, label in FRONTIER_SCORES
                        if all(any(r.get(k) is not None for r in s["runs"]) for s in summaries))
     curves = {}
     for summary in summaries:
         init = summary["init"]
-        label = init["schedule"].upper() + (f" a={init['alpha_pre']}" if init["schedule"] != "wso" else "")
+        label = scheduler_label(init.get("schedule")) + "".join(
+            f" {name}={init[key]:g}" for key, name in (("alpha_pre", "a"), ("alpha_mid", "mid a"))
+            if init.get(key) is not None and not (key == "alpha_pre" and init.get("schedule") == "wso"))
         points = [(r["forgetting"], r[key], r["lr"]) for r in summary["runs"]
                   if r.get("forgetting") is not None and r[key] is not None]
         curves.setdefault(label, []).append(points)
@@ -160,7 +168,8 @@ def plot_frontier(curves, path="frontier.png"):
 
     curves, ylabel = curves
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for (label, sweeps), color in zip(curves.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+    colors = itertools.cycle(plt.rcParams["axes.prop_cycle"].by_key()["color"])
+    for (label, sweeps), color in zip(curves.items(), colors):
         for i, points in enumerate(sweeps):
             x, y, lrs = zip(*sorted(points, key=lambda p: p[2]))
             ax.plot(x, y, marker="o", markersize=3, color=color, alpha=0.8, label=label if i == 0 else None)

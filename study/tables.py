@@ -174,24 +174,30 @@ T_80 = (1.376, 1.061, 0.978, 0.941, 0.920, 0.906, 0.896, 0.889, 0.883, 0.879, 0.
         0.854, 0.854)
 
 
-def paired(values, rounds=10_000, seed=0):
-    """What per-seed paired values (a run minus WSO on the same seed, or their ratio) say:
-    {n, mean, sd, low, high, detectable}: low-high is the 95% percentile bootstrap interval of
-    the mean (the seeds drawn with replacement); detectable is the smallest true effect (the
-    mean's distance from 0 for a difference, from 1 for a ratio) these n seeds find with 80%
-    power in a two-sided paired t-test at 5%, about (t_.975 + t_.80) sd / sqrt(n) with n - 1
-    degrees of freedom. nan for n < 2."""
-    x = np.asarray(values, dtype=float)
-    n, mean = len(x), float(x.mean()) if len(x) else float("nan")
-    if n < 2:
-        return {"n": n, "mean": mean, "sd": float("nan"), "low": float("nan"), "high": float("nan"),
-                "detectable": float("nan")}
-    sd = float(x.std(ddof=1))
-    means = x[np.random.default_rng(seed).integers(n, size=(rounds, n))].mean(axis=1)
-    df = n - 1
-    t = (T_975[df - 1] + T_80[df - 1]) if df <= len(T_975) else 1.960 + 0.842
-    return {"n": n, "mean": mean, "sd": sd, "low": float(np.percentile(means, 2.5)),
-            "high": float(np.percentile(means, 97.5)), "detectable": t * sd / np.sqrt(n)}
+def paired(values, ratio=False, rounds=10_000, seed=0):
+    """What per-seed paired values (a run minus WSO on the same seed, or with ratio=True their
+    ratio, taken on the log scale) say: {n, mean, sd, low, high, boot_low, boot_high,
+    detectable}. low-high is the 95% t interval of the mean; boot_low-boot_high the percentile
+    bootstrap over seeds, kept beside it because with few seeds it covers less than it says
+    (it never leaves the data's range: at most 1 - 2^(1-n) coverage, 75% for 3 seeds). detectable
+    is the smallest true effect these n seeds find with 80% power in a two-sided paired t-test
+    at 5%, about (t_.975 + t_.80) sd / sqrt(n) with n - 1 degrees of freedom. For a ratio the
+    mean is the geometric mean, the intervals are mapped back, and detectable is the smallest
+    factor's distance from 1. nan where n < 2."""
+    x = np.log(np.asarray(values, dtype=float)) if ratio else np.asarray(values, dtype=float)
+    n, nan = len(x), float("nan")
+    mean, sd, low, high, boot_low, boot_high, detectable = float(x.mean()) if n else nan, nan, nan, nan, nan, nan, nan
+    if n >= 2:
+        df = n - 1
+        t975, t80 = (T_975[df - 1], T_80[df - 1]) if df <= len(T_975) else (1.960, 0.842)
+        sd = float(x.std(ddof=1))
+        se = sd / np.sqrt(n)
+        low, high, detectable = mean - t975 * se, mean + t975 * se, (t975 + t80) * se
+        means = x[np.random.default_rng(seed).integers(n, size=(rounds, n))].mean(axis=1)
+        boot_low, boot_high = float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+    back = (lambda v: float(np.exp(v))) if ratio else float
+    return {"n": n, "mean": back(mean), "sd": sd, "low": back(low), "high": back(high), "boot_low": back(boot_low),
+            "boot_high": back(boot_high), "detectable": float(np.expm1(detectable)) if ratio else float(detectable)}
 
 
 # (key, what it is, how two runs compare: "diff" = run - WSO, "ratio" = run / WSO, format)
@@ -212,6 +218,8 @@ def paired_rows(rows, reference="wso", paired_keys=PAIRED):
                 base = by.get((reference, seed))
                 if name != run or base is None or r.get(key) is None or base.get(key) is None:
                     continue
+                if how == "ratio" and min(r[key], base[key]) <= 0:
+                    continue  # a negative trace (far from a minimum on that data) has no ratio
                 values.append(r[key] / base[key] if how == "ratio" else r[key] - base[key])
             if values:
                 out[(run, key)] = values
@@ -219,15 +227,15 @@ def paired_rows(rows, reference="wso", paired_keys=PAIRED):
 
 
 def paired_table(rows, reference="wso", paired_keys=PAIRED):
-    """Markdown: each run against the reference seed by seed, as the interval and the effect the
-    seeds can detect (a ratio's is its distance from 1)."""
+    """Markdown: each run against the reference seed by seed, with paired's intervals and the
+    effect the seeds can detect (a ratio's: its distance from 1)."""
     table = []
     for (run, key), values in paired_rows(rows, reference, paired_keys).items():
         _, what, how, spec = next(p for p in paired_keys if p[0] == key)
-        p = paired(values)
+        p = paired(values, ratio=how == "ratio")
         sign = "/" if how == "ratio" else "-"
         table.append([f"{run} {sign} {reference}", what, ", ".join(format(v, spec) for v in values),
                       format(p["mean"], spec), f"[{p['low']:{spec}}, {p['high']:{spec}}]",
-                      format(p["detectable"], spec)])
-    return markdown(["pair (per seed)", "quantity", "per seed", "mean", "95% bootstrap", "detectable (80% power)"],
-                    table)
+                      f"[{p['boot_low']:{spec}}, {p['boot_high']:{spec}}]", format(p["detectable"], spec)])
+    return markdown(["pair (per seed)", "quantity", "per seed", "mean", "95% t interval", "bootstrap",
+                     "detectable (80% power)"], table)

@@ -65,11 +65,16 @@ def test_paired_interval_and_detectable_effect_on_constructed_examples():
     and that effect is detected about 80% of the time when it is the true mean (simulated)."""
     from study.tables import paired
     p = paired([0.5] * 4)
-    assert (p["mean"], p["low"], p["high"], p["detectable"]) == (0.5, 0.5, 0.5, 0.0)
+    assert (p["mean"], p["low"], p["high"], p["boot_low"], p["detectable"]) == (0.5, 0.5, 0.5, 0.5, 0.0)
     p = paired([1, 2, 3, 4, 5])
     assert p["mean"] == 3 and p["sd"] == pytest.approx(np.sqrt(2.5))
     assert p["detectable"] == pytest.approx((2.776 + 0.941) * np.sqrt(2.5) / np.sqrt(5))
-    assert 1 < p["low"] < 3 < p["high"] < 5
+    assert (p["low"], p["high"]) == pytest.approx((3 - 2.776 * np.sqrt(0.5), 3 + 2.776 * np.sqrt(0.5)))
+    assert 1 <= p["boot_low"] < 3 < p["boot_high"] <= 5  # the bootstrap never leaves the data's range
+    # ratios on the log scale: 2x and 8x average to 4x, and a factor's detectable is its distance from 1
+    q = paired([2.0, 8.0], ratio=True)
+    assert q["mean"] == pytest.approx(4.0) and q["low"] < 4 < q["high"]
+    assert q["detectable"] == pytest.approx(np.expm1((12.706 + 1.376) * np.log(4) / np.sqrt(2) / np.sqrt(2)))
     assert np.isnan(paired([1.0])["low"]) and np.isnan(paired([1.0])["detectable"])
     rng = np.random.default_rng(0)
     x = rng.normal(loc=(2.776 + 0.941) / np.sqrt(5), size=(20_000, 5))

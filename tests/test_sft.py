@@ -523,6 +523,21 @@ def test_the_sweep_measures_forgetting_and_draws_the_frontier(small_testbed, pre
     with pytest.raises(SystemExit, match="not a finished sft.py sweep"):
         frontier_curves([str(tmp_path)])
 
+    # a rerun that adds an LR measured on other held-out tokens: warned, and the frontier refuses the mix
+    sft.main(dataclasses.replace(cfg, lrs="1e-3,1e-2,3e-2", forgetting_tokens=512))
+    with pytest.raises(SystemExit, match="different held-out tokens"):
+        frontier_curves([str(out)])
+
+
+def test_forgetting_is_skipped_with_a_note_where_the_training_data_cannot_be_read(small_testbed, pretrained,
+                                                                                   tmp_path, capsys):
+    ckpt = torch.load(pretrained, weights_only=False)
+    ckpt["config"]["dataset"] = str(tmp_path / "moved")
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    summary = sft.main(config(small_testbed, str(tmp_path / "ckpt.pt"), tmp_path / "sweep", learning_rate=1e-3))
+    assert "forgetting is not measured" in capsys.readouterr().out
+    assert summary["pretrain_val_loss_before"] is None and "forgetting" not in summary["runs"][0]
+
 
 def test_an_fsdp_sweep_of_several_lrs_matches_one_process(small_testbed, pretrained, tmp_path, monkeypatch):
     """--parallel=fsdp (a process group of one) over a sweep of two LRs: every LR starts from the
