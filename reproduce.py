@@ -94,6 +94,7 @@ from study.tables import (
     paired_table,
     paper_tables,
     scheduler_label,
+    score_at_forgetting,
     sft_task_avg,
     valid_loss,
     zero_shot_avg,
@@ -219,6 +220,8 @@ def collect(cfg):
             sharp = [*sharp, {"step": None, **{f"sharpness_{k}": v["trace"] for k, v in after.items()},
                               **{f"sharpness_{k}_stderr": v["stderr"] for k, v in after.items()}}]
         preconditioned = after.get("pretrain", {}).get("preconditioned", {})
+        frontier = [(r["forgetting"], r["sft_test_task_avg"], r["lr"]) for r in sft["runs"]
+                    if r.get("forgetting") is not None and r.get("sft_test_task_avg") is not None]
         seed, name = os.path.relpath(run_dir, cfg.runs_dir).split(os.sep, 1)  # seed<k>, [over/]<run>
         best = next((r for r in sft["runs"] if r["lr"] == sft["best_lr"]), {})
         with open(os.path.join(run_dir, "sharpness_train.json")) as f:
@@ -246,8 +249,8 @@ def collect(cfg):
             "sharpness_preconditioned": preconditioned.get("trace"),
             "sharpness_preconditioned_stderr": preconditioned.get("stderr"),
             # the learning-forgetting frontier: every LR of the sweep, (forgetting, SFT score, LR)
-            "sft_frontier": [(r["forgetting"], r["sft_test_task_avg"], r["lr"]) for r in sft["runs"]
-                             if r.get("forgetting") is not None and r.get("sft_test_task_avg") is not None],
+            "sft_frontier": frontier,
+            "sft_score_at_forgetting": score_at_forgetting(frontier),
             "sharpness_sft": sharp[-1].get("sharpness_sft") if sharp else None,
             "sharpness_train": on_train["trace"], "sharpness_train_stderr": on_train["stderr"],
             "sharpness_curve": [(r["step"], r["sharpness_pretrain"], r.get("sharpness_sft"), r.get("sharpness_train_text"))

@@ -200,11 +200,28 @@ def paired(values, ratio=False, rounds=10_000, seed=0):
             "boot_high": back(boot_high), "detectable": float(np.expm1(detectable)) if ratio else float(detectable)}
 
 
+FRONTIER_FORGETTING = 0.01  # nats: between the HMM sweeps' 1.8e-4 and 3.2e-4 points in the pilots (docs/LOG.md)
+
+
+def score_at_forgetting(points, level=FRONTIER_FORGETTING):
+    """The SFT score a sweep reaches at `level` nats of forgetting: its frontier [(forgetting,
+    score, lr)] interpolated linearly in log forgetting between the two points around `level`;
+    None where the sweep does not reach that far on both sides. One number per sweep that
+    compares schedules at equal forgetting, where the selected LR compares them at unequal."""
+    points = sorted((f, score) for f, score, _ in points if f > 0)
+    for (f0, s0), (f1, s1) in zip(points, points[1:]):
+        if f0 <= level <= f1:
+            w = 0.0 if f1 == f0 else (np.log(level) - np.log(f0)) / (np.log(f1) - np.log(f0))
+            return float(s0 + w * (s1 - s0))
+    return None
+
+
 # (key, what it is, how two runs compare: "diff" = run - WSO, "ratio" = run / WSO, format)
 PAIRED = [("valid_loss", "Valid Loss", "diff", ".4f"), ("sharpness_pretrain", "Tr(H) held-out", "ratio", ".3f"),
           ("sharpness_preconditioned", "Tr(D^-1 H) held-out", "ratio", ".3f"),
           ("sharpness_train", "Tr(H) training text", "ratio", ".3f"), ("recall", "Recall before SFT", "diff", ".1f"),
-          ("sft_task_avg", "SFT Task Avg (selected LR)", "diff", ".1f")]
+          ("sft_task_avg", "SFT Task Avg (selected LR)", "diff", ".1f"),
+          ("sft_score_at_forgetting", f"SFT Task Avg at {FRONTIER_FORGETTING:g} nats forgetting", "diff", ".1f")]
 
 
 def paired_rows(rows, reference="wso", paired_keys=PAIRED):

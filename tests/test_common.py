@@ -80,3 +80,11 @@ def test_paired_interval_and_detectable_effect_on_constructed_examples():
     x = rng.normal(loc=(2.776 + 0.941) / np.sqrt(5), size=(20_000, 5))
     t = x.mean(axis=1) / (x.std(axis=1, ddof=1) / np.sqrt(5))
     assert 0.75 < np.mean(np.abs(t) > 2.776) < 0.85
+
+
+def test_the_score_at_a_fixed_forgetting_interpolates_the_frontier_in_log_forgetting():
+    from study.tables import score_at_forgetting
+    points = [(0.001, 20.0, 1e-4), (0.1, 10.0, 1e-3), (0.01, 18.0, 3e-4)]  # any order
+    assert score_at_forgetting(points, 0.01) == 18.0
+    assert score_at_forgetting(points, 10 ** -1.5) == pytest.approx(14.0)  # halfway in log between 0.01 and 0.1
+    assert score_at_forgetting(points, 0.5) is None and score_at_forgetting(points, 1e-4) is None
