@@ -176,7 +176,11 @@ def plot_frontier(curves, path="frontier.png"):
             for j in (0, len(lrs) - 1):
                 ax.annotate(f"{lrs[j]:g}", (x[j], y[j]), fontsize=6, color=color, xytext=(3, 3),
                             textcoords="offset points")
-    ax.set_xscale("symlog", linthresh=0.01)
+    xs = [p[0] for sweeps in curves.values() for points in sweeps for p in points]
+    if min(xs) > 0:
+        ax.set_xscale("log")
+    else:  # SFT lowered the held-out loss somewhere: linear around 0
+        ax.set_xscale("symlog", linthresh=min((abs(x) for x in xs if x), default=1e-3))
     ax.set_xlabel("forgetting: held-out pre-training loss after SFT minus before (nats)")
     ax.set_ylabel(ylabel)
     ax.set_title("learning-forgetting frontier (one line per sweep, points: SFT LRs)", fontsize=9)
