@@ -21,6 +21,7 @@ from nanowso.common import Eta, append_jsonl, truncate_log
 from nanowso.optim import load_optimizer_state, own_settings
 from nanowso.runtime import Interrupts, Runtime, fsdp
 from nanowso.scoring import mean_loss
+from study.tables import mixed_forgetting
 
 # the --select_by metrics; alpaca_eval: the win rate over a reference (nanowso/judge.py), as the paper selects
 HIGHER_IS_BETTER = {"sft_select_task_avg": True, "sft_select_exact_match": True, "val_loss": False,
@@ -167,21 +168,6 @@ def forgetting(sweep):
 def forgetting_basis(sweep):
     """What a result's forgetting was measured from: the token count and the initial loss."""
     return {"forgetting_tokens": sweep.cfg.forgetting_tokens, "pretrain_val_loss_before": sweep.pretrain_loss_before}
-
-
-def mixed_forgetting(runs):
-    """A line saying why these runs' forgetting cannot be compared (some measured none, or
-    from other tokens), or "" when they can."""
-    trained = [r for r in runs if r.get("diverged_at_step") is None]
-    # the initial loss to 4 decimals: a GPU's rerun may differ in the last bits
-    bases = {(r.get("forgetting_tokens"), round(r.get("pretrain_val_loss_before") or 0.0, 4))
-             for r in trained if "forgetting" in r}
-    missing = [f"{r['lr']:g}" for r in trained if "forgetting" not in r]
-    if bases and missing:
-        return f"LRs {', '.join(missing)} have no forgetting (finished before it was measured, or with it off)"
-    if len(bases) > 1:
-        return "its LRs measured forgetting on different held-out tokens (reruns with another --forgetting_tokens)"
-    return ""
 
 
 def start_lr(lr, sweep, optimizer, log_path, resume_path, identity):

@@ -13,9 +13,8 @@ import os
 import numpy as np
 
 from data.formats import read_jsonl
-from nanowso.sweep import mixed_forgetting
 from schedules import wsd_t_stable
-from study.tables import scheduler_label
+from study.tables import mixed_forgetting, scheduler_label
 
 
 def plot_sharpness_curves(runs, t_stable=None, path="sharpness_curves.png"):

@@ -200,6 +200,21 @@ def paired(values, ratio=False, rounds=10_000, seed=0):
             "boot_high": back(boot_high), "detectable": float(np.expm1(detectable)) if ratio else float(detectable)}
 
 
+def mixed_forgetting(runs):
+    """A line saying why these runs' forgetting cannot be compared (some measured none, or
+    from other tokens), or "" when they can."""
+    trained = [r for r in runs if r.get("diverged_at_step") is None]
+    # the initial loss to 4 decimals: a GPU's rerun may differ in the last bits
+    bases = {(r.get("forgetting_tokens"), round(r.get("pretrain_val_loss_before") or 0.0, 4))
+             for r in trained if "forgetting" in r}
+    missing = [f"{r['lr']:g}" for r in trained if "forgetting" not in r]
+    if bases and missing:
+        return f"LRs {', '.join(missing)} have no forgetting (finished before it was measured, or with it off)"
+    if len(bases) > 1:
+        return "its LRs measured forgetting on different held-out tokens (reruns with another --forgetting_tokens)"
+    return ""
+
+
 FRONTIER_FORGETTING = 0.01  # nats: between the HMM sweeps' 1.8e-4 and 3.2e-4 points in the pilots (docs/LOG.md)
 
 
