@@ -38,8 +38,9 @@ that has it is skipped when the sweep is rerun), out_dir/config.json, and out_di
     sft_task_avg: sft_test_task_avg of the chosen LR (testbed; null for other data)
     data {train, val, train_without_supervision, val_without_supervision, updates_per_lr}
     runs: one per LR, ascending: {lr, run_dir, steps, diverged_at_step, final_train_loss,
-          val_loss, sft_{select,test}_{exact_match,choice} in [0, 1], sft_{select,test}_task_avg
-          = 50 x (exact_match + choice), sft_task_avg} (null without a testbed; a diverged run
+          val_loss, sft_{select,test}_{exact_match,choice,type_match} in [0, 1], sft_{select,test}_task_avg
+          = 50 x (exact_match + choice), sft_task_avg, sft_test_by_attribute (the three per
+          attribute: scoring.testbed_sft_accuracy)} (null without a testbed; a diverged run
           has null metrics and is never chosen), with --select_by=alpaca_eval
           alpaca_eval, alpaca_eval_stderr (every verdict in lr_<lr>/alpaca_eval.jsonl), and
           pretrain_val_loss, forgetting, forgetting_tokens, pretrain_val_loss_before: the loss on
@@ -283,8 +284,10 @@ def testbed_scores(model, tokenizer, testbed):
         result = {"exact_match": None, "choice": None}
         if testbed and model is not None:
             result = testbed_sft_accuracy(model, tokenizer, os.path.join(testbed, f"{split}.jsonl"))
-        for task in ("exact_match", "choice"):
-            scores[f"{split}_{task}"] = result[task]
+        for task in ("exact_match", "choice", "type_match"):
+            scores[f"{split}_{task}"] = result.get(task)
+        if split == "sft_test":
+            scores["sft_test_by_attribute"] = result.get("by_attribute")
         avg = None if result["choice"] is None else sft_task_avg({"testbed_sft_test": result})
         scores[f"{split}_task_avg"] = None if avg is None else round(avg, 4)
     scores["sft_task_avg"] = scores["sft_test_task_avg"]  # the paper's "SFT Task Avg" analogue

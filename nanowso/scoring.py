@@ -86,35 +86,51 @@ def normalized(text):
     return " ".join(text.split())
 
 
-def testbed_sft_accuracy(model, tokenizer, jsonl_path, batch_size=64, max_new_tokens=24, limit=None):
+def testbed_sft_accuracy(model, tokenizer, jsonl_path, batch_size=64, max_new_tokens=24, limit=None,
+                         keep_answers=False):
     """The testbed's two post-SFT tasks on its questions (the analogue of the paper's post-SFT
     scores, Section 3.2), both after the chat template's `<|assistant|>\n`:
       exact_match  the greedy answer, normalized, equals row["answer"];
+      type_match   the greedy answer, normalized, is an answer the file gives to the same
+                   row["attribute"] (for anyone): the right kind of answer, true or not, which
+                   tells format learning (a city asked, a city said) from recall;
       choice       the assistant's content + eos (the tokens SFT supervises) has the highest
                    log-likelihood among every answer the file gives to the same row["attribute"]
                    (~30-50 values: a graded score); choice_chance is the mean 1 / (number of
                    candidates).
+    by_attribute holds the three per row["attribute"], with n; with keep_answers the result
+    also holds every greedy answer (answers), to read the raw items behind the means.
     limit: first rows only."""
     rows = read_jsonl(jsonl_path)[:limit]
     if not rows:
         raise ValueError(f"{jsonl_path} has no rows")
     prompts = [generation_prompt(row["messages"][:-1], tokenizer) for row in rows]
     answers = generate_all(model, tokenizer, prompts, max_new_tokens, batch_size)
-    correct = sum(normalized(a) == row["answer"] for a, row in zip(answers, rows))
+    correct = [normalized(a) == row["answer"] for a, row in zip(answers, rows)]
 
-    pools = {}
+    pools, kinds = {}, {}
     for row in rows:
         pools.setdefault(row.get("attribute"), set()).add(row["messages"][-1]["content"])
+        kinds.setdefault(row.get("attribute"), set()).add(row["answer"])
     pools = {attribute: sorted(values) for attribute, values in pools.items()}
+    typed = [normalized(a) in kinds[row.get("attribute")] for a, row in zip(answers, rows)]
     requests, spans = [], []  # spans: (first request, number of candidates, index of the answer)
     for prompt, row in zip(prompts, rows):
         pool = pools[row.get("attribute")]
         spans.append((len(requests), len(pool), pool.index(row["messages"][-1]["content"])))
         requests += [(prompt, tokenizer.encode(content) + [tokenizer.eot]) for content in pool]
     scores = loglikelihoods(model, requests, batch_size=batch_size)
-    chosen = [np.argmax(scores[start:start + n]) == gold for start, n, gold in spans]
-    return {"exact_match": correct / len(rows), "choice": float(np.mean(chosen)),
-            "choice_chance": float(np.mean([1 / n for _, n, _ in spans])), "n": len(rows)}
+    chosen = [bool(np.argmax(scores[start:start + n]) == gold) for start, n, gold in spans]
+    by_attribute = {}
+    for row, *marks in zip(rows, correct, typed, chosen):
+        by_attribute.setdefault(row.get("attribute"), []).append(marks)
+    result = {"exact_match": float(np.mean(correct)), "choice": float(np.mean(chosen)),
+              "choice_chance": float(np.mean([1 / n for _, n, _ in spans])), "type_match": float(np.mean(typed)),
+              "n": len(rows),
+              "by_attribute": {attribute: {**dict(zip(("exact_match", "type_match", "choice"),
+                                                      np.mean(marks, axis=0).tolist())), "n": len(marks)}
+                               for attribute, marks in by_attribute.items()}}
+    return {**result, "answers": answers} if keep_answers else result
 
 
 def recall_accuracy(model, tokenizer, probes, batch_size=64):

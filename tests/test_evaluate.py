@@ -95,6 +95,23 @@ def test_sft_accuracy_scores_gold_1_and_other_0(tokenizer, tmp_path):
                                          max_new_tokens=1)["exact_match"] == pytest.approx(1 / 3)
 
 
+def test_sft_type_match_tells_the_right_kind_of_answer_from_the_right_answer(tokenizer, tmp_path):
+    """type_match: the greedy answer is some answer of the asked attribute (another person's
+    city for a city question counts, a date does not); by_attribute splits all three."""
+    rows = [{**r, "attribute": a} for r, a in zip(SFT_ROWS, ["date", "city", "city"])]
+    path = tmp_path / "sft.jsonl"
+    write_jsonl(path, rows)
+    said = {"When was Alice born?": "Paris", "Where was Alice born?": "Paris", "Where?": "Paris"}
+    model = scripted(tokenizer, lambda r: said[r["messages"][0]["content"]])
+    result = scoring.testbed_sft_accuracy(model, tokenizer, path, keep_answers=True)
+    assert result["answers"] == ["Paris", "Paris", "Paris"]
+    assert result["exact_match"] == pytest.approx(1 / 3) and result["type_match"] == pytest.approx(2 / 3)
+    assert result["by_attribute"]["date"] == {"exact_match": 0.0, "type_match": 0.0, "choice": 1.0, "n": 1}
+    city = result["by_attribute"]["city"]
+    assert (city["exact_match"], city["type_match"], city["n"]) == (0.5, 1.0, 2)
+    assert "answers" not in scoring.testbed_sft_accuracy(model, tokenizer, path)
+
+
 def test_sft_choice_ranks_each_answer_among_its_attributes_answers(tiny, tokenizer, tmp_path):
     """choice = argmax over the file's answers to the same attribute of log P(answer + eos | prompt),
     checked against one full forward pass per candidate conversation."""
