@@ -62,7 +62,7 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from data.formats import read_jsonl, write_atomic
+from data.formats import write_atomic
 from nanowso.common import format_duration, parse_args
 from schedules import plot_figures, wsd_t_stable
 from study.figures import (
@@ -71,6 +71,7 @@ from study.figures import (
     plot_frontier,
     plot_sharpness_curves,
     plot_sharpness_vs_score,
+    run_records,
 )
 from study.jobs import makespan, run_dag
 from study.plan import (
@@ -212,7 +213,7 @@ def collect(cfg):
         # sharpness: recorded during pre-training (log.jsonl), and measured after (sharpness.json,
         # the final value where present; with --preconditioned also Tr(D^-1 H))
         log = os.path.join(run_dir, "log.jsonl")
-        sharp = [r for r in read_jsonl(log) if "sharpness_pretrain" in r] if os.path.isfile(log) else []
+        sharp = [r for r in run_records(run_dir) if "sharpness_pretrain" in r] if os.path.isfile(log) else []
         measured, after = os.path.join(run_dir, "sharpness.json"), {}
         if os.path.isfile(measured):
             with open(measured) as f:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from model import Llama, LlamaConfig
+from schedules import wsd_t_stable
 
 
 def load_model(ckpt, device="cpu"):
@@ -39,13 +40,14 @@ def schedule_of(ckpt):
     run's schedule and alpha_pre are those of the pre-training run it continued, read from
     the config.json that train.py wrote beside that run's checkpoint (None if it is gone).
     A merge (tools/merge.py) is ("wso+merge <shape>", None, None); a cooldown branched from a
-    WSO checkpoint (train.py --stage=cooldown) is ("wso+cooldown", its alpha, None).
+    WSO checkpoint (train.py --stage=cooldown) is ("wso+cooldown", its alpha, None), except one
+    that is a WSD run (is_wsd_branch), which is ("wsd", its alpha, None).
     WSO's alpha_pre is 1.0 whatever its --alpha: it never decays."""
     if "merge" in ckpt:
         return f"wso+merge {ckpt['merge']['shape']}", None, None
     pre, alpha_mid = training_config(ckpt), None
     if pre.get("stage") == "cooldown":
-        return "wso+cooldown", pre.get("alpha"), None
+        return "wsd" if is_wsd_branch(pre, ckpt.get("branch")) else "wso+cooldown", pre.get("alpha"), None
     if pre.get("stage") == "mid":
         alpha_mid = pre.get("alpha_mid")
         path = os.path.join(os.path.dirname(pre.get("init_from", "")), "config.json")
@@ -53,9 +55,26 @@ def schedule_of(ckpt):
         if os.path.isfile(path):
             with open(path) as f:
                 pre = json.load(f).get("train", {})
+        if pre.get("stage") == "cooldown":  # a WSD run made as a branch of the WSO run (is_wsd_branch)
+            kept = pre.get("init_from", "")
+            wsd = os.path.isfile(kept) and is_wsd_branch(pre, {"pretrain_iters": checkpoint_step(kept)})
+            return ("wsd", pre.get("alpha"), alpha_mid) if wsd else (None, None, alpha_mid)
     if pre.get("stage") != "pre":
         return None, None, alpha_mid
     return pre["schedule"], 1.0 if pre["schedule"] == "wso" else pre["alpha"], alpha_mid
+
+
+def is_wsd_branch(config, branch):
+    """Whether a cooldown (its config, and the checkpoint's branch: {pretrain_iters: n, ...})
+    is exactly the WSD run of its total length n + M: branched at that run's T_stable (its
+    warmup and stable_ratio, inherited from the WSO run) and decaying in WSD's shape. Such a
+    branch takes the same updates on the same data as the WSD run from scratch
+    (tests/test_train.py), so a study trains WSD's first T_stable steps once, in the WSO run."""
+    if not branch or config.get("stage") != "cooldown":
+        return False
+    n = branch["pretrain_iters"]
+    return n == wsd_t_stable(warmup_iters=config["warmup_iters"], max_iters=n + config["max_iters"],
+                             stable_ratio=config["stable_ratio"])
 
 
 # ---------------------------------------------------------------------- checkpoints

@@ -18,8 +18,8 @@ import schedules
 from data.formats import Tokenizer, load_meta, load_split
 from data.loaders import TokenWindows, resolve_dataset
 from model import PRESETS, Llama, LlamaConfig, build_config
-from nanowso.checkpoint import (checkpoint_config, load_checkpoint, prepare_out_dir, rng_state, save_checkpoint,
-                                set_rng_state)
+from nanowso.checkpoint import (checkpoint_config, is_wsd_branch, load_checkpoint, prepare_out_dir, rng_state,
+                                save_checkpoint, set_rng_state)
 from nanowso.optim import load_optimizer_state, make_optimizer, own_settings
 from nanowso.runtime import Runtime, fsdp
 
@@ -262,10 +262,13 @@ def branch_point(ckpt, cfg):
     """The Branch of a mid-training run or a cooldown from checkpoint `ckpt` (None for stage=pre)."""
     if cfg.stage == "pre":
         return None
-    if ckpt["config"]["stage"] != "pre":
-        raise SystemExit(f"error: {cfg.init_from} is a stage={ckpt['config']['stage']} checkpoint; "
+    config = ckpt["config"]
+    if cfg.stage == "mid" and is_wsd_branch(config, ckpt.get("branch")):  # a WSD run made as a branch of WSO's
+        config = {**config, "schedule": "wsd", "max_iters": ckpt["branch"]["pretrain_iters"] + config["max_iters"]}
+    elif config["stage"] != "pre":
+        raise SystemExit(f"error: {cfg.init_from} is a stage={config['stage']} checkpoint; "
                          f"{'mid-training' if cfg.stage == 'mid' else 'a cooldown'} starts from a pre-training one")
-    pre = SimpleNamespace(**{**ckpt["config"], "stage": "pre"})  # the pre-training run's config
+    pre = SimpleNamespace(**{**config, "stage": "pre"})  # the pre-training run's config
     branch = Branch(pretrain_iters=ckpt["step"], lr_end_of_pretraining=lr_of_update(ckpt["step"], pre, None))
     if cfg.stage == "cooldown":
         check_cooldown_branch(ckpt, cfg, branch.lr_end_of_pretraining)

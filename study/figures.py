@@ -190,6 +190,22 @@ def plot_frontier(curves, path="frontier.png"):
     return path
 
 
+def run_records(run_dir):
+    """The records of a train.py run's log.jsonl; for a cooldown branch, preceded by those of the
+    run it branched from up to the branch step, so that its curves start at step 0 as the
+    same run trained from scratch would draw them (checkpoint.is_wsd_branch)."""
+    records = read_jsonl(os.path.join(run_dir, "log.jsonl"))
+    with open(os.path.join(run_dir, "config.json")) as f:
+        cfg = json.load(f)["train"]
+    if cfg.get("stage") != "cooldown" or not records:
+        return records
+    source = os.path.dirname(cfg["init_from"])
+    first = min(r["step"] for r in records)
+    if not os.path.isfile(os.path.join(source, "log.jsonl")):
+        return records
+    return [r for r in run_records(source) if r["step"] < first] + records
+
+
 def draw_figures(run_dirs, out_dir):
     """Figures 3 and 4 from train.py runs made with --sharpness_interval: Figure 3 per data
     set from each run's log.jsonl; Figure 4 from each run's last pre-training sharpness and
@@ -201,11 +217,13 @@ def draw_figures(run_dirs, out_dir):
             raise SystemExit(f"error: {run_dir} is not a train.py run directory (no config.json or log.jsonl)")
         with open(config_path) as f:
             cfg = json.load(f)["train"]
-        label = "WSO" if cfg["schedule"] == "wso" else f"{cfg['schedule'].upper()} a={cfg['alpha']}"
-        if cfg["schedule"] == "wsd":  # the paper draws WSD's decay start
+        cooldown = cfg.get("stage") == "cooldown"
+        label = (f"WSO+cooldown a={cfg['alpha']}" if cooldown else "WSO" if cfg["schedule"] == "wso"
+                 else f"{cfg['schedule'].upper()} a={cfg['alpha']}")
+        if cfg["schedule"] == "wsd" and not cooldown:  # the paper draws WSD's decay start
             t_stable = wsd_t_stable(warmup_iters=cfg["warmup_iters"], max_iters=cfg["max_iters"],
                                     stable_ratio=cfg["stable_ratio"])
-        records = [r for r in read_jsonl(log_path) if any(k.startswith("sharpness_") for k in r)]
+        records = [r for r in run_records(run_dir) if any(k.startswith("sharpness_") for k in r)]
         if not records:
             raise SystemExit(f"error: {log_path} has no sharpness records; train with --sharpness_interval=N")
         for name in ("pretrain", "sft"):

@@ -23,7 +23,7 @@ import os
 from dataclasses import dataclass
 
 from nanowso.checkpoint import checkpoint_step
-from schedules import MERGE_SHAPES, SFT_LR_GRIDS
+from schedules import MERGE_SHAPES, SFT_LR_GRIDS, wsd_t_stable
 from study.tables import HARNESS, MT_TASKS, PT_TASKS
 
 # (schedule, alpha_pre) of Table 1 (and Table 3, over-training), and (schedule, alpha_pre,
@@ -99,9 +99,11 @@ SCALES = {
 
 
 # python reproduce.py --quick: the premise, the mechanism and the frontier in the paper's regime
-# (--scale=hmm), two seeds of WSO and WSD to 0, each run half the study's steps (1.2M tokens, 0.4
-# passes) and a 3-LR sweep of 5 epochs; not yet timed (aim: 15 minutes on a 2-core CPU).
-QUICK = dict(experiment="pre", scale="hmm", schedules="wso,wsd_a0", seeds="0,1", max_iters=300,
+# (--scale=hmm), two seeds of WSO and WSD to 0 at the study's length (the WSD runs branch from the
+# WSO runs at T_stable, so a seed trains 600 + 135 steps, not 1200) and a 3-LR sweep of 5 epochs.
+# Half the steps (300) was tried first: 13 min, but the facts were not yet learned (recall 4%,
+# SFT at its floor, the val loss 0.4 nats above the 600-step runs' and 0.5 apart between seeds).
+QUICK = dict(experiment="pre", scale="hmm", schedules="wso,wsd_a0", seeds="0,1",
              sft_lrs="1e-4,3.2e-4,1e-3", sft_epochs=5, jobs=2, runs_dir="runs/quick", out_dir="results/quick")
 
 
@@ -198,14 +200,19 @@ def plan(cfg):
             raise SystemExit(f"error: --schedules names {sorted(unknown)}; the grid has "
                              f"{[name for name, *_ in rows]}")
         pretrained = set()
+        branch_at = wsd_branch_step(cfg, seed_dir, train, rows, wanted)
         for name, pre_name, options, alpha_mid in rows:
             if wanted and name not in wanted:
                 continue
             pre_dir = os.path.join(seed_dir, pre_name)
             if pre_dir not in pretrained:  # Experiment 2 shares each pre-training run
                 pretrained.add(pre_dir)
-                stages.append(("pre-train", pre_dir, ["train.py", *flags(
-                    {**train, **options, "seed": seed, "out_dir": pre_dir})], train["max_iters"]))
+                if branch_at and options["schedule"] == "wsd" and "stable_ratio" not in options:
+                    stages.append(decay_branch(seed_dir, pre_dir, train, options, seed, branch_at))
+                else:
+                    keep = {"keep_every": branch_at, "keep_optimizer": True} if branch_at and pre_name == "wso" else {}
+                    stages.append(("pre-train", pre_dir, ["train.py", *flags(
+                        {**train, **options, **keep, "seed": seed, "out_dir": pre_dir})], train["max_iters"]))
             run_dir = pre_dir
             if alpha_mid is not None:
                 run_dir = os.path.join(seed_dir, name)
@@ -219,6 +226,33 @@ def plan(cfg):
                 stages.append(sharpness_stage(cfg, run_dir, "val", preconditioned=True))
             stages += model_stages(cfg, seed, run_dir, tasks, sft)
     return stages
+
+
+def wsd_branch_step(cfg, seed_dir, train, rows, wanted):
+    """WSD's T_stable where this seed's WSD runs (Table 6's stable_ratio) are to branch from its
+    WSO run (checkpoint.is_wsd_branch: the same updates, WSD's first T_stable steps trained once),
+    else 0: when the plan has no WSO run and WSD run of this seed, or when the WSO run passed
+    that step without keeping its checkpoint (a study begun before branching: WSD from scratch)."""
+    runs = {pre_name: options for name, pre_name, options, _ in rows if not wanted or name in wanted}
+    if runs.get("wso", {}).get("schedule") != "wso" or not any(
+            options["schedule"] == "wsd" and "stable_ratio" not in options for options in runs.values()):
+        return 0
+    step = wsd_t_stable(warmup_iters=train["warmup_iters"], max_iters=train["max_iters"], stable_ratio=0.75)
+    wso = os.path.join(seed_dir, "wso")
+    ckpt = os.path.join(wso, "ckpt.pt")
+    if os.path.isfile(ckpt) and checkpoint_step(ckpt) >= step and not os.path.isfile(
+            os.path.join(wso, f"ckpt_{step:06d}.pt")):
+        return 0
+    return step
+
+
+def decay_branch(seed_dir, run_dir, train, options, seed, step):
+    """A WSD run as its decay from the WSO run's checkpoint at T_stable = step (train.py
+    --stage=cooldown; the rest of the settings are the WSO run's, inherited)."""
+    return ("decay", run_dir, ["train.py", *flags(
+        {**train, "schedule": "wso", "stage": "cooldown", "alpha": options["alpha"],
+         "max_iters": train["max_iters"] - step, "seed": seed,
+         "init_from": os.path.join(seed_dir, "wso", f"ckpt_{step:06d}.pt"), "out_dir": run_dir})], train["max_iters"])
 
 
 def sharpness_stage(cfg, run_dir, split, preconditioned=False):
@@ -293,14 +327,14 @@ def is_done(kind, run_dir, steps):
     return os.path.isfile(os.path.join(run_dir, OUTPUT[kind]))
 
 
-TRAINING = ("pre-train", "mid-train", "cooldown")
+TRAINING = ("pre-train", "mid-train", "cooldown", "decay")
 OUTPUT = {"evaluate": "eval.json", "SFT": "sft/summary.json", "SFT eval": "sft_eval.json", "merge": "ckpt.pt",
           "sharpness": "sharpness.json", "sharpness (train)": "sharpness_train.json"}
 
 
 # Relative cost of each kind of stage on the testbed (measured), for the study's ETA: 1.0 is one
 # pre-training run of the scale's steps; a training stage costs in proportion to its steps (stage_cost)
-COST = {"pre-train": 1.0, "mid-train": 1.0, "cooldown": 1.0, "merge": 0.02, "sharpness": 0.03, "evaluate": 0.03,
+COST = {"pre-train": 1.0, "mid-train": 1.0, "cooldown": 1.0, "decay": 0.25, "merge": 0.02, "sharpness": 0.03, "evaluate": 0.03,
         "SFT": 0.5, "SFT eval": 0.1, "sharpness (train)": 0.03}
 
 

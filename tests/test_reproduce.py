@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 import reproduce
 from reproduce import ReproduceConfig
@@ -97,19 +98,49 @@ def test_experiment_2_plan_shares_each_pre_training_run():
     each continued by mid-training with alpha_mid 1.0 and 0.0 from that run's checkpoint; then
     evaluation and SFT of each. The pre-training runs are Experiment 1's (the same commands)."""
     stages = reproduce.plan(ReproduceConfig(experiment="mid", runs_dir="r", max_iters=100))
-    pre = [(run_dir, cmd) for kind, run_dir, cmd, _ in stages if kind == "pre-train"]
+    pre = [(run_dir, cmd) for kind, run_dir, cmd, _ in stages if kind in ("pre-train", "decay")]
     mid = [(run_dir, cmd) for kind, run_dir, cmd, _ in stages if kind == "mid-train"]
     sources = ("wso", "wsd_a0.1", "linear_a0.1", "cosine_a0.1")
     assert [d for d, _ in pre] == [os.path.join("r", "seed0", n) for n in sources]
     assert [d for d, _ in mid] == [os.path.join("r", "seed0", f"{n}_mid_a{m}") for n in sources for m in (1, 0)]
     experiment_1 = {run_dir: cmd for kind, run_dir, cmd, _ in
-                    reproduce.plan(ReproduceConfig(runs_dir="r", max_iters=100)) if kind == "pre-train"}
+                    reproduce.plan(ReproduceConfig(runs_dir="r", max_iters=100)) if kind in ("pre-train", "decay")}
     assert all(experiment_1[d] == cmd for d, cmd in pre)
     for run_dir, cmd in mid:
         source = os.path.basename(run_dir).split("_mid_")[0]
         assert f"--init_from={os.path.join('r', 'seed0', source, 'ckpt.pt')}" in cmd
         assert "--stage=mid" in cmd and "--max_iters=45" in cmd and "--dataset=testbed_mid" in cmd
     assert {d for kind, d, *_ in stages if kind == "SFT"} == {d for d, _ in mid}
+
+
+def test_wsd_runs_branch_from_the_wso_run_at_t_stable_unless_it_passed_that_step_unkept(tmp_path):
+    """Each seed's WSD runs (Table 6's stable_ratio) are cooldowns of its WSO run from its
+    checkpoint at T_stable, which the WSO run keeps with AdamW's state; runs with another decay
+    length, other schedules, and studies whose WSO run passed T_stable without keeping it, train
+    from scratch."""
+    runs = tmp_path / "r"
+    stages = reproduce.plan(ReproduceConfig(runs_dir=str(runs), max_iters=100))
+    t_stable = 10 + round(0.75 * 90)  # warmup 10 (a tenth), 78
+    seed = runs / "seed0"
+    kinds = {os.path.basename(d): (kind, cmd) for kind, d, cmd, _ in stages if kind in ("pre-train", "decay")}
+    assert {n for n, (kind, _) in kinds.items() if kind == "decay"} == {"wsd_a0", "wsd_a0.1"}
+    assert f"--keep_every={t_stable}" in kinds["wso"][1] and "--keep_optimizer=true" in kinds["wso"][1]
+    branch = kinds["wsd_a0.1"][1]
+    assert {f"--init_from={seed / 'wso' / f'ckpt_{t_stable:06d}.pt'}", "--stage=cooldown", "--alpha=0.1",
+            f"--max_iters={100 - t_stable}", "--schedule=wso"} <= set(branch)
+    assert not any("--keep_every" in a for n, (_, cmd) in kinds.items() if n != "wso" for a in cmd)
+    deps = reproduce.dependencies(stages)
+    assert [stages[j][1] for j in deps[[s[1] for s in stages].index(str(seed / "wsd_a0.1"))]] == [str(seed / "wso")]
+    # without WSO in the plan, or with another decay length, from scratch
+    alone = reproduce.plan(ReproduceConfig(runs_dir=str(runs), max_iters=100, schedules="wsd_a0"))
+    assert [kind for kind, *_ in alone if kind in ("pre-train", "decay")] == ["pre-train"]
+    lengths = reproduce.plan(ReproduceConfig(runs_dir=str(runs), max_iters=100, experiment="decay-length"))
+    assert "decay" not in {kind for kind, *_ in lengths}
+    # a WSO run that passed T_stable without keeping it (a study begun before branching)
+    (seed / "wso").mkdir(parents=True)
+    torch.save({"step": 100, "config": {}}, seed / "wso" / "ckpt.pt")
+    again = reproduce.plan(ReproduceConfig(runs_dir=str(runs), max_iters=100))
+    assert "decay" not in {kind for kind, *_ in again}
 
 
 def test_sharpness_sizes_and_mid_training_length_come_from_the_scale():
@@ -240,7 +271,9 @@ def test_study_estimate_weighs_training_by_its_steps():
     estimated at the time of Experiment 1's (2h for a plan of about 6h)."""
     over, pre = (study.plan(ReproduceConfig(experiment=e, seeds="0")) for e in ("over", "pre"))
     cost = lambda stages, kind: sum(study.stage_cost(s, 600) for s in stages if s[0] == kind)  # noqa: E731
-    assert cost(over, "pre-train") == 4 * cost(pre, "pre-train") == 4 * 7
+    assert cost(over, "pre-train") == 4 * 7
+    # Experiment 1's two WSD runs are branches of WSO's: their last quarter alone
+    assert (cost(pre, "pre-train"), cost(pre, "decay")) == (5, 2 * 0.25)
     mid = study.plan(ReproduceConfig(experiment="mid", seeds="0"))
     assert {study.stage_cost(s, 600) for s in mid if s[0] == "mid-train"} == {270 / 600}
     assert study.stage_cost(("SFT", "r", [], None), 600) == study.COST["SFT"]
@@ -320,10 +353,22 @@ def test_quick_hmm_study_measures_the_mechanism_and_the_frontier_and_pairs_the_s
     ratio = [rows[("wsd_a0", s)]["sharpness_preconditioned"] / rows[("wso", s)]["sharpness_preconditioned"]
              for s in (0, 1)]
     assert saved["wsd_a0 sharpness_preconditioned"]["per_seed"] == pytest.approx(ratio)
+    # study.answers scores the selected checkpoints again: the same numbers as the sweep's, by attribute too
+    from study import answers
+    again = answers.main(answers.AnswersConfig(runs=str(tmp_path / "runs"), out=str(out / "answers.md")))
+    for a in again:
+        summary = json.load(open(tmp_path / "runs" / f"seed{a['seed']}" / a["run"] / "sft" / "summary.json"))
+        best = next(r for r in summary["runs"] if r["lr"] == summary["best_lr"])
+        assert (a["exact_match"], a["choice"], a["type_match"]) == pytest.approx(
+            (best["sft_test_exact_match"], best["sft_test_choice"], best["sft_test_type_match"]))
+        for attribute, marks in best["sft_test_by_attribute"].items():
+            assert a["by_attribute"][attribute] == pytest.approx(marks)
+        assert len(a["answers"]) == a["n"] and os.path.exists(os.path.join(best["run_dir"], "answers_test.json"))
+    assert "wsd_a0 - wso" in (out / "answers.md").read_text()
 
 
 def test_quick_settings_yield_to_the_options_a_command_gives():
     from nanowso.common import parse_args
     cfg = study.quick_config(parse_args(ReproduceConfig, ["--quick", "--seeds=0,1,2", "--jobs=1"]))
-    assert (cfg.scale, cfg.seeds, cfg.jobs, cfg.max_iters, cfg.out_dir) == ("hmm", "0,1,2", 1, 300, "results/quick")
+    assert (cfg.scale, cfg.seeds, cfg.jobs, cfg.max_iters, cfg.out_dir) == ("hmm", "0,1,2", 1, 0, "results/quick")
     assert study.quick_config(ReproduceConfig()) == ReproduceConfig()  # off: untouched

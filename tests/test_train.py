@@ -221,6 +221,44 @@ def test_cooldown_branch_is_wsd_decaying_from_the_branch_step(testbed, tmp_path,
         train.main(config(testbed, tmp_path / "x", **branch, seq_len=32))
 
 
+def test_a_branch_at_wsd_t_stable_is_the_wsd_run_in_name_log_and_sharpness(testbed, tmp_path):
+    """reproduce.py trains WSD as a cooldown branched from the WSO run at T_stable (Table 6's
+    stable_ratio): checkpoint.schedule_of calls it WSD, its in-training sharpness at the end equals
+    the WSD run's from scratch (the same probes), and run_records puts the WSO run's records before
+    the branch's, as the WSD run's own log holds them."""
+    from nanowso.checkpoint import is_wsd_branch, schedule_of
+    from study.figures import run_records
+    measure = dict(sharpness_interval=4, sharpness_batches=1, sharpness_samples=2)
+    t_stable = 2 + round(0.75 * (12 - 2))  # 10
+    train.main(config(testbed, tmp_path / "wso", keep_every=t_stable, keep_optimizer=True, **measure))
+    train.main(config(testbed, tmp_path / "wsd", schedule="wsd", alpha=0.1, **measure))
+    kept = str(tmp_path / "wso" / f"ckpt_{t_stable:06d}.pt")
+    train.main(config(testbed, tmp_path / "branch", stage="cooldown", init_from=kept, max_iters=12 - t_stable,
+                      alpha=0.1, **measure))
+    branch, wsd = load_checkpoint(str(tmp_path / "branch" / "ckpt.pt")), load_checkpoint(str(tmp_path / "wsd" / "ckpt.pt"))
+    assert is_wsd_branch(branch["config"], branch["branch"])
+    assert schedule_of(branch) == schedule_of(wsd) == ("wsd", 0.1, None)
+    assert all(torch.equal(branch["model"][k], v) for k, v in wsd["model"].items())
+    keys = ("step", "lr", "loss", "val_loss", "sharpness_pretrain", "sharpness_train_text", "sharpness_sft")
+
+    def trimmed(rows):
+        return [{k: r[k] for k in keys if k in r} for r in rows]
+    assert trimmed(run_records(tmp_path / "branch")) == trimmed(records(tmp_path / "wsd", kind="step"))
+    assert [r["step"] for r in records(tmp_path / "branch", "sharpness_pretrain")] == [12]
+    # mid-training continues the branch as it continues the WSD run (Experiment 2 shares them)
+    for source in ("branch", "wsd"):
+        train.main(config(testbed, tmp_path / f"mid_{source}", stage="mid", alpha_mid=0.0, max_iters=4,
+                          dataset=str(testbed / "mid"), init_from=str(tmp_path / source / "ckpt.pt")))
+    mid = {source: load_checkpoint(str(tmp_path / f"mid_{source}" / "ckpt.pt")) for source in ("branch", "wsd")}
+    assert schedule_of(mid["branch"]) == schedule_of(mid["wsd"]) == ("wsd", 0.1, 0.0)
+    assert records(tmp_path / "mid_branch")[0]["lr"] == pytest.approx(0.1 * 3e-3 * 3 / 4)  # Eq. 11 from 0.1 eta_max
+    assert [(r["lr"], r["loss"]) for r in records(tmp_path / "mid_branch")] == \
+        [(r["lr"], r["loss"]) for r in records(tmp_path / "mid_wsd")]
+    # a cooldown elsewhere (the decay-free study's, at T - M) stays WSO + cooldown
+    train.main(config(testbed, tmp_path / "other", stage="cooldown", init_from=kept, max_iters=4, alpha=0.0))
+    assert schedule_of(load_checkpoint(str(tmp_path / "other" / "ckpt.pt"))) == ("wso+cooldown", 0.0, None)
+
+
 def test_bad_config_values_are_rejected_with_the_parameter_named():
     for kwargs, pattern in [(dict(schedule="exp"), "schedule"), (dict(alpha=1.5), "alpha"),
                             (dict(warmup_iters=700), "warmup_iters"), (dict(stable_ratio=2.0), "stable_ratio"),
