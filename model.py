@@ -207,6 +207,13 @@ class KVCache:
                 index = torch.tensor(rows, device=layer.k.device)
                 layer.k, layer.v = layer.k[index], layer.v[index]
 
+    def expand(self, n):
+        """One cached sequence as n copies, each to be continued its own way (the choices
+        that follow one prompt are scored on its cached positions, not on n copies of it)."""
+        for layer in self.layers:
+            if layer.k is not None:
+                layer.k, layer.v = layer.k.expand(n, -1, -1, -1).clone(), layer.v.expand(n, -1, -1, -1).clone()
+
 
 class Llama(nn.Module):
     def __init__(self, cfg: LlamaConfig):

@@ -38,7 +38,8 @@ def greedy_generate_batch(model, prompts, max_new_tokens, stop_id, vocab_size=No
     device, max_len = next(model.parameters()).device, model.config.max_seq_len
     ids = torch.tensor(prompts, dtype=torch.long, device=device)  # (B, T)
     use_cache = use_cache and ids.shape[1] < max_len and "cache" in inspect.signature(model.forward).parameters
-    cache = KVCache(model.config.n_layers, max_len) if use_cache else None
+    # sized to what this call can hold, not max_seq_len: keep() copies it as rows finish
+    cache = KVCache(model.config.n_layers, min(max_len, ids.shape[1] + max_new_tokens)) if use_cache else None
     logits, _ = model(ids[:, -max_len:], **({"cache": cache} if use_cache else {}))  # the last tokens that fit
     outputs, active = [[] for _ in prompts], list(range(len(prompts)))
     for _ in range(max_new_tokens):
@@ -114,18 +115,18 @@ def testbed_sft_accuracy(model, tokenizer, jsonl_path, batch_size=64, max_new_to
         kinds.setdefault(row.get("attribute"), set()).add(row["answer"])
     pools = {attribute: sorted(values) for attribute, values in pools.items()}
     typed = [normalized(a) in kinds[row.get("attribute")] for a, row in zip(answers, rows)]
-    requests, spans = [], []  # spans: (first request, number of candidates, index of the answer)
-    for prompt, row in zip(prompts, rows):
-        pool = pools[row.get("attribute")]
-        spans.append((len(requests), len(pool), pool.index(row["messages"][-1]["content"])))
-        requests += [(prompt, tokenizer.encode(content) + [tokenizer.eot]) for content in pool]
-    scores = loglikelihoods(model, requests, batch_size=batch_size)
-    chosen = [bool(np.argmax(scores[start:start + n]) == gold) for start, n, gold in spans]
+    encoded = {attribute: [tokenizer.encode(content) + [tokenizer.eot] for content in pool]
+               for attribute, pool in pools.items()}
+    chosen = []
+    for prompt, row in zip(prompts, rows):  # every candidate after one prompt: the prompt runs once
+        scores = shared_prompt_loglikelihoods(model, prompt, encoded[row.get("attribute")])
+        chosen.append(bool(np.argmax(scores) == pools[row.get("attribute")].index(row["messages"][-1]["content"])))
     by_attribute = {}
     for row, *marks in zip(rows, correct, typed, chosen):
         by_attribute.setdefault(row.get("attribute"), []).append(marks)
     result = {"exact_match": float(np.mean(correct)), "choice": float(np.mean(chosen)),
-              "choice_chance": float(np.mean([1 / n for _, n, _ in spans])), "type_match": float(np.mean(typed)),
+              "choice_chance": float(np.mean([1 / len(pools[row.get("attribute")]) for row in rows])),
+              "type_match": float(np.mean(typed)),
               "n": len(rows),
               "by_attribute": {attribute: {**dict(zip(("exact_match", "type_match", "choice"),
                                                       np.mean(marks, axis=0).tolist())), "n": len(marks)}
@@ -190,6 +191,36 @@ def loglikelihoods(model, requests, batch_size=16, desc=None, with_greedy=False)
         if desc and (done == len(order) or (start // batch_size) % report_every == 0):
             print(f"  {desc}: {done}/{len(order)} requests | ETA {eta(done)}", flush=True)
     return results
+
+
+@torch.no_grad()
+def shared_prompt_loglikelihoods(model, prompt, continuations):
+    """log P(continuation | prompt) for many continuations of one prompt, as loglikelihoods
+    computes each, but with the prompt run once: its keys and values are cached (KVCache) and
+    copied to each continuation, which runs only its own tokens (right-padded: padding after a
+    continuation changes none of its positions). Falls back to loglikelihoods where the whole
+    would not fit max_seq_len, or for a model whose forward takes no cache."""
+    if (len(prompt) + max(map(len, continuations)) > model.config.max_seq_len or not all(continuations)
+            or "cache" not in inspect.signature(model.forward).parameters):
+        return loglikelihoods(model, [(prompt, c) for c in continuations], batch_size=len(continuations))
+    model.eval()
+    device = next(model.parameters()).device
+    longest = max(map(len, continuations))
+    cache = KVCache(model.config.n_layers, len(prompt) + longest - 1)  # just what is scored: cheap to copy
+    logits, _ = model(torch.tensor([prompt], device=device), cache=cache)
+    first = F.log_softmax(logits[0, -1].float(), dim=-1)  # (V,): each continuation's first token
+    scores = [first[c[0]].item() for c in continuations]
+    if longest > 1:
+        cache.expand(len(continuations))
+        x = torch.zeros(len(continuations), longest - 1, dtype=torch.long)  # (K, L - 1): all but the last token
+        for k, c in enumerate(continuations):
+            x[k, :len(c) - 1] = torch.tensor(c[:-1])
+        logits, _ = model(x.to(device), cache=cache)  # (K, L - 1, V)
+        logprobs = F.log_softmax(logits.float(), dim=-1)
+        for k, c in enumerate(continuations):
+            rest = torch.tensor(c[1:], device=device)
+            scores[k] += logprobs[k, :len(c) - 1].gather(-1, rest[:, None]).sum().item()
+    return scores
 
 
 def encode_pair(tokenizer, context, continuation):

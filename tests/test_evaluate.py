@@ -137,6 +137,14 @@ def test_sft_choice_ranks_each_answer_among_its_attributes_answers(tiny, tokeniz
     assert result["choice_chance"] == pytest.approx(0.5) and result["n"] == 4
 
 
+def test_shared_prompt_scoring_equals_one_forward_per_continuation(tiny):
+    """The prompt run once and its cache copied to every continuation gives loglikelihoods'
+    numbers (continuations of 1 to 4 tokens, right-padded); a model without a cache falls back."""
+    prompt, continuations = [5, 9, 2, 7], [[3], [4, 8], [1, 1, 6, 2], [9, 3, 3]]
+    want = scoring.loglikelihoods(tiny, [(prompt, c) for c in continuations], batch_size=1)
+    assert scoring.shared_prompt_loglikelihoods(tiny, prompt, continuations) == pytest.approx(want, abs=1e-5)
+
+
 def test_recall_needs_the_whole_value_after_a_trained_stem(tokenizer):
     """testbed_recall: from [eot] + the stem, the continuation must spell " " + value and then
     leave the word."""
