@@ -69,7 +69,9 @@ SCALES = {
                 mid=dict(dataset="hmm_mid", max_iters=round(MID_FRACTION * 600)),
                 sharpness=dict(num_batches=32, num_samples=10),
                 preconditioned=True,  # a held-out sharpness stage with --preconditioned=true per trained model
-                seconds_per_cost=None,  # not measured yet
+                # one WSO run of 600 steps with its in-training sharpness, two side by side on this
+                # 2-core AMD EPYC (--quick, docs/LOG.md 2026-12-04): 6 min 53 s
+                seconds_per_cost=415,
                 sft=dict(dataset="hmm", lrs=",".join(f"{lr:g}" for lr in SFT_LR_GRIDS["hmm"]), epochs=10,
                          warmup_iters=20, compile=False),
                 eval=dict(tasks="val_loss,testbed_recall,testbed_probes"),
@@ -100,8 +102,9 @@ SCALES = {
 
 # python reproduce.py --quick: the premise, the mechanism and the frontier in the paper's regime
 # (--scale=hmm), two seeds of WSO and WSD to 0 at the study's length (the WSD runs branch from the
-# WSO runs at T_stable, so a seed trains 600 + 135 steps, not 1200) and a 3-LR sweep of 5 epochs.
-# Half the steps (300) was tried first: 13 min, but the facts were not yet learned (recall 4%,
+# WSO runs at T_stable, so a seed trains 600 + 135 steps, not 1200) and a 3-LR sweep of 5 epochs:
+# 13 min 56 s from a fresh clone on a 2-core AMD EPYC otherwise idle (docs/LOG.md 2026-12-04).
+# Half the steps (300) was tried first: 15 min, but the facts were not yet learned (recall 4%,
 # SFT at its floor, the val loss 0.4 nats above the 600-step runs' and 0.5 apart between seeds).
 QUICK = dict(experiment="pre", scale="hmm", schedules="wso,wsd_a0", seeds="0,1",
              sft_lrs="1e-4,3.2e-4,1e-3", sft_epochs=5, jobs=2, runs_dir="runs/quick", out_dir="results/quick")

@@ -23,6 +23,7 @@ SKIP = {  # a command holding this text is not run here, for this reason
     "pip install": "the installation: CI runs it",
     "pytest": "the tests themselves",
     "reproduce.py": "hours of compute: tests/test_reproduce.py runs the study on a toy plan",
+    "study.answers": "reads a finished study's runs (tests/test_reproduce.py runs it on a toy study)",
     "tulu3": "needs the Hugging Face Hub (tests/test_sft.py reads a local file in its schema)",
     "--harness=gsm8k": "needs the Hugging Face Hub (tests/test_harness.py runs local files)",
     "arc_easy=arc.jsonl": "needs the reader's own copy of ARC",
