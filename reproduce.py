@@ -40,6 +40,8 @@ runs_dir/report/ instead):
     fig5_decay_length.png                        score and sharpness against WSD's decay length
     fig_frontier.png        the learning-forgetting frontier: each sweep's LRs as (forgetting,
                             SFT score), forgetting the rise of the held-out pre-training loss
+    fig_frontier_paired.png with 2+ seeds, each run minus WSO per seed at every SFT LR: the
+                            score and the forgetting, with the mean's 95% t interval
     and, with 2+ seeds, a table pairing each run with WSO seed by seed (differences, or ratios
     for sharpness): the mean, its 95% bootstrap interval and the smallest effect the seeds
     detect (results.json: paired_vs_wso)
@@ -69,6 +71,7 @@ from study.figures import (
     pearson_interval,
     plot_against_decay_fraction,
     plot_frontier,
+    plot_paired_by_lr,
     plot_sharpness_curves,
     plot_sharpness_vs_score,
     run_records,
@@ -305,7 +308,9 @@ def figures(rows, out_dir, suffix=""):
             written[f"fig3_{data}"] = plot_sharpness_curves(curves, t_stable,
                                                             os.path.join(out_dir, f"fig3_sharpness_{data}{suffix}.png"))
     frontier = frontier_figure(rows, os.path.join(out_dir, f"fig_frontier{suffix}.png"))
-    return {**written, **figure4(rows, out_dir, suffix), **({"frontier": frontier} if frontier else {})}
+    by_lr = paired_frontier_figure(rows, os.path.join(out_dir, f"fig_frontier_paired{suffix}.png"))
+    return {**written, **figure4(rows, out_dir, suffix), **({"frontier": frontier} if frontier else {}),
+            **({"frontier_paired": by_lr} if by_lr else {})}
 
 
 def frontier_figure(rows, path):
@@ -315,6 +320,21 @@ def frontier_figure(rows, path):
     curves = {label[n]: [r["sft_frontier"] for r in rows if r["run"] == n and r.get("sft_frontier")] for n in names}
     curves = {k: v for k, v in curves.items() if v}
     return plot_frontier((curves, "SFT Task Avg (test people)"), path) if curves else None
+
+
+def paired_frontier_figure(rows, path, reference="wso"):
+    """Each run's SFT score and forgetting minus WSO's on the same seed at every LR both sweeps
+    ran (study.figures.plot_paired_by_lr), or None without 2 paired seeds."""
+    names, label = run_labels(rows)
+    by = {(r["run"], r["seed"]): {lr: (f, score) for f, score, lr in r.get("sft_frontier") or []} for r in rows}
+    pairs = {}
+    for name in names:
+        seeds = sorted(s for (n, s) in by if n == name and (reference, s) in by and name != reference)
+        lrs = sorted(set.intersection(*[set(by[(name, s)]) & set(by[(reference, s)]) for s in seeds])) if seeds else []
+        if len(seeds) >= 2 and lrs:
+            pairs[label[name]] = {key: {lr: [by[(name, s)][lr][i] - by[(reference, s)][lr][i] for s in seeds]
+                                        for lr in lrs} for i, key in enumerate(("forgetting", "score"))}
+    return plot_paired_by_lr(pairs, label.get(reference, "WSO"), path) if pairs else None
 
 
 def run_labels(rows):

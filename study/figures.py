@@ -14,7 +14,7 @@ import numpy as np
 
 from data.formats import read_jsonl
 from schedules import wsd_t_stable
-from study.tables import mixed_forgetting, scheduler_label
+from study.tables import mixed_forgetting, paired, scheduler_label
 
 
 def plot_sharpness_curves(runs, t_stable=None, path="sharpness_curves.png"):
@@ -184,6 +184,38 @@ def plot_frontier(curves, path="frontier.png"):
     ax.set_ylabel(ylabel)
     ax.set_title("learning-forgetting frontier (one line per sweep, points: SFT LRs)", fontsize=9)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return path
+
+
+def plot_paired_by_lr(pairs, reference="WSO", path="frontier_paired.png"):
+    """Each run minus the reference seed by seed at every SFT LR both swept: the score after SFT
+    (left) and the forgetting (right), thin lines per seed, the mean with its 95% t interval
+    (tables.paired). pairs: {label: {"score": {lr: [per-seed differences]}, "forgetting": {...}}}."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    colors = itertools.cycle(plt.rcParams["axes.prop_cycle"].by_key()["color"][1:])  # the reference's is the first
+    for (label, by), color in zip(pairs.items(), colors):
+        for ax, key in zip(axes, ("score", "forgetting")):
+            lrs = sorted(by[key])
+            per_seed = np.array([by[key][lr] for lr in lrs])  # (LRs, seeds)
+            ax.plot(lrs, per_seed, color=color, alpha=0.25, linewidth=0.8)
+            stats = [paired(by[key][lr]) for lr in lrs]
+            ax.plot(lrs, [p["mean"] for p in stats], color=color, marker="o", markersize=3,
+                    label=f"{label} - {reference} ({per_seed.shape[1]} seeds)")
+            ax.fill_between(lrs, [p["low"] for p in stats], [p["high"] for p in stats], color=color, alpha=0.2)
+    for ax, what in zip(axes, ("SFT Task Avg difference (points)", "forgetting difference (nats)")):
+        ax.axhline(0, color="gray", linewidth=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel("SFT learning rate")
+        ax.set_ylabel(what)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("paired by seed at each SFT LR: mean, 95% t interval, each seed", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)

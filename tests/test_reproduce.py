@@ -343,7 +343,14 @@ def test_quick_hmm_study_measures_the_mechanism_and_the_frontier_and_pairs_the_s
         assert isinstance(r["sharpness_preconditioned"], float) and r["sharpness_preconditioned_stderr"] >= 0
         assert len(r["sft_frontier"]) == 1 and r["sft_frontier"][0][2] == 1e-3  # one LR: (forgetting, score, lr)
     out = tmp_path / "results"
-    assert (out / "fig_frontier.png").stat().st_size > 0
+    assert (out / "fig_frontier.png").stat().st_size > 0 and (out / "fig_frontier_paired.png").stat().st_size > 0
+    drawn = {}
+    monkeypatch.setattr(reproduce, "plot_paired_by_lr", lambda pairs, reference, path: drawn.update(pairs) or path)
+    reproduce.paired_frontier_figure(results["rows"], str(tmp_path / "x.png"))
+    (label, by), = drawn.items()  # WSD against WSO at the one LR both swept, seed by seed
+    for i, key in enumerate(("forgetting", "score")):
+        assert by[key][1e-3] == pytest.approx([rows[("wsd_a0", s)]["sft_frontier"][0][i]
+                                               - rows[("wso", s)]["sft_frontier"][0][i] for s in (0, 1)])
     table = (out / "table1.md").read_text()
     assert "Tr(D^-1 H) held-out" in table and "wsd_a0 / wso" in table and "wsd_a0 - wso" in table
     saved = json.load(open(out / "results.json"))["paired_vs_wso"]
