@@ -77,8 +77,11 @@ PRESETS = {
 }
 
 
-# Logits the loss holds at once: 2^25 fp32 values (128 MiB; 256 positions at V = 128256).
 IGNORE_INDEX = -100  # the label of a position outside the loss (F.cross_entropy's ignore_index)
+# model.cross_entropy keeps the full logits up to 2^28 fp32 values (1 GiB, and 1 GiB more for their
+# gradient: 2048 x 128256 at most, the whole 8 x 256 x 50304 CPU benchmark); past that it computes
+# the loss 2^25 values at a time (128 MiB; 256 positions at V = 128256).
+LOSS_FULL_ELEMENTS = 2**28
 LOSS_CHUNK_ELEMENTS = 2**25
 
 
@@ -320,16 +323,17 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         for start in range(0, h.shape[0], chunk):
             h_c, t_c = h[start:start + chunk], targets[start:start + chunk]
             raw = F.linear(h_c, weight)  # (chunk, V); bf16 under autocast
-            logits = upcast(raw)
-            valid = t_c != IGNORE_INDEX
-            target = t_c.clamp(min=0)
-            lse = logits.logsumexp(-1)  # (chunk,)
-            loss += ((lse - logits.gather(1, target[:, None])[:, 0]) * valid).sum()
-            g = (logits - lse[:, None]).exp_()  # softmax
-            g[torch.arange(len(t_c), device=g.device), target] -= 1  # - one_hot(target)
-            g = (g * valid[:, None]).to(raw.dtype)  # as autograd returns it through the upcast
-            grad_h[start:start + chunk] = g @ weight
-            grad_w += g.T @ h_c
+            rows = torch.arange(len(t_c), device=h.device)
+            valid, target = t_c != IGNORE_INDEX, t_c.clamp(min=0)
+            # the elementwise work of F.cross_entropy's forward and backward, no more: one
+            # log_softmax, then softmax = exp(log_softmax) in place, minus one_hot(target)
+            g = F.log_softmax(upcast(raw), -1)  # (chunk, V)
+            loss -= (g[rows, target] * valid).sum()
+            g.exp_()[rows, target] -= 1
+            g = g.to(raw.dtype)  # as autograd returns it through the upcast
+            keep = valid[:, None].to(h.dtype)  # ignored rows are zeroed in the (chunk, C) factors, V/C times smaller
+            grad_h[start:start + chunk] = (g @ weight) * keep
+            grad_w += g.T @ (h_c * keep)
         ctx.save_for_backward(grad_h / n, (grad_w / n).to(weight.dtype))
         return loss / n  # 0/0 = nan without targets, as F.cross_entropy
 
@@ -344,12 +348,16 @@ def cross_entropy(h, weight, targets, chunk=None):
     targets (B, T) over targets != IGNORE_INDEX: F.cross_entropy(upcast(logits), ...) without its
     memory. The full fp32 logits are B*T*V*4 bytes, and as much again for their gradient:
     ~2 GB per 2048-token sequence at V = 128256. Here positions go through `chunk` at a time
-    (None: LOSS_CHUNK_ELEMENTS // V), and with gradients on, ChunkedCrossEntropy computes them
-    chunk by chunk, so one chunk's logits exist at a time. One chunk (the testbed's ~1k
-    vocabulary, always) or chunk=0 is F.cross_entropy itself: chunk=0 is for torch.func (the
-    Hessian), which differentiates through the ops and cannot use a hand-written backward."""
+    (None: all of them while the logits are at most LOSS_FULL_ELEMENTS, else
+    LOSS_CHUNK_ELEMENTS // V), and with gradients on, ChunkedCrossEntropy computes them chunk by
+    chunk, so one chunk's logits exist at a time. Chunking saves memory, not time: below the
+    bound the plain loss is a few percent faster on a CPU (tools/bench.py --losses=plain,chunked).
+    One chunk or chunk=0 is F.cross_entropy itself: chunk=0 is for torch.func (the Hessian),
+    which differentiates through the ops and cannot use a hand-written backward."""
     h, targets = h.flatten(0, 1), targets.flatten()  # (N, C), (N,)
-    chunk = max(1, LOSS_CHUNK_ELEMENTS // weight.shape[0]) if chunk is None else chunk
+    if chunk is None:
+        full = h.shape[0] * weight.shape[0] <= LOSS_FULL_ELEMENTS
+        chunk = 0 if full else max(1, LOSS_CHUNK_ELEMENTS // weight.shape[0])
     if chunk == 0 or h.shape[0] <= chunk:
         return F.cross_entropy(upcast(F.linear(h, weight)), targets, ignore_index=IGNORE_INDEX)
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):

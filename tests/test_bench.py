@@ -56,3 +56,50 @@ def test_sizes_prints_the_readme_table(capsys):
     out = capsys.readouterr().out
     assert "8b: 8,030,261,248 parameters" in out and "DDP 128.2 GiB, FSDP2 25.1 GiB" in out
     assert "Table 6 350B tokens: 10.5 days" in out
+
+
+def test_gpt2_reference_equals_transformers_gpt2():
+    """The GPT-2 speed reference (bench.GPT2, nanoGPT's model) against Hugging Face's GPT2LMHeadModel
+    with the same weights (its Conv1D stores them transposed): the same logits and loss; its FLOPs
+    per token count the tied matrix once and not the position table."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = build_config("tiny", dim=32, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=97, max_seq_len=16)
+    ours = bench.GPT2(cfg).eval()
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_positions=16, n_embd=32, n_layer=2, n_head=4,
+                                    activation_function="gelu", resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)).eval()
+    state = {"transformer.wte.weight": ours.wte.weight, "transformer.wpe.weight": ours.wpe.weight,
+             "transformer.ln_f.weight": ours.ln_f.weight, "transformer.ln_f.bias": ours.ln_f.bias}
+    for i, block in enumerate(ours.h):
+        for hf_name, layer in [("ln_1", block.ln_1), ("ln_2", block.ln_2)]:
+            state[f"transformer.h.{i}.{hf_name}.weight"], state[f"transformer.h.{i}.{hf_name}.bias"] = layer.weight, layer.bias
+        for hf_name, layer in [("attn.c_attn", block.c_attn), ("attn.c_proj", block.c_proj),
+                               ("mlp.c_fc", block.c_fc), ("mlp.c_proj", block.mlp_proj)]:
+            state[f"transformer.h.{i}.{hf_name}.weight"] = layer.weight.T
+            state[f"transformer.h.{i}.{hf_name}.bias"] = layer.bias
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    idx, targets = torch.randint(0, 97, (2, 2, 16))
+    with torch.no_grad():
+        logits, loss = ours(idx, targets)
+        want = hf(idx).logits
+    torch.testing.assert_close(logits, want, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(loss, F.cross_entropy(want.flatten(0, 1), targets.flatten()), atol=1e-5, rtol=1e-5)
+    per_layer = 32 * 96 + 32 * 32 + 2 * 32 * 128  # c_attn, c_proj, c_fc, mlp_proj weights
+    assert ours.flops_per_token(16) == 6 * (97 * 32 + 2 * per_layer) + 12 * 2 * 32 * 16
+
+
+@pytest.mark.parametrize("loss", ["plain", "chunked"])
+def test_bench_times_each_loss_path(loss, monkeypatch):
+    """--losses: 'plain' keeps the full logits, 'chunked' goes through ChunkedCrossEntropy (here
+    at 64 logits per chunk), whatever the shape's default."""
+    monkeypatch.setattr(bench.model_module, "LOSS_CHUNK_ELEMENTS", 64)
+    import torch
+    cfg = build_config("tiny", dim=16, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=32, max_seq_len=8)
+    model = bench.Llama(cfg)
+    x, y = torch.randint(0, 32, (2, 2, 8))
+    _, out = model(x, y, loss_chunk=bench.loss_chunk(loss, 32))
+    assert out.grad_fn.name() == {"plain": "NllLossBackward0", "chunked": "ChunkedCrossEntropyBackward"}[loss]

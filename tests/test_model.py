@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import model as model_module
 from model import (
     PRESETS,
     Attention,
@@ -236,6 +237,24 @@ def test_chunked_cross_entropy_never_keeps_the_full_logits():
     torch.testing.assert_close(loss, full_loss)
     for g, w in zip(grads, full_grads):
         torch.testing.assert_close(g, w)
+
+
+def test_the_loss_chunks_only_past_the_memory_bound(monkeypatch):
+    """By default the full logits are kept up to LOSS_FULL_ELEMENTS values (the plain loss, a few
+    percent faster) and chunked past it, LOSS_CHUNK_ELEMENTS at a time; the loss is the same."""
+    torch.manual_seed(0)
+    h = torch.randn(4, 6, 8, requires_grad=True)  # 24 positions x 50 = 1200 logits
+    weight = torch.randn(50, 8, requires_grad=True)
+    targets = torch.randint(0, 50, (4, 6))
+    monkeypatch.setattr(model_module, "LOSS_CHUNK_ELEMENTS", 500)  # 10 positions per chunk
+    names = {}
+    for bound in (1200, 1199):
+        monkeypatch.setattr(model_module, "LOSS_FULL_ELEMENTS", bound)
+        loss = cross_entropy(h, weight, targets)
+        names[bound] = (loss.grad_fn.name(), loss)
+    assert names[1200][0] == "NllLossBackward0"  # F.cross_entropy of the full logits
+    assert names[1199][0] == "ChunkedCrossEntropyBackward"
+    torch.testing.assert_close(names[1199][1], names[1200][1])
 
 
 def test_chunked_cross_entropy_under_bf16_autocast():

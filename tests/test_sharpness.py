@@ -267,12 +267,13 @@ def test_tiny_llama_vmapped_probes_match_one_probe_at_a_time():
 
 def test_hessian_uses_the_plain_loss_where_training_chunks_it(monkeypatch):
     """At a vocabulary wide enough for model.cross_entropy to chunk (made so here by a
-    small LOSS_CHUNK_ELEMENTS: 2 positions per chunk), the Hessian still differentiates the
+    small LOSS_FULL_ELEMENTS and LOSS_CHUNK_ELEMENTS: 2 positions per chunk), the Hessian still differentiates the
     plain loss (torch.func cannot go through the chunked loss's own backward) and measures
     the same trace."""
     model = tiny_llama(torch.float32)
     batches = [(torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 8)))]
     want = sharpness.model_sharpness(model, batches, num_samples=4, seed=1)
+    monkeypatch.setattr(model_module, "LOSS_FULL_ELEMENTS", 128)
     monkeypatch.setattr(model_module, "LOSS_CHUNK_ELEMENTS", 128)
     with torch.enable_grad():
         _, loss = model(*batches[0])
