@@ -257,8 +257,8 @@ def collect(cfg):
             "sft_score_at_forgetting": score_at_forgetting(frontier),
             "sharpness_sft": sharp[-1].get("sharpness_sft") if sharp else None,
             "sharpness_train": on_train["trace"], "sharpness_train_stderr": on_train["stderr"],
-            "sharpness_curve": [(r["step"], r["sharpness_pretrain"], r.get("sharpness_sft"), r.get("sharpness_train_text"))
-                                for r in sharp if r["step"] is not None],
+            "sharpness_curve": [(r["step"], r["sharpness_pretrain"], r.get("sharpness_sft"), r.get("sharpness_train_text"),
+                                 r.get("sharpness_preconditioned")) for r in sharp if r["step"] is not None],
             "run_dir": run_dir})
     return rows
 
@@ -288,7 +288,7 @@ def figures(rows, out_dir, suffix=""):
     against final pre-training sharpness, one point per run averaged over seeds)."""
     written = dict(zip(("fig1", "fig2"), plot_figures(out_dir)))
     names, label = run_labels(rows)
-    for column, data in ((1, "pretrain"), (2, "sft"), (3, "train_text")):
+    for column, data in ((1, "pretrain"), (2, "sft"), (3, "train_text"), (4, "preconditioned")):
         curves = {}
         for n in names:
             per_step = {}
@@ -305,8 +305,10 @@ def figures(rows, out_dir, suffix=""):
                 train = json.load(f)["train"]
             t_stable = wsd_t_stable(warmup_iters=train["warmup_iters"], max_iters=train["max_iters"],
                                     stable_ratio=train["stable_ratio"])
+            ylabel = r"AdamW-preconditioned $\mathrm{Tr}(D^{-1}H)$" if data == "preconditioned" else None
             written[f"fig3_{data}"] = plot_sharpness_curves(curves, t_stable,
-                                                            os.path.join(out_dir, f"fig3_sharpness_{data}{suffix}.png"))
+                                                            os.path.join(out_dir, f"fig3_sharpness_{data}{suffix}.png"),
+                                                            **({"ylabel": ylabel} if ylabel else {}))
     frontier = frontier_figure(rows, os.path.join(out_dir, f"fig_frontier{suffix}.png"))
     by_lr = paired_frontier_figure(rows, os.path.join(out_dir, f"fig_frontier_paired{suffix}.png"))
     return {**written, **figure4(rows, out_dir, suffix), **({"frontier": frontier} if frontier else {}),

@@ -47,7 +47,7 @@ from nanowso.runtime import Interrupts, setup_distributed, to_device
 from nanowso.scoring import mean_loss
 from nanowso.start import (Run, build_model, checkpoint_path, grad_accumulation, inherit, kept_path, load_data,
                            lr_of_update, prepare_run_dir, resume_command, save_run, starting_point)
-from sharpness import sharpness_during_training
+from sharpness import adam_denominators, preconditioned_sharpness, sharpness_during_training
 
 
 @dataclass
@@ -96,6 +96,7 @@ class TrainConfig:
     sharpness_interval: int = 0  # steps between Hessian-trace measurements (and at the end); 0 = off
     sharpness_batches: int = 4  # fixed held-out sequences per data set (the paper: up to 4096)
     sharpness_samples: int = 20  # Hutchinson probes per sequence (the paper: 50)
+    sharpness_preconditioned: bool = False  # also Tr(D^-1 H) on the held-out batches, D AdamW's denominators then
 
     def __post_init__(self):
         self.warmup_by_rule = self.warmup_iters == -1  # not a field: never saved or compared
@@ -125,6 +126,9 @@ class TrainConfig:
             raise ValueError(f"learning_rate={self.learning_rate} must be > 0")
         if self.parallel not in ("ddp", "fsdp"):
             raise ValueError(f"parallel={self.parallel!r}; choose ddp or fsdp")
+        if self.sharpness_preconditioned and not self.sharpness_interval:
+            raise ValueError("sharpness_preconditioned=true is measured with the in-training sharpness: "
+                             "set --sharpness_interval=N too")
         if self.parallel == "fsdp" and self.sharpness_interval:
             raise ValueError("sharpness_interval needs the whole model in one process, and parallel=fsdp shards it: "
                              "measure the saved checkpoints with sharpness.py instead (torchrun splits its batches)")
@@ -282,6 +286,13 @@ def measure_sharpness(run):
         record[f"sharpness_{name}_stderr"] = result["sharpness_stderr"]
         run.rt.log(f"step {counters.step}: sharpness ({name}) {result['sharpness']:.2f} +- "
                    f"{result['sharpness_stderr']:.2f}")
+    if cfg.sharpness_preconditioned and run.optimizer.state:  # AdamW has stepped: it has denominators
+        # the same held-out batches, measured whole in each process (sharpness.py --preconditioned's numbers)
+        denominators = adam_denominators(run.model, run.optimizer.state_dict())
+        result = preconditioned_sharpness(run.model, denominators, run.sharpness_sets["pretrain"],
+                                          cfg.sharpness_samples, cfg.seed)
+        record["sharpness_preconditioned"], record["sharpness_preconditioned_stderr"] = result["trace"], result["stderr"]
+        run.rt.log(f"step {counters.step}: Tr(D^-1 H) (pretrain) {result['trace']:.4g} +- {result['stderr']:.2g}")
     log_record(run, record)
 
 

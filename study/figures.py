@@ -17,7 +17,7 @@ from schedules import wsd_t_stable
 from study.tables import mixed_forgetting, paired, scheduler_label
 
 
-def plot_sharpness_curves(runs, t_stable=None, path="sharpness_curves.png"):
+def plot_sharpness_curves(runs, t_stable=None, path="sharpness_curves.png", ylabel=r"Sharpness $= \mathrm{Tr}(\mathbf{H})$"):
     """Figure 3: sharpness against step, one line with error bars per schedule.
     runs: {label: [(step, trace, stderr), ...]}; t_stable draws WSD's decay start."""
     import matplotlib
@@ -31,7 +31,7 @@ def plot_sharpness_curves(runs, t_stable=None, path="sharpness_curves.png"):
     if t_stable is not None:
         ax.axvline(t_stable, color="gray", linestyle="--", label=r"$T_{\mathrm{stable}}$")
     ax.set_xlabel("step")
-    ax.set_ylabel(r"Sharpness $= \mathrm{Tr}(\mathbf{H})$")
+    ax.set_ylabel(ylabel)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=150)

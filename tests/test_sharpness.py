@@ -605,3 +605,61 @@ def test_cli_preconditioned_trace_is_the_checkpoint_s_adamw_view(checkpoint, tmp
     with pytest.raises(SystemExit, match="holds no AdamW state"):
         sharpness.main(parse_args(sharpness.SharpnessConfig, [f"--ckpt={no_adam}", "--datasets=pretrain",
                                                               "--preconditioned=true", f"--out={out}"]))
+
+
+def test_preconditioned_trace_during_training_equals_sharpness_py_on_the_checkpoint(testbed, tmp_path):
+    """train.py --sharpness_preconditioned: Tr(D^-1 H) logged at each sharpness step (none at
+    step 0, before AdamW has a second moment) equals sharpness.py --preconditioned on the same
+    step's checkpoint (the same held-out batches, probes and seed); it needs --sharpness_interval."""
+    out_dir = tmp_path / "run"
+    cfg = train.TrainConfig(dataset=str(testbed / "pretrain"), out_dir=str(out_dir), batch_size=2, seq_len=32,
+                            max_iters=4, warmup_iters=1, log_interval=1, eval_interval=2, eval_tokens=256,
+                            sharpness_interval=2, sharpness_batches=2, sharpness_samples=3,
+                            sharpness_preconditioned=True, compile=False, device="cpu", seed=5)
+    train.main(cfg)
+    records = [r for r in read_jsonl(str(out_dir / "log.jsonl")) if "sharpness_pretrain" in r]
+    assert [r["step"] for r in records if "sharpness_preconditioned" in r] == [2, 4]
+    args = [f"--ckpt={out_dir / 'ckpt.pt'}", "--datasets=pretrain", "--num_batches=2", "--num_samples=3", "--seed=5",
+            "--preconditioned=true", f"--out={tmp_path / 's.json'}"]
+    after = sharpness.main(parse_args(sharpness.SharpnessConfig, args))["pretrain"]["preconditioned"]
+    assert records[-1]["sharpness_preconditioned"] == pytest.approx(after["trace"], rel=1e-6)
+    assert records[-1]["sharpness_preconditioned_stderr"] == pytest.approx(after["stderr"], rel=1e-5)
+    with pytest.raises(ValueError, match="set --sharpness_interval"):
+        train.TrainConfig(sharpness_preconditioned=True)
+
+
+def write_run(run_dir, train_cfg, records):
+    os.makedirs(run_dir)
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump({"train": train_cfg}, f)
+    with open(os.path.join(run_dir, "log.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def test_trace_against_loss_reads_each_sharpness_step(tmp_path):
+    """study/regimes.py: at each in-training sharpness step, the held-out loss evaluated there, or
+    the training loss averaged over the window up to it; a WSD branch continues its WSO run's
+    records (study.figures.run_records); runs of one label average step by step."""
+    from study import regimes
+    wso, branch, wso2 = (str(tmp_path / n) for n in ("wso", "wsd", "wso2"))
+    logged = [{"step": s, "loss": float(s)} for s in range(10, 101, 10)]
+    sharp = [{"step": s, "sharpness_train_text": 2.0 * s, "sharpness_pretrain": 3.0 * s} for s in (50, 100)]
+    evals = [{"step": s, "val_loss": s / 10} for s in (50, 100)]
+    write_run(wso, {"schedule": "wso", "alpha": 1.0}, logged + sharp + evals)
+    write_run(wso2, {"schedule": "wso", "alpha": 1.0}, [{**r, "loss": r["loss"] + 2} if "loss" in r else r
+                                                       for r in logged + sharp + evals])
+    write_run(branch, {"schedule": "wso", "stage": "cooldown", "alpha": 0.0, "init_from": os.path.join(wso, "ckpt_000070.pt")},
+              [{"step": 80, "loss": 1.0}, {"step": 90, "loss": 1.0}, {"step": 100, "loss": 1.0},
+               {"step": 100, "sharpness_train_text": 7.0, "sharpness_pretrain": 9.0}, {"step": 100, "val_loss": 0.5}])
+    assert regimes.trace_loss_path(wso, "train_text") == [(50, 30.0, 100.0), (100, 80.0, 200.0)]  # (10+...+50)/5
+    assert regimes.trace_loss_path(wso, "pretrain") == [(50, 5.0, 150.0), (100, 10.0, 300.0)]
+    # the branch: steps 60 and 70 from WSO, 80-100 its own
+    assert regimes.trace_loss_path(branch, "train_text") == [(50, 30.0, 100.0), (100, (60 + 70 + 3) / 5, 7.0)]
+    assert [regimes.run_label(d) for d in (wso, branch)] == ["WSO", "WSD to 0"]
+    paths = regimes.mean_paths([wso, wso2, branch], "train_text")
+    assert paths["WSO"] == [(50, 31.0, 100.0), (100, 81.0, 200.0)]
+    out = tmp_path / "fig.png"
+    regimes.main(regimes.RegimesConfig(memorization=f"{wso},{branch}", entropy=wso2, out=str(out)))
+    assert out.stat().st_size > 0
+    with pytest.raises(SystemExit, match="no log.jsonl"):
+        regimes.main(regimes.RegimesConfig(memorization=str(tmp_path / "nothing"), out=str(out)))
