@@ -19,11 +19,13 @@ Count the paper's models without allocating them:
 """
 
 import math
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 @dataclass
@@ -122,6 +124,42 @@ def repeat_kv(x, n_rep):
     return x[:, :, None].expand(B, n_kv, n_rep, T, hd).reshape(B, n_kv * n_rep, T, hd)
 
 
+# Queries per block of causal_attention_in_blocks inside hessian_attention() (sharpness.py); 0 while outside.
+HESSIAN_ATTENTION_BLOCK = 256
+attention_block = 0
+
+
+@contextmanager
+def hessian_attention(block=None):
+    """Attention that can be differentiated twice (the Hessian): the fused SDPA kernels have
+    neither double backward nor forward-mode AD (PyTorch issues 116350, 128971), so inside,
+    SDPA runs its math backend, and causal self-attention over more than `block` positions
+    runs causal_attention_in_blocks instead (block None: HESSIAN_ATTENTION_BLOCK)."""
+    global attention_block
+    previous, attention_block = attention_block, HESSIAN_ATTENTION_BLOCK if block is None else block
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        attention_block = previous
+
+
+def causal_attention_in_blocks(q, k, v, block):
+    """softmax(q k^T / sqrt(hd) + causal mask) v by its formula, `block` queries at a time, each
+    block against only the keys up to its last query: SDPA's math backend to float rounding,
+    without the masked upper triangle of its T x T scores. Differentiated twice at T = 1024 in
+    blocks of 256 this does ~5/8 of the T x T work (tools/bench_hvp.py)."""
+    T = q.shape[2]
+    q = q * q.shape[-1] ** -0.5
+    out = []
+    for start in range(0, T, block):
+        end = min(start + block, T)
+        scores = q[:, :, start:end] @ k[:, :, :end].transpose(-2, -1)  # (B, nh, end - start, end)
+        visible = torch.ones(end - start, end, dtype=torch.bool, device=q.device).tril(diagonal=start)
+        out.append(scores.masked_fill(~visible, float("-inf")).softmax(-1) @ v[:, :, :end])
+    return torch.cat(out, dim=2)  # (B, nh, T, hd)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -142,7 +180,9 @@ class Attention(nn.Module):
         n_rep = self.n_heads // self.n_kv_heads
         k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)  # (B, nh, S, hd)
         S = k.shape[2]
-        if S == T:
+        if S == T and 0 < attention_block < T:  # inside hessian_attention()
+            y = causal_attention_in_blocks(q, k, v, attention_block)
+        elif S == T:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hd)
         else:  # T new queries after S - T cached positions: query i sees keys 0 .. S - T + i
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)

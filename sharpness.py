@@ -54,11 +54,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.func import functional_call, grad, vjp, vmap
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from data.formats import Tokenizer, load_meta, write_atomic
 from data.loaders import pretrain_batches, resolve_dataset, sft_batches, testbed_of
-from model import IGNORE_INDEX
+from model import IGNORE_INDEX, hessian_attention
 from nanowso.checkpoint import load_checkpoint, load_model
 from nanowso.common import Eta, format_duration, parse_args
 from nanowso.runtime import setup_distributed
@@ -89,7 +88,7 @@ def hutchinson(loss_fn, params, num_samples, generator=None, probe=rademacher):
     z = probe(params, generator): the mean of z^T H z and its standard error (sample std /
     sqrt(N); nan for one probe). The plain loop; hutchinson_trace is the fast one."""
     samples = []
-    with sdpa_kernel(SDPBackend.MATH):  # fused attention kernels have no double backward
+    with hessian_attention():  # fused attention kernels have no double backward
         hvp = hessian_vector_product(loss_fn, params)
         for _ in range(num_samples):
             z = probe(params, generator)
@@ -176,9 +175,8 @@ def hutchinson_trace(loss_fn, params, num_samples, generator=None, probes_per_ca
     if compile:  # chunks of equal width: one compiled shape, and fewer zero probes than chunks
         probes_per_call = math.ceil(num_samples / math.ceil(num_samples / probes_per_call))
     samples = []
-    # Fused SDPA kernels have neither double backward nor forward-mode AD
-    # (PyTorch issues 116350, 128971): the HVP needs the math backend.
-    with sdpa_kernel(SDPBackend.MATH):
+    # Fused SDPA kernels have neither double backward nor forward-mode AD: model.hessian_attention
+    with hessian_attention():
         hvp = None if compile else hessian_vector_product(loss_fn, params)
         for start in range(0, num_samples, probes_per_call):
             k = min(probes_per_call, num_samples - start)

@@ -239,6 +239,53 @@ def test_chunked_cross_entropy_never_keeps_the_full_logits():
         torch.testing.assert_close(g, w)
 
 
+def test_attention_in_blocks_equals_sdpa_to_second_order():
+    """causal_attention_in_blocks (blocks of 4 over 10 positions: the last one short) against SDPA's
+    math backend: the output, the gradient and a Hessian-vector product (double backward)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from model import causal_attention_in_blocks
+    torch.manual_seed(0)
+    q, k, v, w = (torch.randn(2, 3, 10, 8, dtype=torch.float64) for _ in range(4))
+    z = [torch.randn_like(t) for t in (q, k, v)]
+
+    def derivatives(attend):
+        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = attend(*inputs)
+        grads = torch.autograd.grad((out * w).sum(), inputs, create_graph=True)
+        hvp = torch.autograd.grad(sum((g * d).sum() for g, d in zip(grads, z)), inputs)
+        return [out, *grads, *hvp]
+
+    with sdpa_kernel(SDPBackend.MATH):
+        want = derivatives(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    for block in (4, 1, 10):
+        for got, expected in zip(derivatives(lambda q, k, v: causal_attention_in_blocks(q, k, v, block)), want):
+            torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_hessian_attention_blocks_only_inside_and_past_the_block():
+    """Inside hessian_attention(block) the model's causal attention runs in blocks where T > block,
+    with the same logits; outside it, and with T <= block, SDPA as always."""
+    torch.manual_seed(0)
+    model = Llama(SMALL).double()
+    idx = torch.randint(0, SMALL.vocab_size, (2, 12))
+    calls = []
+    original = model_module.causal_attention_in_blocks
+    with torch.no_grad():
+        want = model(idx)[0]
+        model_module.causal_attention_in_blocks = lambda *a: calls.append(a[-1]) or original(*a)
+        try:
+            with model_module.hessian_attention(block=5):
+                got = model(idx)[0]
+            with model_module.hessian_attention(block=12):
+                model(idx)
+            model(idx)
+        finally:
+            model_module.causal_attention_in_blocks = original
+    assert calls == [5] * SMALL.n_layers and model_module.attention_block == 0
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 def test_the_loss_chunks_only_past_the_memory_bound(monkeypatch):
     """By default the full logits are kept up to LOSS_FULL_ELEMENTS values (the plain loss, a few
     percent faster) and chunked past it, LOSS_CHUNK_ELEMENTS at a time; the loss is the same."""

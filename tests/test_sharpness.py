@@ -282,6 +282,17 @@ def test_hessian_uses_the_plain_loss_where_training_chunks_it(monkeypatch):
     assert got["trace"] == want["trace"] and got["loss"] == want["loss"]
 
 
+def test_the_trace_is_the_same_with_attention_in_blocks(monkeypatch):
+    """Sequences longer than model.HESSIAN_ATTENTION_BLOCK go through causal_attention_in_blocks in
+    the HVP: the same probes give the same trace and loss, to float32 rounding."""
+    model = tiny_llama(torch.float32)
+    batches = [(torch.randint(0, 64, (1, 16)), torch.randint(0, 64, (1, 16))) for _ in range(2)]
+    want = sharpness.model_sharpness(model, batches, num_samples=4, seed=1)  # 16 <= 256: SDPA's math backend
+    monkeypatch.setattr(model_module, "HESSIAN_ATTENTION_BLOCK", 5)
+    got = sharpness.model_sharpness(model, batches, num_samples=4, seed=1)
+    assert got["trace"] == pytest.approx(want["trace"], rel=1e-4) and got["loss"] == pytest.approx(want["loss"], rel=1e-6)
+
+
 def labelled_batches(lengths, seed=0):
     """(x, y) of one row each, of the given lengths, the first two labels masked (as a prompt)."""
     g = torch.Generator().manual_seed(seed)
