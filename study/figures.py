@@ -232,6 +232,8 @@ def run_records(run_dir):
     if cfg.get("stage") != "cooldown" or not records:
         return records
     source = os.path.dirname(cfg["init_from"])
+    if not os.path.isfile(os.path.join(source, "log.jsonl")):  # a relative path from elsewhere, or moved runs:
+        source = os.path.join(os.path.dirname(os.path.abspath(run_dir)), os.path.basename(source))  # its sibling
     first = min(r["step"] for r in records)
     if not os.path.isfile(os.path.join(source, "log.jsonl")):
         return records

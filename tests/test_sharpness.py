@@ -667,6 +667,12 @@ def test_trace_against_loss_reads_each_sharpness_step(tmp_path):
     # the branch: steps 60 and 70 from WSO, 80-100 its own
     assert regimes.trace_loss_path(branch, "train_text") == [(50, 30.0, 100.0), (100, (60 + 70 + 3) / 5, 7.0)]
     assert [regimes.run_label(d) for d in (wso, branch)] == ["WSO", "WSD to 0"]
+    # a study's runs read from another directory: init_from relative to where the study ran finds the sibling
+    moved = str(tmp_path / "moved")
+    with open(os.path.join(branch, "config.json")) as f:
+        cfg = json.load(f)["train"]
+    write_run(moved, {**cfg, "init_from": "runs/seed0/wso/ckpt_000070.pt"}, read_jsonl(os.path.join(branch, "log.jsonl")))
+    assert regimes.trace_loss_path(moved, "train_text") == regimes.trace_loss_path(branch, "train_text")
     paths = regimes.mean_paths([wso, wso2, branch], "train_text")
     assert paths["WSO"] == [(50, 31.0, 100.0), (100, 81.0, 200.0)]
     out = tmp_path / "fig.png"
