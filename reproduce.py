@@ -305,10 +305,12 @@ def figures(rows, out_dir, suffix=""):
                 train = json.load(f)["train"]
             t_stable = wsd_t_stable(warmup_iters=train["warmup_iters"], max_iters=train["max_iters"],
                                     stable_ratio=train["stable_ratio"])
-            ylabel = r"AdamW-preconditioned $\mathrm{Tr}(D^{-1}H)$" if data == "preconditioned" else None
-            written[f"fig3_{data}"] = plot_sharpness_curves(curves, t_stable,
-                                                            os.path.join(out_dir, f"fig3_sharpness_{data}{suffix}.png"),
-                                                            **({"ylabel": ylabel} if ylabel else {}))
+            path = os.path.join(out_dir, f"fig3_sharpness_{data}{suffix}.png")
+            if data == "preconditioned":
+                written[f"fig3_{data}"] = plot_sharpness_curves(curves, t_stable, path,
+                                                                ylabel=r"AdamW-preconditioned $\mathrm{Tr}(D^{-1}H)$")
+            else:
+                written[f"fig3_{data}"] = plot_sharpness_curves(curves, t_stable, path)
     frontier = frontier_figure(rows, os.path.join(out_dir, f"fig_frontier{suffix}.png"))
     by_lr = paired_frontier_figure(rows, os.path.join(out_dir, f"fig_frontier_paired{suffix}.png"))
     return {**written, **figure4(rows, out_dir, suffix), **({"frontier": frontier} if frontier else {}),
