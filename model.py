@@ -125,7 +125,7 @@ def repeat_kv(x, n_rep):
 
 
 # Queries per block of causal_attention_in_blocks inside hessian_attention() (sharpness.py); 0 while outside.
-HESSIAN_ATTENTION_BLOCK = 256
+HESSIAN_ATTENTION_BLOCK = 128
 attention_block = 0
 
 
@@ -147,8 +147,8 @@ def hessian_attention(block=None):
 def causal_attention_in_blocks(q, k, v, block):
     """softmax(q k^T / sqrt(hd) + causal mask) v by its formula, `block` queries at a time, each
     block against only the keys up to its last query: SDPA's math backend to float rounding,
-    without the masked upper triangle of its T x T scores. Differentiated twice at T = 1024 in
-    blocks of 256 this does ~5/8 of the T x T work (tools/bench_hvp.py)."""
+    without the masked upper triangle of its T x T scores: n = T / block blocks do (n + 1) / 2n of
+    the T x T work, 9/16 at T = 1024 in blocks of 128 (docs/speed.md: 128 beat 256 and 512)."""
     T = q.shape[2]
     q = q * q.shape[-1] ** -0.5
     out = []
