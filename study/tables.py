@@ -236,6 +236,10 @@ PAIRED = [("valid_loss", "Valid Loss", "diff", ".4f"), ("sharpness_pretrain", "T
           ("sharpness_preconditioned", "Tr(D^-1 H) held-out", "ratio", ".3f"),
           ("sharpness_train", "Tr(H) training text", "ratio", ".3f"), ("recall", "Recall before SFT", "diff", ".1f"),
           ("sft_task_avg", "SFT Task Avg (selected LR)", "diff", ".1f"),
+          # how much of what the model recalled before SFT its SFT answers bring out: the SFT
+          # score with the recall it starts from divided out (a schedule that stored fewer facts
+          # is not charged for them here)
+          ("sft_em_over_recall", "SFT exact match / recall before SFT", "ratio", ".3f"),
           ("sft_score_at_forgetting", f"SFT Task Avg at {FRONTIER_FORGETTING:g} nats forgetting", "diff", ".1f")]
 
 

@@ -82,6 +82,20 @@ def test_paired_interval_and_detectable_effect_on_constructed_examples():
     assert 0.75 < np.mean(np.abs(t) > 2.776) < 0.85
 
 
+def test_paired_rows_pair_each_run_with_wso_seed_by_seed():
+    """study.tables.paired_rows on constructed rows: differences and ratios per seed, only on the
+    seeds both runs have, and no ratio where a value is not positive (no SFT answer right)."""
+    from study.tables import paired_rows
+    rows = [{"run": "wso", "seed": 0, "valid_loss": 4.0, "sft_em_over_recall": 0.5},
+            {"run": "wso", "seed": 1, "valid_loss": 4.1, "sft_em_over_recall": 0.4},
+            {"run": "wsd_a0", "seed": 0, "valid_loss": 3.9, "sft_em_over_recall": 0.25},
+            {"run": "wsd_a0", "seed": 1, "valid_loss": 4.0, "sft_em_over_recall": 0.0},
+            {"run": "wsd_a0", "seed": 2, "valid_loss": 3.0, "sft_em_over_recall": 0.3}]  # no WSO seed 2
+    got = paired_rows(rows)
+    assert got[("wsd_a0", "valid_loss")] == pytest.approx([-0.1, -0.1])
+    assert got[("wsd_a0", "sft_em_over_recall")] == pytest.approx([0.5])
+
+
 def test_the_score_at_a_fixed_forgetting_interpolates_the_frontier_in_log_forgetting():
     from study.tables import score_at_forgetting
     points = [(0.001, 20.0, 1e-4), (0.1, 10.0, 1e-3), (0.01, 18.0, 3e-4)]  # any order
