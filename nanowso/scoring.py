@@ -8,6 +8,7 @@ the items are evaluate.py's; nothing here runs on its own.
 """
 
 import inspect
+import re
 
 import numpy as np
 import torch
@@ -87,14 +88,36 @@ def normalized(text):
     return " ".join(text.split())
 
 
+def shape(text):
+    """A value's form with its words and numbers masked: "May 17, 1976" -> "A 0, 0"."""
+    return re.sub(r"[^\W\d_]+", "A", re.sub(r"\d+", "0", normalized(text)))
+
+
+def of_kind(answer, values):
+    """The answer is of the kind these values are: one of them, or, where they hold numbers
+    (dates, of which a test file lists only a few of the many possible), of their shape."""
+    answer = normalized(answer)
+    return answer in values or (any(re.search(r"\d", v) for v in values)
+                                and shape(answer) in {shape(v) for v in values})
+
+
+def answered_in_kind(answers, rows):
+    """type_match per row: each answer of_kind the answers the rows give to its attribute."""
+    kinds = {}
+    for row in rows:
+        kinds.setdefault(row.get("attribute"), set()).add(row["answer"])
+    return [of_kind(a, kinds[row.get("attribute")]) for a, row in zip(answers, rows)]
+
+
 def testbed_sft_accuracy(model, tokenizer, jsonl_path, batch_size=64, max_new_tokens=24, limit=None,
                          keep_answers=False):
     """The testbed's two post-SFT tasks on its questions (the analogue of the paper's post-SFT
     scores, Section 3.2), both after the chat template's `<|assistant|>\n`:
       exact_match  the greedy answer, normalized, equals row["answer"];
       type_match   the greedy answer, normalized, is an answer the file gives to the same
-                   row["attribute"] (for anyone): the right kind of answer, true or not, which
-                   tells format learning (a city asked, a city said) from recall;
+                   row["attribute"] (for anyone), or has their shape where they hold numbers
+                   (any date for a date question: of_kind): the right kind of answer, true or
+                   not, which tells format learning (a city asked, a city said) from recall;
       choice       the assistant's content + eos (the tokens SFT supervises) has the highest
                    log-likelihood among every answer the file gives to the same row["attribute"]
                    (~30-50 values: a graded score); choice_chance is the mean 1 / (number of
@@ -109,12 +132,11 @@ def testbed_sft_accuracy(model, tokenizer, jsonl_path, batch_size=64, max_new_to
     answers = generate_all(model, tokenizer, prompts, max_new_tokens, batch_size)
     correct = [normalized(a) == row["answer"] for a, row in zip(answers, rows)]
 
-    pools, kinds = {}, {}
+    pools = {}
     for row in rows:
         pools.setdefault(row.get("attribute"), set()).add(row["messages"][-1]["content"])
-        kinds.setdefault(row.get("attribute"), set()).add(row["answer"])
     pools = {attribute: sorted(values) for attribute, values in pools.items()}
-    typed = [normalized(a) in kinds[row.get("attribute")] for a, row in zip(answers, rows)]
+    typed = answered_in_kind(answers, rows)
     encoded = {attribute: [tokenizer.encode(content) + [tokenizer.eot] for content in pool]
                for attribute, pool in pools.items()}
     chosen = []

@@ -17,13 +17,14 @@ import os
 import sys
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from data.formats import Tokenizer
+from data.formats import Tokenizer, read_jsonl
 from data.loaders import testbed_of
 from nanowso.checkpoint import load_checkpoint, load_model
 from nanowso.common import parse_args
-from nanowso.scoring import testbed_sft_accuracy
+from nanowso.scoring import answered_in_kind, testbed_sft_accuracy
 from study.tables import markdown, paired
 
 MEASURES = ("exact_match", "type_match", "choice")
@@ -62,12 +63,12 @@ def answers_of(run_dir, dataset):
     """testbed_sft_accuracy on the test split for one fine-tuned checkpoint, cached in
     run_dir/answers_test.json (with every greedy answer) so a rerun reads instead of scoring."""
     cache = os.path.join(run_dir, "answers_test.json")
-    if os.path.exists(cache):
-        with open(cache) as f:
-            return json.load(f)
     testbed = testbed_of(dataset)
     if testbed is None:
         raise SystemExit(f"error: {run_dir} was fine-tuned on {dataset!r}, which has no testbed questions to answer")
+    if os.path.exists(cache):
+        with open(cache) as f:
+            return in_kind_again(json.load(f), read_jsonl(os.path.join(testbed, "sft_test.jsonl")))
     ckpt = load_checkpoint(os.path.join(run_dir, "ckpt.pt"))
     model = load_model(ckpt)
     with torch.no_grad():
@@ -76,6 +77,17 @@ def answers_of(run_dir, dataset):
     with open(cache + ".tmp", "w") as f:
         json.dump(result, f)
     os.replace(cache + ".tmp", cache)
+    return result
+
+
+def in_kind_again(result, rows):
+    """A cached result with type_match scored again from its saved answers by today's
+    scoring.answered_in_kind (which once took only a date some test person has for a date)."""
+    typed = answered_in_kind(result["answers"], rows[:len(result["answers"])])
+    result["type_match"] = float(np.mean(typed))
+    for attribute, marks in result["by_attribute"].items():
+        result["by_attribute"][attribute]["type_match"] = float(np.mean(
+            [t for t, row in zip(typed, rows) if row.get("attribute") == attribute]))
     return result
 
 

@@ -73,9 +73,9 @@ class ScriptedModel(nn.Module):
         return logits, None
 
 
-def scripted(tokenizer, answer_of):
+def scripted(tokenizer, answer_of, rows=SFT_ROWS):
     scripts = {tuple(generation_prompt(r["messages"][:-1], tokenizer)): tokenizer.encode(answer_of(r))
-               for r in SFT_ROWS}
+               for r in rows}
     return ScriptedModel(scripts, tokenizer.vocab_size, tokenizer.eot)
 
 
@@ -97,19 +97,39 @@ def test_sft_accuracy_scores_gold_1_and_other_0(tokenizer, tmp_path):
 
 def test_sft_type_match_tells_the_right_kind_of_answer_from_the_right_answer(tokenizer, tmp_path):
     """type_match: the greedy answer is some answer of the asked attribute (another person's
-    city for a city question counts, a date does not); by_attribute splits all three."""
-    rows = [{**r, "attribute": a} for r, a in zip(SFT_ROWS, ["date", "city", "city"])]
+    city for a city question counts, a date does not), or, for values with numbers, of their
+    shape (a date no one in the file has still answers a date question in kind); by_attribute
+    splits all three."""
+    bob = {"messages": [{"role": "user", "content": "When was Bob born?"},
+                        {"role": "assistant", "content": "March 3, 1960"}], "answer": "March 3, 1960"}
+    rows = [{**r, "attribute": a} for r, a in zip(SFT_ROWS + [bob], ["date", "city", "city", "date"])]
     path = tmp_path / "sft.jsonl"
     write_jsonl(path, rows)
-    said = {"When was Alice born?": "Paris", "Where was Alice born?": "Paris", "Where?": "Paris"}
-    model = scripted(tokenizer, lambda r: said[r["messages"][0]["content"]])
+    said = {"When was Alice born?": "Paris", "Where was Alice born?": "Paris", "Where?": "Paris",
+            "When was Bob born?": "July 19, 1987"}
+    model = scripted(tokenizer, lambda r: said[r["messages"][0]["content"]], rows)
     result = scoring.testbed_sft_accuracy(model, tokenizer, path, keep_answers=True)
-    assert result["answers"] == ["Paris", "Paris", "Paris"]
-    assert result["exact_match"] == pytest.approx(1 / 3) and result["type_match"] == pytest.approx(2 / 3)
-    assert result["by_attribute"]["date"] == {"exact_match": 0.0, "type_match": 0.0, "choice": 1.0, "n": 1}
+    assert result["answers"] == ["Paris", "Paris", "Paris", "July 19, 1987"]
+    assert result["exact_match"] == pytest.approx(1 / 4) and result["type_match"] == pytest.approx(3 / 4)
+    date = result["by_attribute"]["date"]
+    assert (date["exact_match"], date["type_match"], date["n"]) == (0.0, 0.5, 2)
     city = result["by_attribute"]["city"]
     assert (city["exact_match"], city["type_match"], city["n"]) == (0.5, 1.0, 2)
+    assert not scoring.of_kind("Paris 1", {"October 2, 1995"}) and not scoring.of_kind("1995", {"Lisbon"})
     assert "answers" not in scoring.testbed_sft_accuracy(model, tokenizer, path)
+
+
+def test_study_answers_scores_the_kind_again_from_cached_answers():
+    """study.answers reads answers_test.json instead of generating again; its type_match is
+    scored again from the saved answers, so a cache written by an older scorer (a date no test
+    person has counted as the wrong kind) reads as today's scorer would score it."""
+    from study.answers import in_kind_again
+    rows = [{**r, "attribute": a} for r, a in zip(SFT_ROWS, ["date", "city", "city"])]
+    cached = {"type_match": 0.0, "answers": ["March 3, 1960", "Paris", "1960"],
+              "by_attribute": {"date": {"type_match": 0.0}, "city": {"type_match": 0.0}}}
+    got = in_kind_again(cached, rows)
+    assert got["type_match"] == pytest.approx(2 / 3)
+    assert (got["by_attribute"]["date"]["type_match"], got["by_attribute"]["city"]["type_match"]) == (1.0, 0.5)
 
 
 def test_sft_choice_ranks_each_answer_among_its_attributes_answers(tiny, tokenizer, tmp_path):
