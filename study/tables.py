@@ -236,6 +236,7 @@ PAIRED = [("valid_loss", "Valid Loss", "diff", ".4f"), ("sharpness_pretrain", "T
           ("sharpness_preconditioned", "Tr(D^-1 H) held-out", "ratio", ".3f"),
           ("sharpness_train", "Tr(H) training text", "ratio", ".3f"), ("recall", "Recall before SFT", "diff", ".1f"),
           ("sft_task_avg", "SFT Task Avg (selected LR)", "diff", ".1f"),
+          ("sft_task_avg_over_lrs", "SFT Task Avg, mean over the sweep's LRs", "diff", ".1f"),
           # how much of what the model recalled before SFT its SFT answers bring out: the SFT
           # score with the recall it starts from divided out (a schedule that stored fewer facts
           # is not charged for them here)

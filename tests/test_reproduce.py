@@ -342,6 +342,7 @@ def test_quick_hmm_study_measures_the_mechanism_and_the_frontier_and_pairs_the_s
     for r in rows.values():
         assert isinstance(r["sharpness_preconditioned"], float) and r["sharpness_preconditioned_stderr"] >= 0
         assert len(r["sft_frontier"]) == 1 and r["sft_frontier"][0][2] == 1e-3  # one LR: (forgetting, score, lr)
+        assert r["sft_task_avg_over_lrs"] == r["sft_frontier"][0][1]  # the mean over a sweep of one LR
     out = tmp_path / "results"
     assert (out / "fig_frontier.png").stat().st_size > 0 and (out / "fig_frontier_paired.png").stat().st_size > 0
     drawn = {}
