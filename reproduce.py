@@ -99,6 +99,7 @@ from study.tables import (
     paper_tables,
     scheduler_label,
     score_at_forgetting,
+    score_over_lrs,
     sft_task_avg,
     valid_loss,
     zero_shot_avg,
@@ -255,8 +256,7 @@ def collect(cfg):
             # the learning-forgetting frontier: every LR of the sweep, (forgetting, SFT score, LR)
             "sft_frontier": frontier,
             "sft_score_at_forgetting": score_at_forgetting(frontier),
-            # the test score averaged over every LR of the sweep: no selection on 100 questions
-            "sft_task_avg_over_lrs": sum(f[1] for f in frontier) / len(frontier) if frontier else None,
+            "sft_task_avg_over_lrs": score_over_lrs(frontier),
             "sharpness_sft": sharp[-1].get("sharpness_sft") if sharp else None,
             "sharpness_train": on_train["trace"], "sharpness_train_stderr": on_train["stderr"],
             "sharpness_curve": [(r["step"], r["sharpness_pretrain"], r.get("sharpness_sft"), r.get("sharpness_train_text"),

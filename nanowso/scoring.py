@@ -93,19 +93,26 @@ def shape(text):
     return re.sub(r"[^\W\d_]+", "A", re.sub(r"\d+", "0", normalized(text)))
 
 
-def of_kind(answer, values):
-    """The answer is of the kind these values are: one of them, or, where they hold numbers
-    (dates, of which a test file lists only a few of the many possible), of their shape."""
+def kind_of(values):
+    """What answers a question of these values' kind: the values, and, where they hold numbers
+    (dates, of which a test file lists only a few of the many possible), any text of their shape."""
+    values = set(values)
+    return values, {shape(v) for v in values} if any(re.search(r"\d", v) for v in values) else set()
+
+
+def of_kind(answer, kind):
+    """The answer, normalized, is one of kind_of's values or has one of its shapes."""
+    values, shapes = kind
     answer = normalized(answer)
-    return answer in values or (any(re.search(r"\d", v) for v in values)
-                                and shape(answer) in {shape(v) for v in values})
+    return answer in values or shape(answer) in shapes
 
 
 def answered_in_kind(answers, rows):
-    """type_match per row: each answer of_kind the answers the rows give to its attribute."""
-    kinds = {}
+    """type_match per row: each answer of the kind of the answers the rows give to its attribute."""
+    values = {}
     for row in rows:
-        kinds.setdefault(row.get("attribute"), set()).add(row["answer"])
+        values.setdefault(row.get("attribute"), set()).add(row["answer"])
+    kinds = {attribute: kind_of(v) for attribute, v in values.items()}
     return [of_kind(a, kinds[row.get("attribute")]) for a, row in zip(answers, rows)]
 
 

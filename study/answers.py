@@ -85,8 +85,8 @@ def in_kind_again(result, rows):
     scoring.answered_in_kind (which once took only a date some test person has for a date)."""
     typed = answered_in_kind(result["answers"], rows[:len(result["answers"])])
     result["type_match"] = float(np.mean(typed))
-    for attribute, marks in result["by_attribute"].items():
-        result["by_attribute"][attribute]["type_match"] = float(np.mean(
+    for attribute, measures in result["by_attribute"].items():
+        measures["type_match"] = float(np.mean(
             [t for t, row in zip(typed, rows) if row.get("attribute") == attribute]))
     return result
 

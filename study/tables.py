@@ -218,6 +218,12 @@ def mixed_forgetting(runs):
 FRONTIER_FORGETTING = 0.01  # nats: between the HMM sweeps' 1.8e-4 and 3.2e-4 points in the pilots (docs/LOG.md)
 
 
+def score_over_lrs(points):
+    """The SFT score averaged over every LR of a sweep's frontier [(forgetting, score, lr)]: one
+    number per sweep with no LR selected on the 100 selection questions; None for no points."""
+    return sum(score for _, score, _ in points) / len(points) if points else None
+
+
 def score_at_forgetting(points, level=FRONTIER_FORGETTING):
     """The SFT score a sweep reaches at `level` nats of forgetting: its frontier [(forgetting,
     score, lr)] interpolated linearly in log forgetting between the two points around `level`;

@@ -96,6 +96,12 @@ def test_paired_rows_pair_each_run_with_wso_seed_by_seed():
     assert got[("wsd_a0", "sft_em_over_recall")] == pytest.approx([0.5])
 
 
+def test_the_score_over_lrs_is_the_mean_of_the_sweeps_scores():
+    from study.tables import score_over_lrs
+    assert score_over_lrs([(0.001, 20.0, 1e-4), (0.1, 10.0, 1e-3), (0.01, 18.0, 3e-4)]) == pytest.approx(16.0)
+    assert score_over_lrs([]) is None
+
+
 def test_the_score_at_a_fixed_forgetting_interpolates_the_frontier_in_log_forgetting():
     from study.tables import score_at_forgetting
     points = [(0.001, 20.0, 1e-4), (0.1, 10.0, 1e-3), (0.01, 18.0, 3e-4)]  # any order

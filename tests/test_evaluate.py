@@ -115,7 +115,9 @@ def test_sft_type_match_tells_the_right_kind_of_answer_from_the_right_answer(tok
     assert (date["exact_match"], date["type_match"], date["n"]) == (0.0, 0.5, 2)
     city = result["by_attribute"]["city"]
     assert (city["exact_match"], city["type_match"], city["n"]) == (0.5, 1.0, 2)
-    assert not scoring.of_kind("Paris 1", {"October 2, 1995"}) and not scoring.of_kind("1995", {"Lisbon"})
+    dates, cities = scoring.kind_of(["October 2, 1995"]), scoring.kind_of(["Lisbon"])
+    assert scoring.of_kind(" May 17, 1976", dates) and not scoring.of_kind("Paris 1", dates)
+    assert scoring.of_kind("Lisbon", cities) and not scoring.of_kind("Paris", cities)
     assert "answers" not in scoring.testbed_sft_accuracy(model, tokenizer, path)
 
 
